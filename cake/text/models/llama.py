@@ -1,0 +1,251 @@
+"""The Llama family: Llama 2/3/3.1/3.2, SmolLM2, Mistral, Qwen2/2.5, Qwen3, Falcon3.
+
+One module covers them all by config flags (qkv bias, q/k norm, sliding window, rope scaling,
+tied embeddings). Weight names follow the Hugging Face checkpoints so loading is a direct
+mapping. A model instance may hold only a contiguous range of decoder layers (a pipeline
+stage); the first stage owns the embeddings, the last the final norm and head.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cake.text.kv_cache import KVCache, StepBatch
+
+
+@dataclass
+class ModelArgs:
+    """Mirrors the fields of config.json that the family uses."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    max_position_embeddings: int = 4096
+    attention_bias: bool = False  # bias on q, k, v and o (Llama option)
+    qkv_bias: bool = False  # bias on q, k, v only (Qwen2)
+    mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k (Qwen3)
+    sliding_window: Optional[int] = None
+    tie_word_embeddings: bool = False
+    model_type: str = "llama"
+    eos_token_id: list[int] = field(default_factory=list)
+    bos_token_id: Optional[int] = None
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "ModelArgs":
+        model_type = cfg.get("model_type", "llama")
+        heads = cfg["num_attention_heads"]
+        # transformers 5 folds rope_theta/rope_scaling into rope_parameters.
+        rope = dict(cfg.get("rope_parameters") or {})
+        theta = cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0
+        scaling = cfg.get("rope_scaling") or rope
+        if not scaling or scaling.get("rope_type", scaling.get("type", "default")) == "default":
+            scaling = None
+        sliding = cfg.get("sliding_window")
+        if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+            sliding = None
+        eos = cfg.get("eos_token_id")
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            attention_bias=bool(cfg.get("attention_bias", False)) and model_type != "qwen2",
+            qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+            sliding_window=sliding,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            model_type=model_type,
+            eos_token_id=eos,
+            bos_token_id=cfg.get("bos_token_id"),
+        )
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    dim = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    s = args.rope_scaling
+    if s is None:
+        return inv.float()
+    kind = s.get("rope_type", s.get("type"))
+    if kind == "linear":
+        return (inv / s["factor"]).float()
+    if kind == "llama3":
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_ctx = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old_ctx / lo, inv / factor, inv)
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+        return torch.where(is_mid, mid, scaled).float()
+    raise ValueError(f"unsupported rope scaling {kind!r}")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = (
+            args.num_attention_heads, args.num_key_value_heads, args.head_dim)
+        dim, qkv_bias = args.hidden_size, args.qkv_bias or args.attention_bias
+        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=args.attention_bias)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, cos, sin, mask, batch: StepBatch, cache: KVCache, layer: int):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        keys, values = cache.update(layer, batch, k, v)  # [B, L, n_kv, head_dim]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+            attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        dim, hidden, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, batch, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, batch, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Model(nn.Module):
+    """Decoder layers [start, end) of the model, plus the embeddings when start == 0 and the
+    final norm and head when end == num_hidden_layers. Parameter names match the checkpoint
+    (model.layers.N.… with the global layer number N)."""
+
+    def __init__(self, args: ModelArgs, start: int = 0, end: Optional[int] = None):
+        super().__init__()
+        end = args.num_hidden_layers if end is None else end
+        self.args, self.start, self.end = args, start, end
+        self.is_first, self.is_last = start == 0, end == args.num_hidden_layers
+        self.model = nn.Module()
+        if self.is_first:
+            self.model.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        # A ModuleDict keyed by the global layer number keeps checkpoint names.
+        self.model.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(start, end)})
+        if self.is_last:
+            self.model.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+            if not args.tie_word_embeddings:
+                self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+    def tensor_names(self) -> list[str]:
+        """Checkpoint tensors this stage needs (the tied head reads the embedding)."""
+        names = list(self.state_dict().keys())
+        if self.is_last and self.args.tie_word_embeddings and not self.is_first:
+            names.append("model.embed_tokens.weight")
+        return names
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B, T, 1, head_dim]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def attention_mask(self, batch: StepBatch) -> torch.Tensor:
+        """[B, 1, T, L] boolean: a query attends to cached positions <= its own (and within
+        the sliding window). A slot holds one sequence's tokens at indices 0..pos."""
+        kv_pos = torch.arange(batch.kv_len, device=batch.positions.device)
+        q_pos = batch.positions[:, :, None]
+        mask = kv_pos[None, None, :] <= q_pos
+        if self.args.sliding_window is not None:
+            mask &= kv_pos[None, None, :] > q_pos - self.args.sliding_window
+        return mask[:, None]
+
+    def forward(self, x: torch.Tensor, batch: StepBatch, cache: KVCache,
+                logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: token ids [B, T] on the first stage, hidden states [B, T, D] on the others.
+        Returns hidden states, or on the last stage logits (for the positions logits_at[b]
+        of each row when given, else for every position)."""
+        if self.is_first:
+            x = self.model.embed_tokens(x)
+        cos, sin = self.rope(batch.positions, x.dtype)
+        mask = self.attention_mask(batch)
+        for i, layer in self.model.layers.items():
+            x = layer(x, cos, sin, mask, batch, cache, int(i))
+        if not self.is_last:
+            return x
+        if logits_at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_at]
+        x = self.model.norm(x)
+        head = self.model.embed_tokens if self.args.tie_word_embeddings and self.is_first else None
+        if self.args.tie_word_embeddings:
+            weight = head.weight if head is not None else self.tied_head_weight
+            return F.linear(x, weight)
+        return self.lm_head(x)
+
+    def load_tensors(self, get_tensor) -> None:
+        """Fill parameters from a checkpoint: get_tensor(name) -> torch.Tensor."""
+        params = dict(self.named_parameters())
+        for name, p in params.items():
+            with torch.no_grad():
+                p.copy_(get_tensor(name).to(p.dtype))
+        if self.is_last and self.args.tie_word_embeddings and not self.is_first:
+            self.register_buffer("tied_head_weight", get_tensor("model.embed_tokens.weight").to(
+                next(self.parameters()).dtype), persistent=False)

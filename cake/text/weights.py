@@ -1,0 +1,57 @@
+"""Checkpoint readers: a Hugging Face folder of safetensors, or a GGUF file.
+
+Both expose the same small interface so that a pipeline stage reads only the tensors of its
+own layers:  .config (a config.json-shaped dict), .tensor_names(), .get(name) -> Tensor.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+class SafetensorsCheckpoint:
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.config = json.loads((self.folder / "config.json").read_text())
+        index = self.folder / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._file_of = {name: self.folder / f for name, f in weight_map.items()}
+        else:
+            files = sorted(self.folder.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"no *.safetensors in {self.folder}")
+            self._file_of = {}
+            for f in files:
+                with safe_open(f, "pt") as st:
+                    self._file_of.update({name: f for name in st.keys()})
+        self._open: dict[Path, object] = {}
+
+    def tensor_names(self) -> list[str]:
+        return list(self._file_of)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._file_of:
+            raise KeyError(f"tensor {name} not in checkpoint {self.folder}")
+        f = self._file_of[name]
+        if f not in self._open:
+            self._open[f] = safe_open(f, "pt")
+        return self._open[f].get_tensor(name)
+
+
+def open_checkpoint(path: str | Path):
+    """A checkpoint reader for a model folder or a .gguf file."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from cake.text.gguf_weights import GGUFCheckpoint
+        return GGUFCheckpoint(path)
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists() and len(ggufs) == 1:
+            from cake.text.gguf_weights import GGUFCheckpoint
+            return GGUFCheckpoint(ggufs[0])
+        return SafetensorsCheckpoint(path)
+    raise FileNotFoundError(f"no model at {path}")
