@@ -1,0 +1,30 @@
+"""The FastAPI application: routes per modality over one shared server state."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from fastapi import FastAPI
+
+from cake.server import chat, errors, health, media, models
+
+
+@dataclass
+class ServerState:
+    """What is loaded. Exactly one of text / image / audio is set once loading is done."""
+
+    model_id: Optional[str] = None
+    text: Any = None
+    image: Any = None
+    audio: Any = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="cake", docs_url=None, redoc_url=None)
+    app.state.cake = state
+    errors.install(app)
+    for module in (chat, models, media, health):
+        app.include_router(module.router)
+    return app

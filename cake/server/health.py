@@ -1,0 +1,19 @@
+"""GET /health: 200 once the model is ready (503 while loading), with engine counters."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request):
+    state = request.app.state.cake
+    loaded = state.text or state.image or state.audio
+    if loaded is None:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    body = {"status": "ok", "model": state.model_id}
+    if state.text is not None:
+        body["engine"] = state.text.engine.stats()
+    return body

@@ -1,0 +1,244 @@
+"""The text engine: a scheduler thread that runs many sequences through one pipeline.
+
+Each loop iteration:
+  1. drops cancelled sequences (a client that went away costs at most one step),
+  2. admits waiting requests into free KV slots,
+  3. prefills one chunk of one new sequence (long prompts do not stall running streams),
+  4. decodes one token for every running sequence in a single batched step.
+Sequences join and leave between steps (continuous batching). Results go back through a
+callback per request, so the engine knows nothing of HTTP or asyncio.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from cake.text.kv_cache import StepBatch
+from cake.text.pipeline import Pipeline
+from cake.text.sampling import Sampler, SamplingParams, sample_batch
+from cake.text.tokenizer import IncrementalDetokenizer, StopMatcher, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Output:
+    """One event for a request: new text, and on the last event why it finished."""
+
+    text: str = ""
+    finish_reason: Optional[str] = None  # "stop", "length", "cancelled" or "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: Optional[str] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Sequence:
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_output: Callable[[Output], None]
+    sampler: Sampler
+    detok: IncrementalDetokenizer
+    stops: StopMatcher
+    max_new: int
+    slot: int = -1
+    num_cached: int = 0  # prompt tokens already in the KV cache
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    done: bool = False
+    arrived: float = field(default_factory=time.monotonic)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.generated)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Engine:
+    def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer, vocab_size: int,
+                 prefill_chunk: int = 512):
+        self.pipeline, self.tokenizer, self.vocab_size = pipeline, tokenizer, vocab_size
+        self.prefill_chunk = prefill_chunk
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.free_slots = list(range(pipeline.num_slots))
+        self._ids = itertools.count()
+        self._wake = threading.Condition()
+        self._stop = False
+        self._thread: Optional[threading.Thread] = None
+        self.tokens_generated = 0  # lifetime counters, for /health and metrics
+        self.requests_finished = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.pipeline.max_len
+
+    # -- public API (any thread) -------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams,
+               on_output: Callable[[Output], None]) -> Sequence:
+        """Queue a request. params.max_tokens must already fit the context."""
+        if len(prompt_ids) >= self.max_len:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens; the context holds {self.max_len}")
+        max_new = min(params.max_tokens, self.max_len - len(prompt_ids))
+        seq = Sequence(
+            id=next(self._ids), prompt_ids=list(prompt_ids), params=params, on_output=on_output,
+            sampler=Sampler(params, prompt_ids, self.vocab_size, device=self.pipeline.device),
+            detok=IncrementalDetokenizer(self.tokenizer, prompt_ids),
+            stops=StopMatcher(params.stop), max_new=max_new)
+        with self._wake:
+            self.waiting.append(seq)
+            self._wake.notify()
+        return seq
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="cake-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    def stats(self) -> dict:
+        return {"waiting": len(self.waiting), "prefilling": len(self.prefilling),
+                "running": len(self.running), "free_slots": len(self.free_slots),
+                "tokens_generated": self.tokens_generated,
+                "requests_finished": self.requests_finished}
+
+    # -- scheduler thread --------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stop and not (self.waiting or self.prefilling or self.running):
+                    self._wake.wait()
+                if self._stop:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # an engine failure ends every live request, not the server
+                log.exception("engine step failed")
+                for seq in list(self.prefilling) + self.running:
+                    self._finish(seq, "error", error=f"inference failed: {e}")
+
+    def step(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        if self.prefilling:
+            self._prefill_chunk(self.prefilling[0])
+        if self.running:
+            self._decode()
+
+    def _drop_cancelled(self) -> None:
+        with self._wake:
+            for seq in [s for s in self.waiting if s.cancelled]:
+                self.waiting.remove(seq)
+                self._finish(seq, "cancelled")
+        for seq in [s for s in list(self.prefilling) + self.running if s.cancelled]:
+            self._finish(seq, "cancelled")
+
+    def _admit(self) -> None:
+        with self._wake:
+            while self.waiting and self.free_slots:
+                seq = self.waiting.popleft()
+                seq.slot = self.free_slots.pop(0)
+                self.prefilling.append(seq)
+
+    def _prefill_chunk(self, seq: Sequence) -> None:
+        start = seq.num_cached
+        end = min(len(seq.prompt_ids), start + self.prefill_chunk)
+        device = self.pipeline.device
+        tokens = torch.tensor([seq.prompt_ids[start:end]], device=device)
+        batch = StepBatch.make([list(range(start, end))], [seq.slot], device)
+        last = torch.tensor([end - start - 1], device=device)
+        logits = self.pipeline.forward(tokens, batch, last)
+        seq.num_cached = end
+        if end == len(seq.prompt_ids):
+            self.prefilling.popleft()
+            self.running.append(seq)
+            self._sample([seq], logits)
+
+    def _decode(self) -> None:
+        seqs = [s for s in self.running if not s.done]
+        device = self.pipeline.device
+        # The newest token of each sequence is not yet in the cache: feed it now.
+        tokens = torch.tensor([[s.generated[-1]] for s in seqs], device=device)
+        batch = StepBatch.make([[s.length - 1] for s in seqs], [s.slot for s in seqs], device)
+        logits = self.pipeline.forward(tokens, batch, torch.zeros(len(seqs), dtype=torch.long,
+                                                                  device=device))
+        self._sample(seqs, logits)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        try:
+            tokens = sample_batch([s.sampler for s in seqs], logits)
+        except Exception:
+            # One bad row (say, non-finite logits under some sampling settings) must not end
+            # the others: retry row by row and fail only the rows that fail.
+            tokens = []
+            for i, seq in enumerate(seqs):
+                try:
+                    tokens.append(seq.sampler.sample(logits[i]))
+                except Exception as e:
+                    log.exception("sampling failed for sequence %d", seq.id)
+                    self._finish(seq, "error", error=f"sampling failed: {e}")
+                    tokens.append(None)
+        for seq, token in zip(seqs, tokens):
+            if token is not None:
+                self._accept(seq, token)
+
+    def _accept(self, seq: Sequence, token: int) -> None:
+        """Record a sampled token, send the text it completes, and finish if it ends."""
+        seq.generated.append(token)
+        self.tokens_generated += 1
+        if token in self.tokenizer.stop_ids:
+            self._finish(seq, "stop", text=seq.stops.flush())
+            return
+        text, stopped = seq.stops.feed(seq.detok.add(token))
+        if stopped:
+            self._finish(seq, "stop", text=text)
+        elif len(seq.generated) >= seq.max_new or seq.length >= self.max_len:
+            self._finish(seq, "length", text=text + seq.stops.flush())
+        elif text:
+            self._emit(seq, Output(text=text))
+
+    def _emit(self, seq: Sequence, out: Output) -> None:
+        try:
+            seq.on_output(out)
+        except Exception:  # the receiver is gone (its event loop closed): stop generating
+            log.warning("dropping output of sequence %d: receiver failed", seq.id, exc_info=True)
+            seq.cancelled = True
+
+    def _finish(self, seq: Sequence, reason: str, text: str = "", error: str | None = None):
+        if seq.done:
+            return
+        seq.done = True
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.prefilling:
+            self.prefilling.remove(seq)
+        if seq.slot >= 0:
+            self.pipeline.release(seq.slot)
+            self.free_slots.append(seq.slot)
+            seq.slot = -1
+        self.requests_finished += 1
+        self._emit(seq, Output(text=text, finish_reason=reason, error=error,
+                               prompt_tokens=len(seq.prompt_ids),
+                               completion_tokens=len(seq.generated)))

@@ -1,0 +1,50 @@
+"""The path one step takes through the model: embed -> stage 1 -> ... -> stage N -> head.
+
+The engine talks to a Pipeline and never knows where the stages run. LocalPipeline holds
+every stage in this process (single-machine serving); a cluster pipeline implements the same
+three members with stages on other machines.
+"""
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import torch
+
+from cake.text.kv_cache import KVCache, StepBatch
+
+
+class Pipeline(Protocol):
+    num_slots: int
+    max_len: int
+    device: torch.device
+
+    def forward(self, tokens: torch.Tensor, batch: StepBatch,
+                logits_at: Optional[torch.Tensor]) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, V] at logits_at (one position per row)."""
+
+    def release(self, slot: int) -> None:
+        """A sequence left its slot: forget whatever is cached for it."""
+
+
+class LocalPipeline:
+    def __init__(self, stages: list, num_slots: int, max_len: int):
+        self.stages, self.num_slots, self.max_len = stages, num_slots, max_len
+        first = stages[0]
+        param = next(first.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        args = first.args
+        self.caches = [
+            KVCache(range(s.start, s.end), num_slots, max_len, args.num_key_value_heads,
+                    args.head_dim, self.dtype, self.device)
+            for s in stages]
+
+    @torch.inference_mode()
+    def forward(self, tokens, batch, logits_at=None):
+        x = tokens
+        for stage, cache in zip(self.stages, self.caches):
+            x = stage(x, batch, cache, logits_at=logits_at if stage.is_last else None)
+        return x
+
+    def release(self, slot: int) -> None:
+        # Positions past a sequence's length are masked out, so a reused slot needs no wipe.
+        pass

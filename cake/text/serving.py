@@ -1,0 +1,88 @@
+"""A loaded text model ready to serve: checkpoint -> tokenizer, pipeline, engine."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from cake.text.engine import Engine
+from cake.text.loader import load_stage
+from cake.text.pipeline import LocalPipeline
+from cake.text.sampling import SamplingParams
+from cake.text.tokenizer import Tokenizer
+from cake.text.weights import open_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def best_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    # GPUs: bf16 where supported (fast, range of fp32). CPU: fp32 is both exact and, for
+    # prompt processing, faster than bf16 on CPUs without native bf16 instructions.
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def load_tokenizer(checkpoint) -> Tokenizer:
+    if hasattr(checkpoint, "tokenizer") and not (Path(checkpoint.path).parent / "tokenizer.json").exists():
+        special = checkpoint.special_tokens()
+        return Tokenizer(checkpoint.tokenizer(), checkpoint.chat_template(),
+                         special.get("bos_token"), special.get("eos_token"),
+                         add_bos=special.get("add_bos", False),
+                         extra_stop_ids=checkpoint.config.get("eos_token_id") or [])
+    folder = Path(checkpoint.path).parent if hasattr(checkpoint, "tokenizer") else checkpoint.folder
+    return Tokenizer.from_dir(folder)
+
+
+@dataclass
+class TextModel:
+    model_id: str
+    tokenizer: Tokenizer
+    engine: Engine
+    defaults: SamplingParams
+    dtype: torch.dtype
+    device: str
+    num_layers: int
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.max_len
+
+    def params(self, **overrides) -> SamplingParams:
+        """Request fields over the server defaults; None means 'not given'."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(self.defaults, **given)
+
+
+def load_text_model(path: str | Path, model_id: str, device: Optional[str] = None,
+                    dtype: Optional[torch.dtype] = None, defaults: Optional[SamplingParams] = None,
+                    max_batch: int = 8, context_length: Optional[int] = None) -> TextModel:
+    device = device or best_device()
+    dtype = dtype or default_dtype(device)
+    checkpoint = open_checkpoint(path)
+    tokenizer = load_tokenizer(checkpoint)
+    stage = load_stage(checkpoint, dtype=dtype, device=device)
+    ctx = stage.args.max_position_embeddings
+    if context_length:
+        ctx = min(ctx, context_length)
+    pipeline = LocalPipeline([stage], num_slots=max_batch, max_len=ctx)
+    engine = Engine(pipeline, tokenizer, vocab_size=stage.args.vocab_size)
+    engine.start()
+    log.info("loaded %s: %d layers, %s on %s, context %d", model_id,
+             stage.args.num_hidden_layers, dtype, device, ctx)
+    return TextModel(model_id, tokenizer, engine, defaults or SamplingParams(), dtype, device,
+                     stage.args.num_hidden_layers)

