@@ -8,6 +8,7 @@ one gather per layer, and attention masks come from positions alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -19,17 +20,26 @@ class StepBatch:
     positions: [B, T] position of each token (also its index in the slot).
     slots: [B] the cache slot of each row.
     kv_len: how many cache positions the step attends over (max position + 1).
+    span: (slot, first position) when the step is one row of consecutive positions, which
+        the cache then writes and reads as plain slices, with no index tensors and no reads
+        of device tensors from the host.
     """
 
     positions: torch.Tensor
     slots: torch.Tensor
     kv_len: int
+    span: Optional[tuple[int, int]] = None
 
     @classmethod
     def make(cls, positions: list[list[int]], slots: list[int], device) -> "StepBatch":
         pos = torch.tensor(positions, dtype=torch.long, device=device)
+        span = None
+        if len(slots) == 1:
+            p0 = positions[0][0]
+            if list(positions[0]) == list(range(p0, p0 + len(positions[0]))):
+                span = (slots[0], p0)
         return cls(pos, torch.tensor(slots, dtype=torch.long, device=device),
-                   max(max(p) for p in positions) + 1)
+                   max(max(p) for p in positions) + 1, span)
 
 
 class KVCache:
@@ -45,10 +55,8 @@ class KVCache:
         values [B, kv_len, n_kv, head_dim] the step attends over."""
         kc, vc = self.k[layer], self.v[layer]
         L = batch.kv_len
-        if batch.slots.shape[0] == 1:
-            # One sequence: contiguous slices, no index tensors, no copies on read.
-            s = int(batch.slots[0])
-            p0 = int(batch.positions[0, 0])
+        if batch.span is not None:
+            s, p0 = batch.span
             T = k.shape[1]
             kc[s, p0:p0 + T] = k[0]
             vc[s, p0:p0 + T] = v[0]

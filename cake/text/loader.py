@@ -17,8 +17,8 @@ def load_stage(checkpoint, start: int = 0, end: Optional[int] = None,
     args = ModelArgs.from_config(checkpoint.config)
     cls = model_class(checkpoint.config)
     with torch.device("meta"):
-        model = cls(args, start, end)
-    model = model.to_empty(device=device).to(dtype)
+        model = cls(args, start, end).to(dtype)
+    model = model.to_empty(device=device)
     # to_empty leaves buffers uninitialised; the rope table stays fp32 for precision.
     model.inv_freq = rope_inv_freq(args).to(device)
     model.load_tensors(checkpoint.get)

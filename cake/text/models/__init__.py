@@ -1,11 +1,9 @@
 """Model families, one file each. model_class picks one from a config.json dict."""
 from cake.text.models import llama
 
-# config.json "architectures"/"model_type" -> module implementing the family.
-FAMILIES = {
-    "llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama, "falcon3": llama,
-    "smollm2": llama,
-}
+# config.json "model_type" -> module implementing the family. SmolLM2 and Falcon3 ship as
+# model_type "llama".
+FAMILIES = {"llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama}
 
 
 def model_class(config: dict):

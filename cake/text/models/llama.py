@@ -38,6 +38,7 @@ class ModelArgs:
     mlp_bias: bool = False
     qk_norm: bool = False  # RMSNorm over head_dim on q and k (Qwen3)
     sliding_window: Optional[int] = None
+    layer_types: Optional[list[str]] = None  # per layer "sliding_attention"/"full_attention"
     tie_word_embeddings: bool = False
     model_type: str = "llama"
     eos_token_id: list[int] = field(default_factory=list)
@@ -54,8 +55,14 @@ class ModelArgs:
         if not scaling or scaling.get("rope_type", scaling.get("type", "default")) == "default":
             scaling = None
         sliding = cfg.get("sliding_window")
-        if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
-            sliding = None
+        layer_types = cfg.get("layer_types")
+        if model_type in ("qwen2", "qwen3"):
+            # Qwen slides only when asked, and only in layers >= max_window_layers.
+            if not cfg.get("use_sliding_window", False):
+                sliding, layer_types = None, None
+            elif layer_types is None:
+                layer_types = ["sliding_attention" if i >= cfg.get("max_window_layers", 0)
+                               else "full_attention" for i in range(cfg["num_hidden_layers"])]
         eos = cfg.get("eos_token_id")
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         return cls(
@@ -75,11 +82,18 @@ class ModelArgs:
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             qk_norm=model_type == "qwen3",
             sliding_window=sliding,
+            layer_types=layer_types,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             model_type=model_type,
             eos_token_id=eos,
             bos_token_id=cfg.get("bos_token_id"),
         )
+
+    def window(self, layer: int) -> Optional[int]:
+        """The sliding window of a layer, None where it attends to the whole sequence."""
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -163,8 +177,9 @@ class MLP(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, window: Optional[int]):
         super().__init__()
+        self.window = window
         self.self_attn = Attention(args)
         self.mlp = MLP(args)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
@@ -189,33 +204,41 @@ class Model(nn.Module):
         if self.is_first:
             self.model.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         # A ModuleDict keyed by the global layer number keeps checkpoint names.
-        self.model.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(start, end)})
+        self.model.layers = nn.ModuleDict({str(i): TransformerBlock(args, args.window(i))
+                                           for i in range(start, end)})
         if self.is_last:
             self.model.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-            if not args.tie_word_embeddings:
-                self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+            # A tied head on the stage that holds the embeddings is the embedding itself;
+            # a later stage gets its own copy, loaded from model.embed_tokens.weight.
+            tied_here = args.tie_word_embeddings and self.is_first
+            self.lm_head = None if tied_here else nn.Linear(
+                args.hidden_size, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
+    def checkpoint_name(self, name: str) -> str:
+        """The checkpoint tensor a parameter is loaded from."""
+        if name == "lm_head.weight" and self.args.tie_word_embeddings:
+            return "model.embed_tokens.weight"
+        return name
+
     def tensor_names(self) -> list[str]:
-        """Checkpoint tensors this stage needs (the tied head reads the embedding)."""
-        names = list(self.state_dict().keys())
-        if self.is_last and self.args.tie_word_embeddings and not self.is_first:
-            names.append("model.embed_tokens.weight")
-        return names
+        """Checkpoint tensors this stage needs."""
+        return [self.checkpoint_name(n) for n, _ in self.named_parameters()]
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
-        freqs = positions.to(torch.float32)[..., None] * self.inv_freq
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B, T, 1, head_dim]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def attention_mask(self, batch: StepBatch) -> torch.Tensor:
+    @staticmethod
+    def attention_mask(batch: StepBatch, window: Optional[int]) -> torch.Tensor:
         """[B, 1, T, L] boolean: a query attends to cached positions <= its own (and within
         the sliding window). A slot holds one sequence's tokens at indices 0..pos."""
-        kv_pos = torch.arange(batch.kv_len, device=batch.positions.device)
+        kv_pos = torch.arange(batch.kv_len, device=batch.positions.device)[None, None, :]
         q_pos = batch.positions[:, :, None]
-        mask = kv_pos[None, None, :] <= q_pos
-        if self.args.sliding_window is not None:
-            mask &= kv_pos[None, None, :] > q_pos - self.args.sliding_window
+        mask = kv_pos <= q_pos
+        if window is not None:
+            mask &= kv_pos > q_pos - window
         return mask[:, None]
 
     def forward(self, x: torch.Tensor, batch: StepBatch, cache: KVCache,
@@ -226,26 +249,25 @@ class Model(nn.Module):
         if self.is_first:
             x = self.model.embed_tokens(x)
         cos, sin = self.rope(batch.positions, x.dtype)
-        mask = self.attention_mask(batch)
+        windows = {layer.window for layer in self.model.layers.values()}
+        masks = {w: self.attention_mask(batch, w) for w in windows}
         for i, layer in self.model.layers.items():
-            x = layer(x, cos, sin, mask, batch, cache, int(i))
+            x = layer(x, cos, sin, masks[layer.window], batch, cache, int(i))
         if not self.is_last:
             return x
         if logits_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_at]
         x = self.model.norm(x)
-        head = self.model.embed_tokens if self.args.tie_word_embeddings and self.is_first else None
-        if self.args.tie_word_embeddings:
-            weight = head.weight if head is not None else self.tied_head_weight
-            return F.linear(x, weight)
+        if self.lm_head is None:
+            return F.linear(x, self.model.embed_tokens.weight)
         return self.lm_head(x)
 
+    @torch.no_grad()
     def load_tensors(self, get_tensor) -> None:
         """Fill parameters from a checkpoint: get_tensor(name) -> torch.Tensor."""
-        params = dict(self.named_parameters())
-        for name, p in params.items():
-            with torch.no_grad():
-                p.copy_(get_tensor(name).to(p.dtype))
-        if self.is_last and self.args.tie_word_embeddings and not self.is_first:
-            self.register_buffer("tied_head_weight", get_tensor("model.embed_tokens.weight").to(
-                next(self.parameters()).dtype), persistent=False)
+        for name, p in self.named_parameters():
+            t = get_tensor(self.checkpoint_name(name))
+            if t.shape != p.shape:
+                raise ValueError(f"{name}: checkpoint has shape {tuple(t.shape)}, "
+                                 f"the model expects {tuple(p.shape)}")
+            p.copy_(t)
