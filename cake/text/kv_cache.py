@@ -43,18 +43,38 @@ class StepBatch:
 
 
 class KVCache:
+    """Capacity grows by doubling up to max_len as sequences get longer, so memory follows
+    the longest live sequence rather than the model's whole context times the slots."""
+
     def __init__(self, layers: range, num_slots: int, max_len: int, n_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device):
-        shape = (num_slots, max_len, n_kv_heads, head_dim)
+                 head_dim: int, dtype: torch.dtype, device, initial_len: int = 256):
+        shape = (num_slots, min(max_len, initial_len), n_kv_heads, head_dim)
         self.max_len, self.num_slots = max_len, num_slots
         self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
         self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
 
+    def _reserve(self, layer: int, length: int) -> None:
+        old = self.k[layer]
+        if length <= old.shape[1]:
+            return
+        if length > self.max_len:
+            raise ValueError(f"position {length - 1} is past the context ({self.max_len})")
+        cap = min(self.max_len, max(length, 2 * old.shape[1]))
+        for store in (self.k, self.v):
+            grown = store[layer].new_zeros((old.shape[0], cap, *old.shape[2:]))
+            grown[:, :old.shape[1]] = store[layer]
+            store[layer] = grown
+
+    def bytes_per_token(self) -> int:
+        t = next(iter(self.k.values()))
+        return 2 * len(self.k) * t.shape[2] * t.shape[3] * t.element_size()
+
     def update(self, layer: int, batch: StepBatch, k: torch.Tensor, v: torch.Tensor):
         """Store k, v [B, T, n_kv, head_dim] at the batch positions and return the keys and
         values [B, kv_len, n_kv, head_dim] the step attends over."""
-        kc, vc = self.k[layer], self.v[layer]
         L = batch.kv_len
+        self._reserve(layer, L)
+        kc, vc = self.k[layer], self.v[layer]
         if batch.span is not None:
             s, p0 = batch.span
             T = k.shape[1]
