@@ -1,0 +1,144 @@
+"""Per-sequence sampling: penalties, temperature, top-k, top-p, min-p, seeded draws.
+
+Penalty semantics follow their origins: repetition_penalty as in transformers (over prompt
+and output, positive logits divided, negative multiplied), presence/frequency penalties as in
+OpenAI (over output only, subtracted from the logits).
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    seed: Optional[int] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    max_tokens: int = 2048
+    stop: list[str] = field(default_factory=list)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0
+                or self.repetition_penalty != 1)
+
+
+def validate(params: SamplingParams) -> None:
+    """Raise ValueError naming the first out-of-range field (OpenAI's ranges where it has one)."""
+    p = params
+    checks = [
+        (0 <= p.temperature <= 2, f"temperature must be between 0 and 2, got {p.temperature}"),
+        (0 < p.top_p <= 1, f"top_p must be in (0, 1], got {p.top_p}"),
+        (isinstance(p.top_k, int) and p.top_k >= 0,
+         f"top_k must be an integer >= 0, got {p.top_k}"),
+        (0 <= p.min_p <= 1, f"min_p must be between 0 and 1, got {p.min_p}"),
+        (-2 <= p.presence_penalty <= 2,
+         f"presence_penalty must be between -2 and 2, got {p.presence_penalty}"),
+        (-2 <= p.frequency_penalty <= 2,
+         f"frequency_penalty must be between -2 and 2, got {p.frequency_penalty}"),
+        (p.repetition_penalty > 0, f"repetition_penalty must be > 0, got {p.repetition_penalty}"),
+        (isinstance(p.max_tokens, int) and p.max_tokens >= 1,
+         f"max_tokens must be an integer >= 1, got {p.max_tokens}"),
+        (p.seed is None or isinstance(p.seed, int), f"seed must be an integer, got {p.seed!r}"),
+        (isinstance(p.stop, list) and all(isinstance(s, str) for s in p.stop),
+         "stop must be a list of strings"),
+    ]
+    for ok, message in checks:
+        # `not ok` also rejects NaN, which fails every comparison
+        if not ok:
+            raise ValueError(message)
+
+
+class Sampler:
+    """Samples one sequence's tokens; owns its RNG and penalty state."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int,
+                 device="cpu"):
+        self.params = params
+        self.vocab_size = vocab_size
+        self.generated: list[int] = []
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        # Penalty state lives on the logits' device and is updated in place per token, so a
+        # step costs the same at token 10 and token 10,000.
+        self.seen = self.counts = None
+        if params.repetition_penalty != 1:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            if prompt_ids:
+                self.seen[torch.tensor(prompt_ids, device=device)] = True
+        if params.presence_penalty != 0 or params.frequency_penalty != 0:
+            self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+
+    @property
+    def plain_greedy(self) -> bool:
+        return self.params.greedy and not self.params.penalized
+
+    def record(self, token: int) -> None:
+        self.generated.append(token)
+        if self.seen is not None:
+            self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
+
+    def sample(self, logits: torch.Tensor) -> int:
+        token = self._choose(logits)
+        self.record(token)
+        return token
+
+    def penalize(self, logits: torch.Tensor) -> torch.Tensor:
+        """Float32 copy of logits with the penalties applied; the caller's tensor is left alone."""
+        if logits.shape[-1] != self.vocab_size:
+            raise ValueError(f"logits have {logits.shape[-1]} entries, "
+                             f"sampler expects {self.vocab_size}")
+        p = self.params
+        x = logits.to(torch.float32, copy=True)
+        if self.seen is not None:
+            penalized = torch.where(x < 0, x * p.repetition_penalty, x / p.repetition_penalty)
+            x = torch.where(self.seen, penalized, x)
+        if self.counts is not None:
+            x -= self.counts * p.frequency_penalty + (self.counts > 0) * p.presence_penalty
+        return x
+
+    def _choose(self, logits: torch.Tensor) -> int:
+        p = self.params
+        x = self.penalize(logits)
+        if p.greedy:
+            return int(x.argmax())
+
+        x /= p.temperature
+        if 0 < p.top_k < x.shape[-1]:
+            kth = torch.topk(x, p.top_k).values[-1]
+            x[x < kth] = float("-inf")
+        if p.top_p < 1:
+            sorted_x, order = torch.sort(x, descending=True)
+            probs = sorted_x.softmax(-1)
+            # Drop a token once the more likely ones cover top_p (as transformers); the first stays.
+            drop = probs.cumsum(-1) - probs >= p.top_p
+            x[order[drop]] = float("-inf")
+        probs = x.softmax(-1)
+        if p.min_p > 0:
+            probs[probs < p.min_p * probs.max()] = 0
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def sample_batch(samplers: list[Sampler], logits: torch.Tensor) -> list[int]:
+    """Sample one token per row of logits [B, vocab]."""
+    if all(s.plain_greedy for s in samplers):
+        tokens = logits.argmax(-1).tolist()  # one kernel and one device sync for the batch
+        for s, t in zip(samplers, tokens):
+            s.record(t)
+        return tokens
+    return [s.sample(row) for s, row in zip(samplers, logits)]
