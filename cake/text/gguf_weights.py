@@ -1,0 +1,353 @@
+"""A GGUF file (llama.cpp's format) read as a checkpoint with Hugging Face names.
+
+Same interface as SafetensorsCheckpoint (.config, .tensor_names(), .get(name)), plus the
+tokenizer and chat template the file carries in its metadata. GGUFReader memory-maps the file,
+so a stage dequantizes only the tensors it asks for; .raw(name) keeps the packed blocks for a
+quantized kernel.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, TokenType
+from gguf.quants import dequantize
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers.processors import TemplateProcessing
+
+log = logging.getLogger(__name__)
+
+# general.architecture -> (config.json model_type, architectures); Falcon3 files say "llama".
+ARCHS = {
+    "llama": ("llama", "LlamaForCausalLM"),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+}
+
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def _f32(value: float) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-05, not 9.99e-06)."""
+    return float(str(np.float32(value)))
+
+
+def hf_name(gguf_name: str) -> str:
+    """blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight; unknown names pass."""
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
+    if m and m[2] in _LAYER_NAMES:
+        return f"model.layers.{m[1]}.{_LAYER_NAMES[m[2]]}.{m[3]}"
+    base, _, suffix = gguf_name.rpartition(".")
+    if base in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[base]}.{suffix}"
+    return gguf_name
+
+
+def unpermute_rows(x: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo convert_hf_to_gguf's permute of Q/K rows for llama, which interleaves the two
+    rotary halves of each head: reshape(n_head, 2, d/2, ...).swapaxes(1, 2)."""
+    half = x.shape[0] // n_head // 2
+    return x.reshape(n_head, half, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+class GGUFCheckpoint:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._reader = GGUFReader(self.path)
+        self.arch = self.meta("general.architecture")
+        if self.arch not in ARCHS:
+            raise ValueError(f"unsupported GGUF architecture {self.arch!r}; "
+                             f"supported: {', '.join(sorted(ARCHS))}")
+        self._tensors = {hf_name(t.name): t for t in self._reader.tensors}
+        # llama.cpp stores Llama 3.1's rope scaling as a tensor of per-frequency divisors.
+        self._rope_freqs = self._tensors.pop("rope_freqs.weight", None)
+        self.config = self._build_config()
+
+    def meta(self, key: str, default=None):
+        field = self._reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    # --- model -------------------------------------------------------------------------
+
+    def _build_config(self) -> dict:
+        a = lambda key, default=None: self.meta(f"{self.arch}.{key}", default)  # noqa: E731
+        model_type, architecture = ARCHS[self.arch]
+        heads = a("attention.head_count")
+        names = self._tensors
+        cfg = {
+            "model_type": model_type,
+            "architectures": [architecture],
+            "vocab_size": int(self._tensors["model.embed_tokens.weight"].shape[1]),
+            "hidden_size": a("embedding_length"),
+            "intermediate_size": a("feed_forward_length"),
+            "num_hidden_layers": a("block_count"),
+            "num_attention_heads": heads,
+            "num_key_value_heads": a("attention.head_count_kv", heads),
+            "rms_norm_eps": _f32(a("attention.layer_norm_rms_epsilon", 1e-5)),
+            "rope_theta": _f32(a("rope.freq_base", 10000.0)),
+            "max_position_embeddings": a("context_length", 4096),
+            # llama.cpp writes the output projection only when it is not the embedding matrix.
+            "tie_word_embeddings": "lm_head.weight" not in names,
+            "bos_token_id": self.meta("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": self._eos_ids(),
+        }
+        if a("attention.key_length") is not None:
+            cfg["head_dim"] = a("attention.key_length")
+        if a("attention.sliding_window") is not None:
+            cfg["sliding_window"] = a("attention.sliding_window")
+        if self.arch == "llama":
+            cfg["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in names
+            cfg["mlp_bias"] = "model.layers.0.mlp.up_proj.bias" in names
+        scaling = self._rope_scaling(cfg)
+        if scaling is not None:
+            cfg["rope_scaling"] = scaling
+        return cfg
+
+    def _eos_ids(self):
+        """eos plus the end-of-turn tokens llama.cpp also stops at (Llama 3's <|eot_id|>)."""
+        ids = [self.meta(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+        ids = list(dict.fromkeys(i for i in ids if i is not None))
+        return ids[0] if len(ids) == 1 else (ids or None)
+
+    def _rope_scaling(self, cfg: dict) -> Optional[dict]:
+        kind = self.meta(f"{self.arch}.rope.scaling.type")
+        factor = self.meta(f"{self.arch}.rope.scaling.factor")
+        if self._rope_freqs is not None:
+            head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+            divisors = dequantize(self._rope_freqs.data, self._rope_freqs.tensor_type)
+            return llama3_rope_scaling(np.asarray(divisors, np.float64).ravel(), head_dim,
+                                       cfg["rope_theta"])
+        if kind in (None, "none") or factor in (None, 1.0):
+            return None
+        # Anything but linear (yarn, longrope) is passed on; the model rejects what it lacks.
+        scaling = {"rope_type": kind, "factor": factor}
+        orig = self.meta(f"{self.arch}.rope.scaling.original_context_length")
+        if orig is not None:
+            scaling["original_max_position_embeddings"] = orig
+        return scaling
+
+    def tensor_names(self) -> list[str]:
+        return list(self._tensors)
+
+    def raw(self, name: str) -> tuple[GGMLQuantizationType, np.ndarray, tuple[int, ...]]:
+        """(ggml type, packed data [rows, bytes or values per row], Hugging Face shape).
+        Rows are in Hugging Face order: llama's Q/K permutation is undone on the packed rows
+        (a quant block never spans two rows)."""
+        if name not in self._tensors:
+            raise KeyError(f"tensor {name} not in checkpoint {self.path}")
+        t = self._tensors[name]
+        data, shape = t.data, tuple(int(d) for d in reversed(t.shape))
+        n_head = self._permuted_heads(name)
+        if n_head:
+            data = unpermute_rows(data, n_head)
+        return t.tensor_type, data, shape
+
+    def _permuted_heads(self, name: str) -> int:
+        if self.arch != "llama":  # qwen2/qwen3 are converted without the permute
+            return 0
+        if ".self_attn.q_proj." in name:
+            return self.config["num_attention_heads"]
+        if ".self_attn.k_proj." in name:
+            return self.config["num_key_value_heads"]
+        return 0
+
+    def get(self, name: str) -> torch.Tensor:
+        qtype, data, shape = self.raw(name)
+        # np.array copies: the memory map is read-only and torch wants writable memory.
+        values = np.array(dequantize(data, qtype), dtype=np.float32).reshape(shape)
+        return torch.from_numpy(values)
+
+    # --- tokenizer ---------------------------------------------------------------------
+
+    def chat_template(self) -> Optional[str]:
+        return self.meta("tokenizer.chat_template")
+
+    def special_tokens(self) -> dict:
+        tokens = self._reader.fields["tokenizer.ggml.tokens"]
+        bos_id = self.meta("tokenizer.ggml.bos_token_id")
+        eos_id = self.meta("tokenizer.ggml.eos_token_id")
+        return {
+            "bos_token": None if bos_id is None else tokens.contents(bos_id),
+            "bos_token_id": bos_id,
+            "eos_token": None if eos_id is None else tokens.contents(eos_id),
+            "eos_token_id": eos_id,
+            # llama.cpp adds BOS to a sentencepiece vocabulary whose file does not say.
+            "add_bos": bool(self.meta("tokenizer.ggml.add_bos_token",
+                                      self.meta("tokenizer.ggml.model") == "llama")),
+            "add_eos": bool(self.meta("tokenizer.ggml.add_eos_token", False)),
+        }
+
+    def tokenizer(self) -> Tokenizer:
+        """A `tokenizers.Tokenizer` equivalent to the one the model was converted from.
+        encode() adds BOS/EOS when the file says llama.cpp would (add_special_tokens=True)."""
+        kind = self.meta("tokenizer.ggml.model")
+        tokens = self.meta("tokenizer.ggml.tokens")
+        types = self.meta("tokenizer.ggml.token_type") or [TokenType.NORMAL] * len(tokens)
+        if kind == "gpt2":
+            tok = byte_level_bpe(tokens, self.meta("tokenizer.ggml.merges"),
+                                 self.meta("tokenizer.ggml.pre", "default"))
+        elif kind == "llama":
+            unk = self.meta("tokenizer.ggml.unknown_token_id")
+            tok = sentencepiece_bpe(tokens, self.meta("tokenizer.ggml.scores"),
+                                    None if unk is None else tokens[unk],
+                                    self.meta("tokenizer.ggml.add_space_prefix", True))
+        else:
+            raise ValueError(f"unsupported GGUF tokenizer model {kind!r} (have gpt2, llama)")
+        # Control tokens are matched whole and dropped by skip_special_tokens; user-defined
+        # ones (like <think>) are matched whole but are ordinary text.
+        special = (TokenType.CONTROL, TokenType.UNKNOWN)
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, ty in zip(tokens, types) if ty in special])
+        tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, ty in zip(tokens, types) if ty == TokenType.USER_DEFINED])
+        sp = self.special_tokens()
+        bos = [(sp["bos_token"], sp["bos_token_id"])] if sp["add_bos"] and sp["bos_token"] else []
+        eos = [(sp["eos_token"], sp["eos_token_id"])] if sp["add_eos"] and sp["eos_token"] else []
+        if bos or eos:
+            b, e = [t for t, _ in bos], [t for t, _ in eos]
+            tok.post_processor = TemplateProcessing(
+                single=b + ["$A"] + e,
+                pair=b + ["$A"] + e + [f"{t}:1" for t in b] + ["$B:1"] + [f"{t}:1" for t in e],
+                special_tokens=list(dict(bos + eos).items()))
+        return tok
+
+
+def llama3_rope_scaling(divisors: np.ndarray, head_dim: int, theta: float) -> Optional[dict]:
+    """Llama 3 rope parameters reproducing llama.cpp's per-frequency divisors (rope_freqs).
+
+    The llama3 rule is: divisor 1 above the high-frequency cutoff, `factor` below the
+    low-frequency cutoff, and between them 1/divisor = (1-s)/factor + s with s linear in
+    1/wavelength. Scaling original_max_position_embeddings, low and high factors together
+    changes nothing, so we fix the context at 8192 (Llama 3's) and solve for the two cutoffs.
+    """
+    factor = float(divisors.max())
+    if np.allclose(divisors, 1.0):
+        return None
+    if np.allclose(divisors, factor):
+        return {"rope_type": "linear", "factor": factor}
+    x = theta ** (-np.arange(0, head_dim, 2) / head_dim) / (2 * math.pi)  # 1 / wavelength
+    scaled, plain = np.isclose(divisors, factor), np.isclose(divisors, 1.0)
+    mid = ~(scaled | plain)
+    s = (1 / divisors[mid] - 1 / factor) / (1 - 1 / factor)
+    # s(x) = (x - x_lo) / (x_hi - x_lo): find the cutoffs x_lo (low freq), x_hi (high freq).
+    lo_bound = x[scaled].max() if scaled.any() else 0.0
+    hi_bound = x[plain].min() if plain.any() else 2 * x.max()
+    if mid.sum() >= 2:
+        slope, icept = np.polyfit(x[mid], s, 1)
+        x_lo, x_hi = -icept / slope, (1 - icept) / slope
+    elif mid.sum() == 1:  # any line through the one point that fits between its neighbours
+        xm, sm = x[mid][0], s[0]
+        width = 0.5 * min((xm - lo_bound) / sm, (hi_bound - xm) / (1 - sm))
+        x_lo, x_hi = xm - sm * width, xm + (1 - sm) * width
+    else:
+        x_lo, x_hi = lo_bound + (hi_bound - lo_bound) / 3, lo_bound + 2 * (hi_bound - lo_bound) / 3
+    ctx = 8192
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(x_lo * ctx),
+               "high_freq_factor": float(x_hi * ctx), "original_max_position_embeddings": ctx}
+    _check_rope(scaling, divisors, head_dim, theta)
+    return scaling
+
+
+def _check_rope(scaling: dict, divisors: np.ndarray, head_dim: int, theta: float) -> None:
+    """Refuse rather than serve a model with silently wrong positions."""
+    from cake.text.models.llama import rope_inv_freq
+    args = SimpleNamespace(head_dim=head_dim, rope_theta=theta, rope_scaling=scaling)
+    want = theta ** (-np.arange(0, head_dim, 2) / head_dim) / divisors
+    if not np.allclose(rope_inv_freq(args).double().numpy(), want, rtol=1e-5, atol=0):
+        raise ValueError("GGUF rope_freqs do not follow Llama 3 rope scaling")
+
+
+# Pre-tokenizer regexes, by tokenizer.ggml.pre, as llama.cpp's llama-vocab.cpp applies them
+# (the Hugging Face tokenizer.json of those models says the same).
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_TEKKEN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+           r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+           r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZER_SPLITS = {
+    **dict.fromkeys(["default", "gpt2", "gpt-2", "phi-2", "mpt", "olmo", "stablelm2",
+                     "roberta-bpe"], [_GPT2]),
+    # StarCoder-style vocabularies (SmolLM too) split every digit off first.
+    **dict.fromkeys(["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone",
+                     "minerva-7b"], [r"\p{N}", _GPT2]),
+    **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "dbrx",
+                     "smaug-bpe"], [_LLAMA3]),
+    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "megrez"], [_QWEN2]),
+    "tekken": [_TEKKEN],
+}
+# These vocabularies look a whole pre-token up before merging (tokenizer.json "ignore_merges").
+_IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1"}
+
+
+def byte_level_bpe(tokens: list[str], merges: list[str], pre: str) -> Tokenizer:
+    """GPT-2 style byte-level BPE. Normal tokens are stored in the byte alphabet (Ġ for a
+    space); added tokens are stored as raw text and are matched as AddedTokens."""
+    if pre not in PRE_TOKENIZER_SPLITS:
+        log.warning("unknown GGUF pre-tokenizer %r, splitting like GPT-2", pre)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tok = Tokenizer(models.BPE(vocab, pairs, ignore_merges=pre in _IGNORE_MERGES))
+    if pre in ("qwen2", "deepseek-r1-qwen"):
+        tok.normalizer = normalizers.NFC()  # as Qwen's own tokenizer.json
+    splits = PRE_TOKENIZER_SPLITS.get(pre, [_GPT2])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def sentencepiece_bpe(tokens: list[str], scores: list[float], unk: Optional[str],
+                      add_space_prefix: bool) -> Tokenizer:
+    """A SentencePiece BPE vocabulary (Llama 2, Mistral 7B): llama.cpp merges the adjacent pair
+    whose result scores highest, which is BPE with merges ranked by that score; <0x..> tokens
+    stand for bytes no piece covers. llama.cpp prefixes a space to every text fragment
+    between special tokens, as the normalizer below does to each fragment."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab, merges_from_scores(tokens, scores, vocab), unk_token=unk,
+                               fuse_unk=True, byte_fallback=True))
+    prefix = [normalizers.Prepend("▁")] if add_space_prefix else []
+    tok.normalizer = normalizers.Sequence(prefix + [normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(" ", 1, 0)] if add_space_prefix else []))
+    return tok
+
+
+def merges_from_scores(tokens: list[str], scores: list[float], vocab: dict[str, int]):
+    """Every split of a token into two tokens is a merge, ranked by the token's score (ties as
+    transformers breaks them, so both agree)."""
+    merges = []
+    for token, score in zip(tokens, scores):
+        local = [(token[:k], token[k:]) for k in range(1, len(token))
+                 if token[:k] in vocab and token[k:] in vocab]
+        local.sort(key=lambda p: (vocab[p[0]], vocab[p[1]]))
+        merges += [(score, left, right) for left, right in local]
+    merges.sort(key=lambda m: (m[0], len(m[1]), len(m[2])), reverse=True)
+    return [(left, right) for _, left, right in merges]
