@@ -43,14 +43,23 @@ def test_blocking_answer_says_paris(client, default_tokenizer):
 
 
 def test_api_alias_and_content_parts(default_server):
-    body = {"messages": [{"role": "developer", "content": "Answer briefly."},
-                         {"role": "user", "content": [{"type": "text", "text": "What is the "},
-                                                      {"type": "text", "text": "capital of France?"}]}],
+    parts = [{"type": "text", "text": "What is the "}, {"type": "text", "text": "capital of France?"}]
+    body = {"messages": [{"role": "user", "content": parts}],
             "temperature": 0, "max_tokens": 20, "user": "someone", "logprobs": False,
             "tools": [], "some_future_field": {"x": 1}}
     r = httpx.post(default_server.url + "/api/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
     assert "Paris" in r.json()["choices"][0]["message"]["content"]
+
+
+def test_developer_role_is_a_system_prompt(client):
+    def answer(role):
+        return client.chat.completions.create(
+            model="m", temperature=0, max_tokens=12,
+            messages=[{"role": role, "content": "You are a pirate."}, *PARIS],
+        ).choices[0].message.content
+
+    assert answer("developer") == answer("system")
 
 
 def test_length_finish_and_max_completion_tokens(client):
@@ -134,36 +143,6 @@ def test_sampling_parameters_accepted(client):
     assert r.usage.completion_tokens <= 8
 
 
-def test_disconnect_cancels_generation(default_server):
-    health = lambda: httpx.get(default_server.url + "/health", timeout=10).json()["engine"]
-    before = health()["tokens_generated"]
-    body = {"messages": [{"role": "user", "content": "Write a very long essay about bread."}],
-            "stream": True, "temperature": 0.8, "seed": 1, "max_tokens": 1500,
-            "stop": ["@@@never@@@"]}
-    with httpx.stream("POST", default_server.url + "/v1/chat/completions", json=body,
-                      timeout=60) as r:
-        for i, _ in enumerate(r.iter_lines()):
-            if i >= 6:
-                break  # leave mid-stream
-    deadline = time.monotonic() + 30
-    while health()["running"] + health()["waiting"] > 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    stats = health()
-    assert stats["running"] == 0 and stats["waiting"] == 0
-    assert stats["tokens_generated"] - before < 100  # far from the 1500 asked for
-
-    # A blocking request whose client gives up is cancelled too.
-    before = health()["tokens_generated"]
-    body["stream"] = False
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(default_server.url + "/v1/chat/completions", json=body, timeout=1.5)
-    deadline = time.monotonic() + 30
-    while health()["running"] > 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert health()["running"] == 0
-    assert health()["tokens_generated"] - before < 200
-
-
 def test_concurrent_clients_and_models_during_generation(client, default_server):
     alone = client.chat.completions.create(model="m", messages=PARIS, temperature=0,
                                            max_tokens=12).choices[0].message.content
@@ -223,7 +202,7 @@ def test_prompt_longer_than_context(default_server, client):
     long = "bread " * 9000
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": long}])
-    assert "context" in str(e.value)
+    assert e.value.status_code == 400 and "context" in e.value.body["error"]
     # The server keeps serving.
     assert client.chat.completions.create(model="m", messages=PARIS, temperature=0,
                                           max_tokens=2).usage.completion_tokens == 2

@@ -209,15 +209,21 @@ class Engine:
         seq.generated.append(token)
         self.tokens_generated += 1
         if token in self.tokenizer.stop_ids:
-            self._finish(seq, "stop", text=seq.stops.flush())
+            self._finish(seq, "stop", text=self._rest(seq))
             return
         text, stopped = seq.stops.feed(seq.detok.add(token))
         if stopped:
             self._finish(seq, "stop", text=text)
         elif len(seq.generated) >= seq.max_new or seq.length >= self.max_len:
-            self._finish(seq, "length", text=text + seq.stops.flush())
+            self._finish(seq, "length", text=text + self._rest(seq))
         elif text:
             self._emit(seq, Output(text=text))
+
+    @staticmethod
+    def _rest(seq: Sequence) -> str:
+        """Text still held back at the end: an unfinished character, a possible stop prefix."""
+        text, stopped = seq.stops.feed(seq.detok.flush())
+        return text if stopped else text + seq.stops.flush()
 
     def _emit(self, seq: Sequence, out: Output) -> None:
         try:

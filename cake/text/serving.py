@@ -38,14 +38,17 @@ def default_dtype(device: str) -> torch.dtype:
 
 
 def load_tokenizer(checkpoint) -> Tokenizer:
-    if hasattr(checkpoint, "tokenizer") and not (Path(checkpoint.path).parent / "tokenizer.json").exists():
-        special = checkpoint.special_tokens()
-        return Tokenizer(checkpoint.tokenizer(), checkpoint.chat_template(),
-                         special.get("bos_token"), special.get("eos_token"),
-                         add_bos=special.get("add_bos", False),
-                         extra_stop_ids=checkpoint.config.get("eos_token_id") or [])
-    folder = Path(checkpoint.path).parent if hasattr(checkpoint, "tokenizer") else checkpoint.folder
-    return Tokenizer.from_dir(folder)
+    """The tokenizer.json beside the weights, else (GGUF) the one in the file's metadata."""
+    is_gguf = hasattr(checkpoint, "tokenizer")
+    folder = Path(checkpoint.path).parent if is_gguf else checkpoint.folder
+    if not is_gguf or (folder / "tokenizer.json").exists():
+        return Tokenizer.from_dir(folder)
+    special = checkpoint.special_tokens()
+    eos = checkpoint.config.get("eos_token_id")
+    return Tokenizer(checkpoint.tokenizer(), checkpoint.chat_template(),
+                     special.get("bos_token"), special.get("eos_token"),
+                     add_bos=special.get("add_bos", False),
+                     extra_stop_ids=[eos] if isinstance(eos, int) else (eos or []))
 
 
 @dataclass
