@@ -127,8 +127,8 @@ def test_seed_reproducible(client):
     def ask(seed):
         return client.chat.completions.create(
             model="m", messages=[{"role": "user", "content": "Tell me a story."}],
-            temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seed=seed,
-            max_tokens=24).choices[0].message.content
+            temperature=1.0, top_p=1.0, seed=seed, max_tokens=24,
+            extra_body={"top_k": 0, "min_p": 0.0}).choices[0].message.content
 
     first = ask(1234)
     assert ask(1234) == first
@@ -202,7 +202,7 @@ def test_prompt_longer_than_context(default_server, client):
     long = "bread " * 9000
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": long}])
-    assert e.value.status_code == 400 and "context" in e.value.body["error"]
+    assert e.value.status_code == 400 and "context" in e.value.response.json()["error"]
     # The server keeps serving.
     assert client.chat.completions.create(model="m", messages=PARIS, temperature=0,
                                           max_tokens=2).usage.completion_tokens == 2
