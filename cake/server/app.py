@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from fastapi import FastAPI
 
-from cake.server import chat, errors, health, media, models
+from cake.server import chat, errors, health, images, models, speech, topology
 
 
 @dataclass
@@ -25,6 +25,6 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="cake", docs_url=None, redoc_url=None)
     app.state.cake = state
     errors.install(app)
-    for module in (chat, models, media, health):
+    for module in (chat, models, images, speech, health, topology):
         app.include_router(module.router)
     return app

@@ -65,6 +65,9 @@ class TextModel:
     def context_length(self) -> int:
         return self.engine.max_len
 
+    def close(self) -> None:
+        self.engine.shutdown()
+
     def params(self, **overrides) -> SamplingParams:
         """Request fields over the server defaults; None means 'not given'."""
         given = {k: v for k, v in overrides.items() if v is not None}

@@ -1,0 +1,1 @@
+"""Spreading a model's layers over several machines."""

@@ -1,0 +1,1 @@
+"""Subcommands of the `cake` CLI, one module each."""

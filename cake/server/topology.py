@@ -1,0 +1,20 @@
+"""GET /api/v1/topology: the cluster as JSON (on one machine, the master alone)."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from cake.cluster.topology import text_topology
+
+router = APIRouter()
+
+
+@router.get("/api/v1/topology")
+async def topology(request: Request):
+    state = request.app.state.cake
+    if state.text is not None:
+        return text_topology(state.model_id, state.text.engine.pipeline.stages)
+    loaded = state.image or state.audio
+    if loaded is not None and hasattr(loaded, "topology"):
+        return loaded.topology()
+    return {"model": state.model_id, "model_id": state.model_id, "master": {}, "workers": [],
+            "layer_details": {}}

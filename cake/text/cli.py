@@ -1,0 +1,55 @@
+"""Text models on the command line: flags, loading, and `cake run` for a prompt."""
+from __future__ import annotations
+
+import sys
+
+
+def add_args(p) -> None:
+    g = p.add_argument_group("text models")
+    g.add_argument("--temperature", type=float, default=0.8, help="default sampling temperature")
+    g.add_argument("--top-k", type=int, default=40)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--min-p", type=float, default=0.05)
+    g.add_argument("--repeat-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("-n", "--sample-len", type=int, default=2048,
+                   help="default max tokens to generate")
+    g.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    g.add_argument("--ctx-size", type=int, default=None,
+                   help="context length (default: the model's)")
+
+
+def load(args):
+    from cake import hub
+    from cake.text.loader import DTYPES
+    from cake.text.sampling import SamplingParams
+    from cake.text.serving import load_text_model
+
+    ref = hub.resolve(args.model)
+    defaults = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              min_p=args.min_p, repetition_penalty=args.repeat_penalty,
+                              seed=args.seed, max_tokens=args.sample_len)
+    return load_text_model(ref.path, ref.model_id, device=args.device,
+                           dtype=DTYPES[args.dtype] if args.dtype else None, defaults=defaults,
+                           max_batch=args.max_batch, context_length=args.ctx_size)
+
+
+def run(model, args) -> None:
+    """Stream the answer to one user message to stdout."""
+    import queue
+
+    outputs: queue.Queue = queue.Queue()
+    prompt = model.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+    if len(prompt) >= model.context_length:
+        raise SystemExit(f"cake: the prompt is {len(prompt)} tokens; the context holds "
+                         f"{model.context_length}")
+    model.engine.submit(prompt, model.params(), outputs.put)
+    while True:
+        out = outputs.get()
+        sys.stdout.write(out.text)
+        sys.stdout.flush()
+        if out.finished:
+            break
+    sys.stdout.write("\n")
+    if out.finish_reason == "error":
+        raise SystemExit(f"cake: {out.error}")
