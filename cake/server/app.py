@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from fastapi import FastAPI
 
-from cake.server import chat, errors, health, images, models, speech, topology
+from cake.server import auth, chat, errors, health, images, models, speech, topology, ui
 
 
 @dataclass
@@ -21,10 +21,12 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def create_app(state: ServerState) -> FastAPI:
+def create_app(state: ServerState, access: Optional[auth.Access] = None) -> FastAPI:
     app = FastAPI(title="cake", docs_url=None, redoc_url=None)
     app.state.cake = state
     errors.install(app)
     for module in (chat, models, images, speech, health, topology):
         app.include_router(module.router)
+    ui.install(app)
+    auth.install(app, access)
     return app
