@@ -21,6 +21,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -q -e '.[$(EXTRAS),test]'
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
 	touch $@
 
 install: $(VENV)/.installed
