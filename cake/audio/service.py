@@ -1,0 +1,167 @@
+"""The speech service the server holds: a loaded speech model, the voices requests may use,
+and one worker thread that runs syntheses one at a time in arrival order, so the event loop
+keeps answering while audio is made.
+
+A model (PiperSpeech, VibeVoiceSpeech) has model_id, sample_rate, can_clone,
+voice_names(), check(req) (raises ValueError for a request it cannot serve),
+synthesize(req, cancelled) -> iterator of float32 chunks, and close().
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+
+from cake.audio.audio_io import AudioError, read_audio
+from cake.audio.voices import VoiceLibrary, VoiceNotAllowed
+
+log = logging.getLogger(__name__)
+
+# OpenAI's built-in voice names: its clients always send one, so they select the default voice.
+OPENAI_VOICES = {"alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage",
+                 "shimmer", "verse", "marin", "cedar"}
+MAX_VOICE_SECONDS = 300
+# Allowed ranges of the numeric request parameters (inclusive).
+RANGES = {"cfg_scale": (1.0, 3.0), "max_frames": (1, 40500), "diffusion_steps": (1, 100),
+          "speed": (0.25, 4.0)}
+
+
+@dataclass
+class VoiceSample:
+    samples: np.ndarray  # mono float32
+    rate: int
+    source: str  # where it came from, for messages
+
+
+@dataclass
+class SpeechRequest:
+    text: str
+    voice: Optional[str] = None  # a voice of the model itself (Piper voice or speaker name)
+    sample: Optional[VoiceSample] = None  # a voice to clone
+    cfg_scale: float = 1.5
+    max_frames: int = 150
+    diffusion_steps: int = 10
+    speed: float = 1.0
+    seed: Optional[int] = None
+
+
+# What the worker hands back for a job: audio chunks, then None when done or an Exception.
+Event = Union[np.ndarray, None, Exception]
+
+
+class Job:
+    def __init__(self, req: SpeechRequest, emit: Callable[[Event], None]):
+        self.req, self.emit = req, emit
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+def load_sample(data: bytes, source: str) -> VoiceSample:
+    try:
+        samples, rate = read_audio(data)
+    except AudioError as e:
+        raise ValueError(f"{source}: {e}") from None
+    if len(samples) > MAX_VOICE_SECONDS * rate:
+        raise ValueError(f"{source} is longer than {MAX_VOICE_SECONDS} s")
+    return VoiceSample(samples, rate, source)
+
+
+class SpeechService:
+    def __init__(self, model, voices: VoiceLibrary):
+        self.model, self.voices = model, voices
+        self.model_id, self.sample_rate = model.model_id, model.sample_rate
+        self.default_sample = None
+        if voices.prompt is not None and model.can_clone:
+            self.default_sample = load_sample(voices.prompt.read_bytes(), "--voice-prompt")
+        self.jobs: queue.Queue[Optional[Job]] = queue.Queue()
+        self.counts = {"queued": 0, "done": 0, "cancelled": 0, "failed": 0}
+        self.worker = threading.Thread(target=self._work, name="speech", daemon=True)
+        self.worker.start()
+
+    def voice_names(self) -> list[str]:
+        names = list(self.model.voice_names())
+        if self.model.can_clone:
+            names += [n for n in self.voices.names() if n not in names]
+        return names
+
+    def request(self, text: str, voice: Optional[str] = None, voice_data: Optional[bytes] = None,
+                voice_path: Optional[str] = None, **params) -> SpeechRequest:
+        """A validated request; ValueError carries the message for the client."""
+        if not text or not text.strip():
+            raise ValueError("input must be non-empty text")
+        for name, value in params.items():
+            low, high = RANGES.get(name, (None, None))
+            if low is not None and not low <= value <= high:
+                raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+        if voice_data is not None and voice_path is not None:
+            raise ValueError("give either voice_data or voice_path, not both")
+        wants_clone = voice_data is not None or voice_path is not None
+        if wants_clone and not self.model.can_clone:
+            raise ValueError(f"{self.model_id} cannot clone a voice: voice_data and voice_path "
+                             "need a VibeVoice model; use voice to pick one of "
+                             f"{', '.join(self.voice_names())}")
+        req = SpeechRequest(text=text, **params)
+        if voice_data is not None:
+            req.sample = load_sample(voice_data, "voice_data")
+        elif voice_path is not None:
+            try:
+                path = self.voices.check_path(voice_path)
+            except VoiceNotAllowed as e:
+                raise ValueError(str(e)) from None
+            req.sample = load_sample(path.read_bytes(), f"voice_path {voice_path!r}")
+        elif voice is not None:
+            self._pick_voice(req, voice)
+        if req.sample is None and req.voice is None:
+            req.sample = self.default_sample
+        self.model.check(req)
+        return req
+
+    def _pick_voice(self, req: SpeechRequest, voice: str) -> None:
+        library = self.voices.names() if self.model.can_clone else {}
+        if voice in self.model.voice_names():
+            req.voice = voice
+        elif voice in library:
+            req.sample = load_sample(Path(library[voice]).read_bytes(), f"voice {voice!r}")
+        elif voice.lower() in OPENAI_VOICES:
+            pass  # the default voice
+        else:
+            names = self.voice_names()
+            raise ValueError(f"unknown voice {voice!r}; this server has "
+                             f"{', '.join(names) if names else 'only its default voice'}")
+
+    def submit(self, req: SpeechRequest, emit: Callable[[Event], None]) -> Job:
+        job = Job(req, emit)
+        self.counts["queued"] += 1
+        self.jobs.put(job)
+        return job
+
+    def stats(self) -> dict:
+        return {**self.counts, "waiting": self.jobs.qsize()}
+
+    def _work(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if job.cancelled.is_set():  # its client left while it waited
+                self.counts["cancelled"] += 1
+                job.emit(None)
+                continue
+            try:
+                for chunk in self.model.synthesize(job.req, job.cancelled):
+                    job.emit(chunk)
+                self.counts["cancelled" if job.cancelled.is_set() else "done"] += 1
+                job.emit(None)
+            except Exception as e:
+                log.exception("speech synthesis failed")
+                self.counts["failed"] += 1
+                job.emit(e)
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.worker.join(timeout=30)
+        self.model.close()
