@@ -8,7 +8,7 @@ import os
 import sys
 
 # Subcommand modules; each has register(subparsers) that adds its parser and sets `func`.
-COMMANDS = ["serve", "run"]
+COMMANDS = ["serve", "run", "chat", "pull", "list", "rm"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,1 @@
+"""`cake chat`: the terminal chat app (textual)."""
