@@ -22,8 +22,9 @@ def read_audio(data: bytes) -> tuple[np.ndarray, int]:
         raise AudioError("the audio is empty")
     try:
         samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except Exception as e:  # libsndfile says only "format not recognised" and the like
-        raise AudioError(f"not a readable audio file ({e})") from None
+    except Exception as e:  # libsndfile's reason follows the file's repr: keep the reason
+        reason = str(e).rpartition(": ")[2].rstrip(".") or type(e).__name__
+        raise AudioError(f"not a readable audio file ({reason})") from None
     if samples.shape[0] == 0:
         raise AudioError("the audio has no samples")
     return samples.mean(axis=1), int(rate)

@@ -1,0 +1,83 @@
+"""VibeVoice's Qwen2 language model run as cake pipeline stages.
+
+The decoder layers are cake's own Llama-family blocks (cake/text/models/llama.py) holding
+contiguous layer ranges, exactly as a text model's stages do, so the same split applies;
+their parameters are shared with (not copied from) the transformers model that owns them.
+A two-slot KV cache keeps both branches of classifier-free guidance: slot 0 the prompted
+sequence, slot 1 the unconditional one, so one decode step advances both as a batch of two
+rows at their own positions (transformers runs them as two separate forward passes).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from cake.text.kv_cache import KVCache, StepBatch
+from cake.text.models.llama import Model, ModelArgs, rope_inv_freq
+
+PROMPTED, UNCONDITIONAL = 0, 1
+
+
+def share_parameters(stage: Model, source: dict[str, nn.Parameter]) -> None:
+    """Point each parameter of a stage built on the meta device at the source's tensor."""
+    for name, _ in list(stage.named_parameters()):
+        owner_name, _, leaf = name.rpartition(".")
+        owner = stage.get_submodule(owner_name) if owner_name else stage
+        owner._parameters[leaf] = source[stage.checkpoint_name(name)]
+
+
+def even_split(num_layers: int, parts: int) -> list[tuple[int, int]]:
+    bounds = [round(i * num_layers / parts) for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+class SpeechLM:
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module, text_config: dict,
+                 head_token_ids: list[int], layer_ranges: Optional[list[tuple[int, int]]] = None):
+        args = ModelArgs.from_config(text_config)
+        self.args = args
+        params = {f"model.{k}": v for k, v in language_model.named_parameters()}
+        params["lm_head.weight"] = lm_head.weight
+        self.stages = []
+        for start, end in layer_ranges or [(0, args.num_hidden_layers)]:
+            with torch.device("meta"):
+                stage = Model(args, start, end)
+            share_parameters(stage, params)
+            ref = next(language_model.parameters())
+            stage.inv_freq = rope_inv_freq(args).to(ref.device)
+            self.stages.append(stage)
+        self.norm = language_model.norm
+        self.embed = language_model.embed_tokens
+        # Generation only ever chooses among a few tokens: keep just their rows of the head.
+        self.head_token_ids = sorted(set(head_token_ids))
+        self.head = lm_head.weight[self.head_token_ids].detach().clone()
+        self.device, self.dtype = ref.device, ref.dtype
+
+    def new_cache(self, max_len: int) -> KVCache:
+        a = self.args
+        return KVCache(range(a.num_hidden_layers), 2, min(max_len, a.max_position_embeddings),
+                       a.num_key_value_heads, a.head_dim, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(self, embeds: torch.Tensor, positions: list[list[int]], slots: list[int],
+                cache: KVCache) -> torch.Tensor:
+        """Input embeddings [B, T, D] at the given positions of the given cache slots ->
+        the final-norm hidden state of each row's last position [B, D]."""
+        batch = StepBatch.make(positions, slots, embeds.device)
+        x = embeds
+        for stage in self.stages:
+            cos, sin = stage.rope(batch.positions, x.dtype)
+            masks = {}
+            for i, layer in stage.model.layers.items():
+                if layer.window not in masks:
+                    masks[layer.window] = Model.attention_mask(batch, layer.window)
+                x = layer(x, cos, sin, masks[layer.window], batch, cache, int(i))
+        return self.norm(x[:, -1])
+
+    def choose(self, hidden: torch.Tensor) -> list[int]:
+        """Greedy choice among the head tokens, per row (ties go to the lowest id, as an
+        argmax over the whole vocabulary would)."""
+        logits = hidden.float() @ self.head.float().T
+        return [self.head_token_ids[i] for i in logits.argmax(-1).tolist()]
