@@ -216,9 +216,12 @@ async function sendMessage() {
   const text = $("#prompt").value.trim();
   if (!text || generation) return;
   $("#prompt").value = "";
-  const history = conversation.messages
-    .filter((m) => m.content && (m.role === "user" || m.role === "assistant"))
-    .map((m) => ({ role: m.role, content: m.content }));
+  const history = [];
+  for (const m of conversation.messages) {
+    // An exchange that failed before any text came back is not sent again.
+    if (m.role === "assistant" && !m.content) history.pop();
+    else history.push({ role: m.role, content: m.content });
+  }
   const messages = [
     ...(conversation.system.trim() ? [{ role: "system", content: conversation.system }] : []),
     ...history, { role: "user", content: text },
