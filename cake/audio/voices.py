@@ -31,7 +31,8 @@ class VoiceLibrary:
         found = {}
         for d in self.dirs:
             for f in sorted(d.iterdir()):
-                if f.suffix.lower() in AUDIO_SUFFIXES and f.is_file():
+                inside = f.resolve().is_relative_to(d)  # a symlink leading out is no voice
+                if f.suffix.lower() in AUDIO_SUFFIXES and f.is_file() and inside:
                     found.setdefault(f.stem, f)
         if self.prompt is not None:
             found[self.prompt.stem] = self.prompt

@@ -37,7 +37,7 @@ def tiny_config(tokenizer, **text_overrides):
     ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
     text = dict(model_type="qwen2", vocab_size=tokenizer.get_vocab_size(), hidden_size=64,
                 intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False)
+                num_key_value_heads=2, max_position_embeddings=8192, tie_word_embeddings=False)
     text.update(text_overrides)
     tower = dict(hidden_size=16, num_filters=8, downsampling_ratios=[4, 5, 8], depths=[1, 1, 1, 1],
                  layer_scale_init_value=1.0, initializer_range=0.2)

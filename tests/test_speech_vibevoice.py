@@ -1,0 +1,404 @@
+"""VibeVoice on a tiny random model built offline with transformers (rigged to emit speech
+frames): cake's frame loop against transformers' own generate, Microsoft's original checkpoint
+layout converted on load, and the model served by a real `cake serve`."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import struct
+import subprocess
+import sys
+import threading
+import wave
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+
+HOP = 160  # samples per speech frame of the tiny model (downsampling 4 * 5 * 8)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from cake.audio.vibevoice.random_model import write_tiny
+
+    folder = tmp_path_factory.mktemp("vibevoice-tiny")
+    return folder, write_tiny(folder)
+
+
+def voice_wav(rate=44100, channels=2, seconds=0.5, freq=220.0) -> bytes:
+    import soundfile
+
+    t = np.arange(int(rate * seconds)) / rate
+    x = np.stack([0.3 * np.sin(2 * np.pi * freq * (c + 1) * t) for c in range(channels)], 1)
+    out = io.BytesIO()
+    soundfile.write(out, x, rate, format="WAV", subtype="PCM_24")
+    return out.getvalue()
+
+
+def reference_scheduler():
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2",
+                                       prediction_type="v_prediction")
+
+
+def transformers_audio(model, ids, frames, cfg, steps, voice=None, seed=0):
+    """Audio from transformers' own VibeVoice generation loop."""
+    ids_t = torch.tensor([ids])
+    kwargs = {}
+    if voice is not None:
+        kwargs = {"input_values": voice["input_values"], "padding_mask": voice["padding_mask"]}
+    torch.manual_seed(seed)
+    out = model.generate(input_ids=ids_t, attention_mask=torch.ones_like(ids_t),
+                         max_new_tokens=frames, guidance_scale=cfg, num_diffusion_steps=steps,
+                         noise_scheduler=reference_scheduler(), **kwargs)
+    return out[0].reshape(-1)
+
+
+def cake_audio(speech, text, frames, cfg, steps, sample=None, seed=0):
+    torch.manual_seed(seed)
+    embeds, ids = speech.prompt_embeds(text, sample)
+    audio = torch.cat(list(speech.generator.frames(embeds, cfg, steps, frames)))
+    return audio, ids
+
+
+def assert_same_audio(ours, theirs):
+    assert ours.shape == theirs.shape
+    scale = theirs.abs().max().item()
+    assert scale > 1e-3  # real signal, so the comparison means something
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("cfg", [1.5, 1.0])
+def test_frames_match_transformers_generate(tiny, cfg):
+    from cake.audio.vibevoice.model import VibeVoiceSpeech
+
+    folder, _ = tiny
+    speech = VibeVoiceSpeech.load(folder, "tiny")
+    ours, ids = cake_audio(speech, "Hello world, this is a test.", 12, cfg, 5)
+    assert ours.shape == (12 * HOP,)
+    assert_same_audio(ours, transformers_audio(speech.model, ids, 12, cfg, 5))
+
+
+def test_cloned_voice_matches_transformers_and_changes_the_audio(tiny):
+    from cake.audio.service import load_sample
+    from cake.audio.vibevoice.model import SAMPLE_RATE, VibeVoiceSpeech
+
+    folder, _ = tiny
+    speech = VibeVoiceSpeech.load(folder, "tiny")
+    sample = load_sample(voice_wav(), "test voice")  # 44.1 kHz stereo, resampled to 24 kHz
+    ours, ids = cake_audio(speech, "Hello world.", 8, 1.5, 4, sample=sample)
+    frames = -(-int(0.5 * SAMPLE_RATE) // HOP)
+    assert ids.count(speech.tokens.audio) == frames  # one placeholder per voice frame
+    from cake.audio.audio_io import resample
+
+    voice = speech.features(resample(sample.samples, sample.rate, SAMPLE_RATE),
+                            sampling_rate=SAMPLE_RATE, return_tensors="pt")
+    assert_same_audio(ours, transformers_audio(speech.model, ids, 8, 1.5, 4, voice=voice))
+    plain, _ = cake_audio(speech, "Hello world.", 8, 1.5, 4)
+    assert not torch.allclose(plain, ours)
+
+
+def test_language_model_split_into_stages_gives_the_same_audio(tiny):
+    from cake.audio.vibevoice.model import VibeVoiceSpeech
+
+    folder, _ = tiny
+    whole = VibeVoiceSpeech.load(folder, "tiny")
+    split = VibeVoiceSpeech(whole.model, whole.tokenizer, whole.generator.scheduler_args, "tiny",
+                            layer_ranges=[(0, 1), (1, 2)])
+    assert [(s.start, s.end) for s in split.lm.stages] == [(0, 1), (1, 2)]
+    a, _ = cake_audio(whole, "Split me.", 6, 1.5, 3)
+    b, _ = cake_audio(split, "Split me.", 6, 1.5, 3)
+    torch.testing.assert_close(a, b)
+
+
+# --- Microsoft's original checkpoint layout ------------------------------------------------
+# Written here from the original module tree (vibevoice/modular/*.py): SConv1d wraps
+# NormConv1d wraps nn.Conv1d (conv.conv.*), Block1D's mixer is a Convlayer around an SConv1d,
+# the stem is downsample_layers.0 / upsample_layers.0 and stages.0, connectors are
+# fc1/norm/fc2, the diffusion head has t_embedder.mlp and adaLN_modulation Sequentials.
+def original_name(name: str) -> str:
+    def tower(m):
+        prefix, part, rest = m[1], m[2], m[3]
+        conv = "upsample_layers" if part == "decoder" else "downsample_layers"
+        rest = re.sub(r"^stem\.conv\.conv\.", f"{conv}.0.0.conv.conv.", rest)
+        rest = re.sub(r"^stem\.stage\.", "stages.0.", rest)
+        rest = re.sub(r"^conv_layers\.(\d+)\.conv\.conv\.",
+                      lambda n: f"{conv}.{int(n[1]) + 1}.0.conv.conv.", rest)
+        rest = re.sub(r"^conv_layers\.(\d+)\.convtr\.convtr\.",
+                      lambda n: f"{conv}.{int(n[1]) + 1}.0.convtr.convtr.", rest)
+        rest = re.sub(r"^conv_layers\.(\d+)\.stage\.", lambda n: f"stages.{int(n[1]) + 1}.", rest)
+        rest = rest.replace(".mixer.conv.", ".mixer.conv.conv.conv.")
+        rest = re.sub(r"^head\.conv\.", "head.conv.conv.", rest)
+        return f"{prefix}.{part}.{rest}"
+
+    name = re.sub(r"^model\.audio_tower\.(encoder|decoder)\.(.*)$",
+                  lambda m: tower(re.match(r"(.*)\.(encoder|decoder)\.(.*)",
+                                           f"model.acoustic_tokenizer.{m[1]}.{m[2]}")), name)
+    name = re.sub(r"^model\.semantic_tokenizer_encoder\.(.*)$",
+                  lambda m: tower(re.match(r"(.*)\.(encoder)\.(.*)",
+                                           f"model.semantic_tokenizer.encoder.{m[1]}")), name)
+    for new, old in (("multi_modal_projector", "acoustic_connector"),
+                     ("semantic_connector", "semantic_connector")):
+        for a, b in (("linear_1", "fc1"), ("act", "norm"), ("linear_2", "fc2")):
+            name = name.replace(f"model.{new}.{a}.", f"model.{old}.{b}.")
+    name = name.replace("model.diffusion_head.", "model.prediction_head.")
+    name = name.replace(".timestep_proj.fc1.", ".t_embedder.mlp.0.")
+    name = name.replace(".timestep_proj.fc2.", ".t_embedder.mlp.2.")
+    name = re.sub(r"\.layers\.(\d+)\.linear\.", r".layers.\1.adaLN_modulation.1.", name)
+    name = name.replace(".final_layer.linear_1.", ".final_layer.adaLN_modulation.1.")
+    name = name.replace(".final_layer.linear_2.", ".final_layer.linear.")
+    return {"model.latent_scaling_factor": "model.speech_scaling_factor",
+            "model.latent_bias_factor": "model.speech_bias_factor"}.get(name, name)
+
+
+def write_original(model, folder, tokenizer_src):
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    state = {original_name(k): v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    c = model.config
+    tower = lambda t, vae: {  # noqa: E731
+        "vae_dim": vae, "encoder_n_filters": t.num_filters, "decoder_n_filters": t.num_filters,
+        "encoder_ratios": list(reversed(t.downsampling_ratios)),
+        "encoder_depths": "-".join(map(str, t.depths)), "fix_std": 0.5,
+        "std_dist_type": "gaussian", "layernorm_eps": t.rms_norm_eps, "causal": True,
+        "mixer_layer": "depthwise_conv", "layernorm": "RMSNorm", "disable_last_norm": True}
+    text = c.text_config.to_dict()
+    config = {
+        "model_type": "vibevoice",
+        "decoder_config": text,
+        "acoustic_tokenizer_config": tower(c.audio_config, c.audio_config.hidden_size),
+        "semantic_tokenizer_config": tower(c.semantic_model_config,
+                                           c.semantic_model_config.hidden_size),
+        "diffusion_head_config": {
+            "hidden_size": text["hidden_size"], "head_layers": c.diffusion_head_config.num_hidden_layers,
+            "head_ffn_ratio": c.diffusion_head_config.intermediate_size / text["hidden_size"],
+            "rms_norm_eps": 1e-5, "latent_size": c.audio_config.hidden_size,
+            "prediction_type": "v_prediction", "ddpm_num_steps": 1000,
+            "ddpm_beta_schedule": "cosine"},
+        "acoustic_vae_dim": c.audio_config.hidden_size,
+        "semantic_vae_dim": c.semantic_model_config.hidden_size,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "tokenizer.json").write_bytes((tokenizer_src / "tokenizer.json").read_bytes())
+    return state
+
+
+@pytest.fixture(scope="module")
+def original(tiny, tmp_path_factory):
+    folder, model = tiny
+    target = tmp_path_factory.mktemp("orig") / "VibeVoice-tiny-original"
+    return target, write_original(model, target, folder)
+
+
+def test_original_layout_has_microsofts_names(original):
+    _, state = original
+    for name in ["model.acoustic_tokenizer.encoder.downsample_layers.0.0.conv.conv.weight",
+                 "model.acoustic_tokenizer.encoder.stages.0.0.mixer.conv.conv.conv.weight",
+                 "model.acoustic_tokenizer.encoder.head.conv.conv.weight",
+                 "model.acoustic_tokenizer.decoder.upsample_layers.1.0.convtr.convtr.weight",
+                 "model.acoustic_tokenizer.decoder.stages.3.0.ffn.linear1.weight",
+                 "model.semantic_tokenizer.encoder.downsample_layers.3.0.conv.conv.bias",
+                 "model.acoustic_connector.fc1.weight", "model.semantic_connector.norm.weight",
+                 "model.prediction_head.t_embedder.mlp.2.weight",
+                 "model.prediction_head.layers.1.adaLN_modulation.1.weight",
+                 "model.prediction_head.final_layer.linear.weight",
+                 "model.speech_scaling_factor", "model.language_model.norm.weight"]:
+        assert name in state, name
+
+
+def test_original_layout_converts_on_load(tiny, original):
+    from cake.audio.vibevoice import checkpoint
+    from cake.audio.vibevoice.model import VibeVoiceSpeech
+
+    folder, model = tiny
+    target, _ = original
+    loaded, scheduler_args, converted = checkpoint.load_model(target, torch.float32, "cpu")
+    assert converted and scheduler_args["beta_schedule"] == "squaredcos_cap_v2"
+    theirs, ours = model.state_dict(), loaded.state_dict()
+    assert set(theirs) == set(ours)
+    for k in theirs:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=0, msg=k)
+    a, _ = cake_audio(VibeVoiceSpeech.load(target, "orig"), "Same weights.", 5, 1.5, 3)
+    b, _ = cake_audio(VibeVoiceSpeech.load(folder, "hf"), "Same weights.", 5, 1.5, 3)
+    assert_same_audio(a, b)  # equal weights; float rounding may differ with memory layout
+
+
+def test_wrong_checkpoints_fail_clearly(original, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from cake.audio.vibevoice import checkpoint
+
+    target, _ = original
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_bytes((target / "config.json").read_bytes())
+    state = load_file(str(target / "model.safetensors"))
+    state["model.prediction_head.mystery.weight"] = state.pop("model.prediction_head.cond_proj.weight")
+    save_file(state, str(broken / "model.safetensors"))
+    with pytest.raises(checkpoint.UnsupportedCheckpoint, match="cond_proj.*mystery"):
+        checkpoint.load_model(broken, torch.float32, "cpu")
+    realtime = tmp_path / "realtime"
+    realtime.mkdir()
+    (realtime / "config.json").write_text(json.dumps({"model_type": "vibevoice_streaming"}))
+    with pytest.raises(checkpoint.UnsupportedCheckpoint, match="Realtime"):
+        checkpoint.load_model(realtime, torch.float32, "cpu")
+
+
+# --- served ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def voices(tmp_path_factory):
+    d = tmp_path_factory.mktemp("voices")
+    (d / "alice.wav").write_bytes(voice_wav(freq=200))
+    (d / "notes.wav").write_bytes(b"this is not audio")
+    outside = tmp_path_factory.mktemp("elsewhere")
+    (outside / "bob.wav").write_bytes(voice_wav(freq=300))
+    (outside / "prompt.wav").write_bytes(voice_wav(rate=16000, channels=1, freq=260))
+    (d / "link.wav").symlink_to(outside / "bob.wav")
+    return d, outside
+
+
+@pytest.fixture(scope="module")
+def server(start_server, tiny, voices):
+    folder, _ = tiny
+    d, outside = voices
+    return start_server(str(folder), "--model-type", "audio-model", "--voice-dir", str(d),
+                        "--voice-prompt", str(outside / "prompt.wav"))
+
+
+def speak(server, **body) -> httpx.Response:
+    return httpx.post(server.url + "/v1/audio/speech", json=body, timeout=120)
+
+
+def wav_of(r: httpx.Response):
+    assert r.status_code == 200, r.text
+    with wave.open(io.BytesIO(r.content)) as w:
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, 24000)
+        return np.frombuffer(w.readframes(w.getnframes()), "<i2")
+
+
+def test_served_wav_and_pcm(server):
+    assert [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]] == [
+        server_model_id(server)]
+    assert len(wav_of(speak(server, input="Hello there.", max_frames=5))) == 5 * HOP
+    r = speak(server, input="Hello there.", max_frames=3, response_format="pcm", seed=3)
+    assert r.headers["content-type"] == "audio/pcm" and r.headers["x-sample-rate"] == "24000"
+    pcm = np.frombuffer(r.content, "<f4")
+    assert len(pcm) == 3 * HOP and np.isfinite(pcm).all() and np.abs(pcm).max() > 0
+    again = speak(server, input="Hello there.", max_frames=3, response_format="pcm", seed=3)
+    assert again.content == r.content  # a seed makes it reproducible
+
+
+def server_model_id(server) -> str:
+    return re.search(r"serving (\S+) at", server.output())[1]
+
+
+def test_every_way_to_give_a_voice(server, voices):
+    d, outside = voices
+    base = dict(input="Clone me.", max_frames=4, response_format="pcm", seed=1)
+    default = speak(server, **base).content  # the --voice-prompt sample
+    by_data = speak(server, **base, voice_data=base64.b64encode(voice_wav(freq=200)).decode())
+    by_name = speak(server, **base, voice="alice")
+    by_path = speak(server, **base, voice_path=str(d / "alice.wav"))
+    by_prompt_path = speak(server, **base, voice_path=str(outside / "prompt.wav"))
+    assert by_data.status_code == by_name.status_code == by_path.status_code == 200
+    assert by_data.content == by_name.content == by_path.content  # the same sample
+    assert by_prompt_path.content == default
+    assert by_name.content != default  # the sample shapes the speech
+    openai_name = speak(server, **base, voice="alloy")  # OpenAI's names: the default voice
+    assert openai_name.content == default
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"voice_path": "/etc/passwd"}, "is not allowed"),
+    ({"voice_path": "VOICES/../OUTSIDE_NAME/bob.wav"}, "is not allowed"),
+    ({"voice_path": "OUTSIDE/bob.wav"}, "is not allowed"),
+    ({"voice_path": "VOICES/link.wav"}, "is not allowed"),  # a symlink leading out
+    ({"voice_path": "VOICES/missing.wav"}, "no such file"),
+    ({"voice_path": "VOICES/notes.wav"}, "not a readable audio file"),
+    ({"voice": "notes"}, "not a readable audio file"),
+    ({"voice": "carol"}, "unknown voice 'carol'"),
+    ({"voice_data": base64.b64encode(b"hello, not a wav").decode()}, "not a readable audio file"),
+    ({"voice_data": "%%%"}, "not valid base64"),
+    ({"voice_data": "", "voice_path": "x"}, "either voice_data or voice_path"),
+    ({"speed": 1.5}, "speed is not supported by VibeVoice"),
+    ({"max_frames": 40000}, "context holds 8192"),
+    ({"diffusion_steps": 0}, "diffusion_steps must be between 1 and 100"),
+])
+def test_voice_and_parameter_errors(server, voices, extra, message):
+    d, outside = voices
+    if "voice_path" in extra:
+        extra["voice_path"] = (extra["voice_path"].replace("VOICES", str(d))
+                               .replace("OUTSIDE_NAME", outside.name)
+                               .replace("OUTSIDE", str(outside)))
+    r = speak(server, **{"input": "hi", "max_frames": 2, **extra})
+    assert r.status_code == 400, r.text
+    assert message in r.json()["error"]
+
+
+def test_stream_arrives_frame_by_frame(server):
+    with httpx.stream("POST", server.url + "/v1/audio/speech", timeout=120,
+                      json={"input": "Stream me.", "max_frames": 6, "stream": True,
+                            "response_format": "pcm"}) as r:
+        assert r.status_code == 200 and r.headers["content-type"] == "audio/pcm"
+        body = b"".join(r.iter_bytes())
+    assert len(body) == 6 * HOP * 4
+    with httpx.stream("POST", server.url + "/v1/audio/speech", timeout=120,
+                      json={"input": "Stream me.", "max_frames": 6, "stream": True}) as r:
+        body = b"".join(r.iter_bytes())
+    assert struct.unpack("<4sI", body[:8]) == (b"RIFF", 0xFFFFFFFF)
+    assert struct.unpack("<I", body[24:28]) == (24000,)
+    assert len(body) - 44 == 6 * HOP * 2
+
+
+def test_server_answers_during_synthesis_and_a_leaving_client_stops_it(server):
+    """A synthesis of 8000 frames of 100 diffusion steps (many minutes here) streams; while it runs the server
+    answers /health and /v1/models; when its client leaves, the worker is free again, so the
+    next request is served (it would otherwise queue behind the whole synthesis)."""
+    received = []
+    with httpx.stream("POST", server.url + "/v1/audio/speech", timeout=120,
+                      json={"input": "A long one.", "max_frames": 8000, "stream": True,
+                            "diffusion_steps": 100, "response_format": "pcm"}) as r:
+        assert r.status_code == 200
+        chunks = r.iter_bytes()
+        while sum(map(len, received)) < 3 * HOP * 4:  # frames are arriving: it is running
+            received.append(next(chunks))
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+        assert httpx.get(server.url + "/v1/models", timeout=10).status_code == 200
+        received.append(next(chunks))  # and it is still producing
+    done = threading.Event()
+    result = {}
+
+    def follow_up():
+        result["r"] = speak(server, input="Next please.", max_frames=2)
+        done.set()
+
+    threading.Thread(target=follow_up, daemon=True).start()
+    # 8000 frames take far longer than this bound on this machine; a cancelled job frees
+    # the worker at its next frame.
+    assert done.wait(timeout=60), "the abandoned synthesis kept the worker busy"
+    assert len(wav_of(result["r"])) == 2 * HOP
+    stats = httpx.get(server.url + "/health").json()
+    assert stats["status"] == "ok"
+
+
+def test_cake_run_with_vibevoice(tiny, voices, tmp_path):
+    folder, _ = tiny
+    d, _ = voices
+    out = tmp_path / "out.wav"
+    proc = subprocess.run([sys.executable, "-m", "cake", "run", str(folder),
+                           "Hello from the command line.", "--model-type", "audio-model",
+                           "--audio-output",
+                           str(out), "--max-frames", "4", "--voice-dir", str(d), "--voice",
+                           "alice"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    with wave.open(str(out)) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getnframes()) == (24000, 1, 4 * HOP)
