@@ -16,4 +16,6 @@ async def health(request: Request):
     body = {"status": "ok", "model": state.model_id}
     if state.text is not None:
         body["engine"] = state.text.engine.stats()
+    if state.image is not None:
+        body["images"] = state.image.stats()
     return body

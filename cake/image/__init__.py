@@ -1,0 +1,1 @@
+"""Image generation: Stable Diffusion and FLUX pipelines through diffusers."""
