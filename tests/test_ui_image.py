@@ -1,0 +1,46 @@
+"""The web UI's Image tab in a real browser against `cake serve --model-type image-model`
+with a tiny random Stable Diffusion pipeline: prompt in, picture out, downloadable."""
+from __future__ import annotations
+
+import pytest
+
+from test_ui import ARTIFACTS, browser  # noqa: F401  (the module's one browser)
+
+tiny = pytest.importorskip("cake.image.tiny", reason="image models are not installed")
+
+
+@pytest.fixture(scope="module")
+def image_server(start_server, tmp_path_factory):
+    folder = tiny.write_tiny_pipeline(tmp_path_factory.mktemp("sd") / "tiny-sd", "sd")
+    return start_server(str(folder), "--model-type", "image-model")
+
+
+@pytest.fixture
+def page(browser, image_server, request):  # noqa: F811
+    context = browser.new_context(viewport={"width": 1000, "height": 700})
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.set_default_timeout(120_000)
+    page.goto(image_server.url + "/")
+    yield page
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"ui-image-{request.node.name}.png"), full_page=True)
+    context.close()
+    assert not errors, errors
+
+
+def test_image_tab_draws_and_offers_download(page):
+    page.wait_for_selector("#tab-image:visible")  # chosen by default for an image model
+    assert page.locator("#tabs [data-tab]:visible").all_inner_texts() == ["Image", "Cluster"]
+    page.fill("#image-prompt", "a rusty robot on a beach")
+    page.click("#image-generate")
+    page.wait_for_selector("#image-result:visible")
+    size = page.evaluate("(() => { const i = document.querySelector('#image-output');"
+                         " return [i.complete, i.naturalWidth, i.naturalHeight]; })()")
+    assert size[0] and size[1] > 0 and size[2] > 0  # the browser decoded a real picture
+    src = page.get_attribute("#image-output", "src")
+    assert src.startswith("data:image/png;base64,iVBORw0KGgo")  # PNG signature
+    assert page.get_attribute("#image-download", "href") == src
+    assert page.locator("#image-error").is_hidden()
+
