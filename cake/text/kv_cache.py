@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 
@@ -29,6 +30,7 @@ class StepBatch:
     slots: torch.Tensor
     kv_len: int
     span: Optional[tuple[int, int]] = None
+    first_slot: Optional[int] = None  # when the rows' slots are first_slot, first_slot + 1, ...
 
     @classmethod
     def make(cls, positions: list[list[int]], slots: list[int], device) -> "StepBatch":
@@ -38,18 +40,32 @@ class StepBatch:
             p0 = positions[0][0]
             if list(positions[0]) == list(range(p0, p0 + len(positions[0]))):
                 span = (slots[0], p0)
+        first = slots[0] if list(slots) == list(range(slots[0], slots[0] + len(slots))) else None
         return cls(pos, torch.tensor(slots, dtype=torch.long, device=device),
-                   max(max(p) for p in positions) + 1, span)
+                   max(max(p) for p in positions) + 1, span, first)
+
+
+def lazy_zeros(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A zero CPU tensor whose pages the OS maps only when written (calloc), so a cache
+    sized for the whole context costs memory only for the positions sequences reach."""
+    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 class KVCache:
-    """Capacity grows by doubling up to max_len as sequences get longer, so memory follows
-    the longest live sequence rather than the model's whole context times the slots."""
+    """Memory follows the longest live sequence rather than the model's whole context times
+    the slots: on CPU the whole context is reserved but paged in only where written; on other
+    devices (or with initial_len) capacity grows by doubling up to max_len."""
 
     def __init__(self, layers: range, num_slots: int, max_len: int, n_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device, initial_len: int = 256):
-        shape = (num_slots, min(max_len, initial_len), n_kv_heads, head_dim)
-        self.max_len, self.num_slots = max_len, num_slots
+                 head_dim: int, dtype: torch.dtype, device, initial_len: Optional[int] = None):
+        self.max_len, self.num_slots, self.dtype = max_len, num_slots, dtype
+        if initial_len is None and torch.device(device).type == "cpu":
+            shape = (num_slots, max_len, n_kv_heads, head_dim)
+            self.k = {i: lazy_zeros(shape, dtype) for i in layers}
+            self.v = {i: lazy_zeros(shape, dtype) for i in layers}
+            return
+        shape = (num_slots, min(max_len, initial_len or 256), n_kv_heads, head_dim)
         self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
         self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
 
@@ -69,6 +85,12 @@ class KVCache:
         t = next(iter(self.k.values()))
         return 2 * len(self.k) * t.shape[2] * t.shape[3] * t.element_size()
 
+    def buffers(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole key and value stores of a layer, holding at least `length` positions,
+        for kernels that write and read them in place."""
+        self._reserve(layer, length)
+        return self.k[layer], self.v[layer]
+
     def update(self, layer: int, batch: StepBatch, k: torch.Tensor, v: torch.Tensor):
         """Store k, v [B, T, n_kv, head_dim] at the batch positions and return the keys and
         values [B, kv_len, n_kv, head_dim] the step attends over."""
@@ -84,4 +106,7 @@ class KVCache:
         rows = batch.slots[:, None]
         kc[rows, batch.positions] = k
         vc[rows, batch.positions] = v
+        if batch.first_slot is not None:  # consecutive slots: a view, not a copy of B caches
+            s = batch.first_slot
+            return kc[s:s + len(batch.slots), :L], vc[s:s + len(batch.slots), :L]
         return kc[batch.slots, :L], vc[batch.slots, :L]

@@ -1,19 +1,48 @@
-"""Build a model stage (a layer range) from a checkpoint, on a device and dtype."""
+"""Build a model stage (a layer range) from a checkpoint, on a device and dtype, optionally
+with quantized weights."""
 from __future__ import annotations
 
+import mmap
 from typing import Optional
 
+import numpy as np
 import torch
+from gguf import GGMLQuantizationType
+from torch import nn
 
+from cake.text import quant
 from cake.text.models import model_class
 from cake.text.models.llama import ModelArgs, rope_inv_freq
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+QUANT_MODES = ("auto", "none", *quant.QTYPES)
+_FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
+
+
+def resolve_quant(mode: Optional[str], device: str) -> Optional[str]:
+    """The weight format a stage is loaded with. "auto": a GGUF keeps its blocks on a CPU with
+    our kernels; anything else (safetensors, GPUs, no compiler) runs in full precision."""
+    if mode in (None, "none"):
+        return None
+    if mode not in QUANT_MODES:
+        raise ValueError(f"unknown quantization {mode!r}; choose from {', '.join(QUANT_MODES)}")
+    if torch.device(device).type != "cpu" or not quant.available():
+        if mode == "auto":
+            return None
+        raise ValueError(f"--quant {mode} needs the CPU kernels, which are not available "
+                         f"on {device}")
+    return mode
 
 
 def load_stage(checkpoint, start: int = 0, end: Optional[int] = None,
-               dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Instantiate layers [start, end) of the checkpoint's model and load only their tensors."""
+               dtype: torch.dtype = torch.float32, device: str = "cpu",
+               quant_mode: Optional[str] = None):
+    """Instantiate layers [start, end) of the checkpoint's model and load only their tensors.
+
+    quant_mode (see resolve_quant): None keeps every weight in `dtype`; "auto" keeps a GGUF's
+    Q4_0/Q4_1/Q8_0 blocks as they are, stores its other quantized matrices as Q8_0 and its
+    float ones in `dtype`; "q4_0"/"q4_1"/"q8_0" stores every matrix in that type."""
+    mode = resolve_quant(quant_mode, device)
     args = ModelArgs.from_config(checkpoint.config)
     cls = model_class(checkpoint.config)
     with torch.device("meta"):
@@ -21,5 +50,63 @@ def load_stage(checkpoint, start: int = 0, end: Optional[int] = None,
     model = model.to_empty(device=device)
     # to_empty leaves buffers uninitialised; the rope table stays fp32 for precision.
     model.inv_freq = rope_inv_freq(args).to(device)
+    if mode:
+        _quantize_matrices(model, checkpoint, mode)
     model.load_tensors(checkpoint.get)
+    model.fuse_projections()
     return model.eval()
+
+
+def _quantize_matrices(model, checkpoint, mode: str) -> None:
+    """Replace Linear/Embedding modules by quantized ones read from the checkpoint."""
+    for path, module in list(model.named_modules()):
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            continue
+        found = _blocks(checkpoint, model.checkpoint_name(f"{path}.weight"), mode)
+        if found is None:
+            continue
+        blocks, qtype = found
+        if isinstance(module, nn.Embedding):
+            new = quant.QuantEmbedding(blocks, qtype, module.embedding_dim)
+        else:
+            bias = None
+            if module.bias is not None:
+                bias = checkpoint.get(model.checkpoint_name(f"{path}.bias"))
+            new = quant.QuantLinear(blocks, qtype, module.in_features, bias)
+        model.set_submodule(path, new)
+
+
+def _blocks(checkpoint, name: str, mode: str):
+    """(GGUF blocks [rows, bytes], type) for a matrix in the chosen mode, None to keep it dense."""
+    target = None if mode == "auto" else quant.QTYPES[mode]
+    if hasattr(checkpoint, "raw"):
+        qtype, data, shape = checkpoint.raw(name)
+        if target is None and qtype in _FLOAT_TYPES:
+            return None
+        if qtype == target or (target is None and qtype in quant.KERNEL_TYPES):
+            blocks = np.array(data, dtype=np.uint8, copy=True)
+            _drop_pages(data)
+            return blocks, qtype
+        target = target or GGMLQuantizationType.Q8_0  # K-quants and the like: requantize
+    elif target is None:
+        return None
+    weight = checkpoint.get(name)
+    if weight.ndim != 2 or weight.shape[1] % 32:
+        return None  # blocks of 32 along the input
+    return quant.quantize_blocks(weight, target), target
+
+
+def _drop_pages(array: np.ndarray) -> None:
+    """Give back the memory-mapped file pages a tensor was copied from. They stay in the page
+    cache, but no longer count in this process's resident memory, so loading holds each
+    weight once rather than twice."""
+    base = array
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    if not isinstance(base, mmap.mmap) or not hasattr(base, "madvise"):
+        return
+    start = array.__array_interface__["data"][0]
+    origin = np.frombuffer(base, dtype=np.uint8).__array_interface__["data"][0]
+    lo = (start - origin) // mmap.PAGESIZE * mmap.PAGESIZE
+    hi = start - origin + array.nbytes
+    base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cake.text import quant
 from cake.text.kv_cache import KVCache, StepBatch
 
 
@@ -147,14 +148,48 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.qkv_proj = None  # q, k and v as one matrix, once fuse() has run
+
+    def fuse(self) -> None:
+        """One matrix product for q, k and v instead of three."""
+        fused = quant.fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        if fused is not None:
+            self.qkv_proj = fused
+            del self.q_proj, self.k_proj, self.v_proj
+
+    def project(self, x):
+        """q, k, v: [B, T, heads, head_dim] each, q and k normalized (Qwen3) but not rotated."""
+        B, T, _ = x.shape
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(
+                [self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+                 self.n_kv * self.head_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv, self.head_dim)
+        v = v.view(B, T, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def decode(self, x, inv_freq, window, batch: StepBatch, cache: KVCache, layer: int):
+        """One new token per row through our CPU kernel: rope, cache write and attention over
+        each row's own slot in one call (no gather of other rows' caches, no mask)."""
+        B = x.shape[0]
+        if self.qkv_proj is not None and self.q_norm is None:
+            qkv = self.qkv_proj(x).view(B, -1)
+        else:
+            qkv = torch.cat([t.reshape(B, -1) for t in self.project(x)], dim=-1)
+        k_cache, v_cache = cache.buffers(layer, batch.kv_len)
+        out = torch.ops.cake.decode_attention(qkv, k_cache, v_cache, batch.slots,
+                                              batch.positions, inv_freq, self.n_heads,
+                                              window or 0)
+        return self.o_proj(out.view(B, 1, -1))
 
     def forward(self, x, cos, sin, mask, batch: StepBatch, cache: KVCache, layer: int):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self.project(x)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         keys, values = cache.update(layer, batch, k, v)  # [B, L, n_kv, head_dim]
@@ -171,8 +206,17 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=bias)
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.gate_up_proj = None  # gate and up as one matrix, once fuse() has run
+
+    def fuse(self) -> None:
+        fused = quant.fuse_linears([self.gate_proj, self.up_proj])
+        if fused is not None:
+            self.gate_up_proj = fused
+            del self.gate_proj, self.up_proj
 
     def forward(self, x):
+        if self.gate_up_proj is not None:
+            return self.down_proj(quant.silu_mul(self.gate_up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -184,10 +228,41 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(args)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.kernel_args = None
 
     def forward(self, x, cos, sin, mask, batch, cache, layer):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, batch, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode(self, x, inv_freq, batch, cache, layer):
+        """One new token per row, x [B, 1, dim], through our CPU kernels."""
+        if self.kernel_args is None:
+            x = x + self.self_attn.decode(self.input_layernorm(x), inv_freq, self.window, batch,
+                                          cache, layer)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        k_cache, v_cache = cache.buffers(layer, batch.kv_len)
+        B = x.shape[0]
+        return self._decode_layer(x.view(B, -1), *self.kernel_args, k_cache, v_cache,
+                                  batch.slots, batch.positions.view(-1), inv_freq,
+                                  self.self_attn.n_heads, self.window or 0,
+                                  self.input_layernorm.eps).view(B, 1, -1)
+
+    def prepare_kernel(self) -> None:
+        """Arguments of the one-call decoder layer kernel, when every matrix is quantized and
+        q/k/v and gate/up are fused (after loading; else decoding goes op by op)."""
+        attn, mlp = self.self_attn, self.mlp
+        mats = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+        self.kernel_args = None
+        if not all(isinstance(m, quant.QuantLinear) for m in mats):
+            return
+        if self.input_layernorm.weight.dtype != torch.float32:
+            return
+        norm = (lambda n: None if n is None else n.weight)  # noqa: E731
+        self.kernel_args = (
+            self.input_layernorm.weight, *mats[0].kernel_args(), norm(attn.q_norm),
+            norm(attn.k_norm), *mats[1].kernel_args(), self.post_attention_layernorm.weight,
+            *mats[2].kernel_args(), *mats[3].kernel_args())
+        self._decode_layer = torch.ops.cake.decode_layer.default
 
 
 class Model(nn.Module):
@@ -214,6 +289,8 @@ class Model(nn.Module):
             self.lm_head = None if tied_here else nn.Linear(
                 args.hidden_size, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        # Fixed before loading swaps or fuses modules: the checkpoint's names for this stage.
+        self._tensor_names = [self.checkpoint_name(n) for n, _ in self.named_parameters()]
 
     def checkpoint_name(self, name: str) -> str:
         """The checkpoint tensor a parameter is loaded from."""
@@ -223,7 +300,15 @@ class Model(nn.Module):
 
     def tensor_names(self) -> list[str]:
         """Checkpoint tensors this stage needs."""
-        return [self.checkpoint_name(n) for n, _ in self.named_parameters()]
+        return list(self._tensor_names)
+
+    def fuse_projections(self) -> None:
+        """Join q/k/v and gate/up into one matrix each (after loading)."""
+        for layer in self.model.layers.values():
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+            if quant.available():
+                layer.prepare_kernel()
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
         freqs = positions.to(torch.float32)[..., None] * self.inv_freq.float()
@@ -248,23 +333,41 @@ class Model(nn.Module):
         of each row when given, else for every position)."""
         if self.is_first:
             x = self.model.embed_tokens(x)
-        cos, sin = self.rope(batch.positions, x.dtype)
-        windows = {layer.window for layer in self.model.layers.values()}
-        masks = {w: self.attention_mask(batch, w) for w in windows}
-        for i, layer in self.model.layers.items():
-            x = layer(x, cos, sin, masks[layer.window], batch, cache, int(i))
+        if self.kernel_decode(x, cache):
+            for i, layer in self.model.layers.items():
+                x = layer.decode(x, self.inv_freq, batch, cache, int(i))
+        else:
+            cos, sin = self.rope(batch.positions, x.dtype)
+            windows = {layer.window for layer in self.model.layers.values()}
+            masks = {w: self.attention_mask(batch, w) for w in windows}
+            for i, layer in self.model.layers.items():
+                x = layer(x, cos, sin, masks[layer.window], batch, cache, int(i))
         if not self.is_last:
             return x
-        if logits_at is not None:
+        if logits_at is not None and x.shape[1] > 1:
             x = x[torch.arange(x.shape[0], device=x.device), logits_at]
-        x = self.model.norm(x)
-        if self.lm_head is None:
-            return F.linear(x, self.model.embed_tokens.weight)
-        return self.lm_head(x)
+        elif logits_at is not None:
+            x = x[:, 0]
+        return self.head(self.model.norm(x))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is not None:
+            return self.lm_head(x)
+        embed = self.model.embed_tokens
+        if isinstance(embed, quant.QuantEmbedding):
+            return embed.table(x)
+        return F.linear(x, embed.weight)
+
+    @staticmethod
+    def kernel_decode(x: torch.Tensor, cache: KVCache) -> bool:
+        """Single-token steps on CPU in float32 take our kernel path."""
+        return (x.shape[1] == 1 and x.device.type == "cpu" and x.dtype == torch.float32
+                and cache.dtype == torch.float32 and quant.available())
 
     @torch.no_grad()
     def load_tensors(self, get_tensor) -> None:
-        """Fill parameters from a checkpoint: get_tensor(name) -> torch.Tensor."""
+        """Fill parameters from a checkpoint: get_tensor(name) -> torch.Tensor. (Quantized
+        modules hold buffers, not parameters: they were filled when they were made.)"""
         for name, p in self.named_parameters():
             t = get_tensor(self.checkpoint_name(name))
             if t.shape != p.shape:

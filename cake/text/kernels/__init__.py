@@ -1,0 +1,120 @@
+"""Our own CPU kernels (cpu_kernels.cpp), compiled on first use and cached.
+
+The library is built with the system C++ compiler straight against the installed torch
+(no ninja, no pybind11), for this machine's instruction set (-march=native), into
+~/.cache/cake/kernels/<hash of source, flags, torch and CPU>/; later processes just load it.
+`python -m cake.text.kernels` builds it ahead of time (the Makefile's install step does).
+When no compiler is there, or on other platforms, ops() is None and callers use plain PyTorch.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+_lock = threading.Lock()
+_ops = None
+_tried = False
+_error: Optional[str] = None
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("CAKE_KERNEL_CACHE") or os.environ.get("XDG_CACHE_HOME")
+    return Path(root) / "cake-kernels" if root else Path.home() / ".cache" / "cake" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compile_command(out: Path) -> list[str]:
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    cxx = os.environ.get("CXX", "c++")
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
+           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", str(SOURCE), "-o", str(out)]
+    cmd += [f"-I{p}" for p in include_paths()]
+    for p in library_paths():
+        cmd += [f"-L{p}", f"-Wl,-rpath,{p}"]
+    return cmd + ["-lc10", "-ltorch_cpu"]
+
+
+def library_path() -> Path:
+    """Where this source, built for this torch and this CPU, lives in the cache."""
+    key = hashlib.sha256()
+    key.update(SOURCE.read_bytes())
+    key.update(" ".join(_compile_command(Path("x"))).encode())
+    key.update(torch.__version__.encode())
+    key.update(_cpu_flags().encode())
+    return cache_dir() / key.hexdigest()[:16] / "cake_kernels.so"
+
+
+def build() -> Path:
+    """Compile the library unless the cache has it; safe when several processes race."""
+    lib = library_path()
+    if lib.exists():
+        return lib
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        raise RuntimeError(f"no kernels for {sys.platform}/{platform.machine()}")
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler ({cxx}) on PATH")
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename into place: a racing process sees all or nothing.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+    os.close(fd)
+    start = time.monotonic()
+    log.info("compiling CPU kernels into %s", lib.parent)
+    try:
+        proc = subprocess.run(_compile_command(Path(tmp)), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr[-4000:]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("compiled CPU kernels in %.1f s", time.monotonic() - start)
+    return lib
+
+
+def ops():
+    """torch.ops.cake with our kernels loaded, or None where they cannot be had (see error())."""
+    global _ops, _tried, _error
+    with _lock:
+        if not _tried:
+            _tried = True
+            if os.environ.get("CAKE_NO_KERNELS"):
+                _error = "disabled by CAKE_NO_KERNELS"
+            else:
+                try:
+                    torch.ops.load_library(str(build()))
+                    _ops = torch.ops.cake
+                except Exception as e:  # no compiler, odd platform: PyTorch fallback
+                    _error = str(e)
+                    log.warning("CPU kernels unavailable, using plain PyTorch: %s", e)
+    return _ops
+
+
+def error() -> Optional[str]:
+    return _error

@@ -1,0 +1,128 @@
+"""Weight-only quantized layers: llama.cpp's Q4_0 / Q4_1 / Q8_0 blocks kept in memory and
+multiplied by our CPU kernels (cake/text/kernels), which repack them once at load time.
+
+A GGUF file's blocks are used as they are; other weights (safetensors, or GGUF K-quants) are
+quantized with the `gguf` package's own quantizer, so the bytes are what llama.cpp would
+write. Every layer can give back its dequantized weight, the reference the kernels are
+tested against.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from gguf.quants import quantize
+from torch import nn
+
+from cake.text import kernels
+
+QTYPES = {"q4_0": GGMLQuantizationType.Q4_0, "q4_1": GGMLQuantizationType.Q4_1,
+          "q8_0": GGMLQuantizationType.Q8_0}
+KERNEL_TYPES = set(QTYPES.values())
+
+
+def available() -> bool:
+    """Whether quantized layers can run here (the kernels built and loaded)."""
+    return kernels.ops() is not None
+
+
+def quantize_blocks(weight: torch.Tensor, qtype) -> np.ndarray:
+    """[N, K] float weight -> GGUF blocks [N, bytes per row], as llama.cpp quantizes."""
+    return quantize(weight.detach().float().cpu().numpy(), GGMLQuantizationType(qtype))
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W^T (+ b) with W held as packed quantized blocks."""
+
+    def __init__(self, blocks: np.ndarray, qtype, in_features: int,
+                 bias: Optional[torch.Tensor] = None):
+        super().__init__()
+        ops = kernels.ops()
+        if ops is None:
+            raise RuntimeError(f"quantized layers need the CPU kernels: {kernels.error()}")
+        self.qtype = int(qtype)
+        self.in_features, self.out_features = in_features, blocks.shape[0]
+        self.register_buffer("packed", ops.repack(torch.from_numpy(np.ascontiguousarray(blocks)),
+                                                  self.qtype))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self._qlinear = ops.qlinear.default  # the resolved overload: no lookup per call
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, qtype, bias=None) -> "QuantLinear":
+        return cls(quantize_blocks(weight, qtype), qtype, weight.shape[1], bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._qlinear(x, self.packed, self.qtype, self.out_features, self.bias)
+
+    def kernel_args(self) -> tuple:
+        """(packed, type, bias): how the fused kernels take this matrix."""
+        return self.packed, self.qtype, self.bias
+
+    def dequantize(self) -> torch.Tensor:
+        rows = torch.arange(self.out_features)
+        return torch.ops.cake.dequantize_rows(self.packed, self.qtype, self.out_features,
+                                              self.in_features, rows)
+
+    def extra_repr(self) -> str:
+        name = GGMLQuantizationType(self.qtype).name
+        return f"in={self.in_features}, out={self.out_features}, {name}, bias={self.bias is not None}"
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table of quantized rows; as a tied head it is also a QuantLinear."""
+
+    def __init__(self, blocks: np.ndarray, qtype, dim: int):
+        super().__init__()
+        self.table = QuantLinear(blocks, qtype, dim)
+        self.num_embeddings, self.embedding_dim = blocks.shape[0], dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        t = self.table
+        return torch.ops.cake.dequantize_rows(t.packed, t.qtype, t.out_features, t.in_features, ids)
+
+
+def fuse_linears(layers: Sequence[nn.Module]) -> Optional[nn.Module]:
+    """One layer computing the concatenated outputs of `layers` (same input), or None when
+    they cannot be joined (mixed quant types)."""
+    if all(type(m) is nn.Linear for m in layers):
+        w = torch.cat([m.weight for m in layers])
+        has_bias = [m.bias is not None for m in layers]
+        fused = nn.Linear(w.shape[1], w.shape[0], bias=any(has_bias), device=w.device,
+                          dtype=w.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(w)
+            if any(has_bias):
+                fused.bias.copy_(torch.cat([m.bias if m.bias is not None else
+                                            m.weight.new_zeros(m.out_features) for m in layers]))
+        return fused.requires_grad_(False)
+    if all(isinstance(m, QuantLinear) for m in layers) and len({m.qtype for m in layers}) == 1:
+        # Packed groups concatenate when no layer ends in a padded (partial) group.
+        first = layers[0]
+        if any(m.packed.shape[0] * rows_per_group() != m.out_features for m in layers):
+            return None
+        fused = QuantLinear.__new__(QuantLinear)
+        nn.Module.__init__(fused)
+        fused.qtype, fused.in_features = first.qtype, first.in_features
+        fused.out_features = sum(m.out_features for m in layers)
+        fused.register_buffer("packed", torch.cat([m.packed for m in layers]))
+        biases = [m.bias for m in layers]
+        fused.register_buffer("bias", None if all(b is None for b in biases) else torch.cat(
+            [b if b is not None else torch.zeros(m.out_features) for b, m in zip(biases, layers)]))
+        fused._qlinear = first._qlinear
+        return fused
+    return None
+
+
+def rows_per_group() -> int:
+    return int(torch.ops.cake.rows_per_group())
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for a fused [..., 2F] gate/up output."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and available():
+        return torch.ops.cake.silu_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
