@@ -9,7 +9,7 @@ API    ?= 127.0.0.1:8080
 
 .PHONY: serve test install install-test clean
 
-EXTRAS ?= image,audio,ui
+EXTRAS ?= image,audio,ui,cluster
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)

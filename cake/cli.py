@@ -8,7 +8,7 @@ import os
 import sys
 
 # Subcommand modules; each has register(subparsers) that adds its parser and sets `func`.
-COMMANDS = ["serve", "run", "chat", "pull", "list", "rm"]
+COMMANDS = ["serve", "run", "chat", "pull", "list", "rm", "worker", "split"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,8 @@ def register(sub) -> None:
     p.add_argument("--ui-auth", metavar="USER:PASS", help="HTTP Basic auth for the web UI")
     p.add_argument("--api-key", default=os.environ.get("CAKE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on the API (default: $CAKE_API_KEY)")
+    from cake.cluster import cli as cluster_cli
+    cluster_cli.add_args(p)
     p.set_defaults(func=serve)
 
 
@@ -34,6 +36,8 @@ def serve(args) -> int:
         access = Access(args.ui_auth, args.api_key)
     except ValueError as e:
         raise SystemExit(f"cake: {e}")
+    from cake.cluster import cli as cluster_cli
+    args.cluster = cluster_cli.options(args)
     model = module.load(args)
     state = ServerState(model_id=model.model_id, **{attr: model})
     print(f"cake: serving {model.model_id} at http://{host}:{port}", flush=True)

@@ -12,7 +12,10 @@ router = APIRouter()
 async def topology(request: Request):
     state = request.app.state.cake
     if state.text is not None:
-        return text_topology(state.model_id, state.text.engine.pipeline.stages)
+        pipeline = state.text.engine.pipeline
+        if hasattr(pipeline, "topology"):  # a cluster: workers and their status too
+            return pipeline.topology(state.model_id)
+        return text_topology(state.model_id, pipeline.stages)
     loaded = state.image or state.audio
     if loaded is not None and hasattr(loaded, "topology"):
         return loaded.topology()

@@ -31,7 +31,8 @@ def load(args):
                               seed=args.seed, max_tokens=args.sample_len)
     return load_text_model(ref.path, ref.model_id, device=args.device,
                            dtype=DTYPES[args.dtype] if args.dtype else None, defaults=defaults,
-                           max_batch=args.max_batch, context_length=args.ctx_size)
+                           max_batch=args.max_batch, context_length=args.ctx_size,
+                           cluster=getattr(args, "cluster", None))
 
 
 def run(model, args) -> None:

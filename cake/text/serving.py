@@ -11,6 +11,7 @@ import torch
 
 from cake.text.engine import Engine
 from cake.text.loader import load_stage
+from cake.text.models.llama import ModelArgs
 from cake.text.pipeline import LocalPipeline
 from cake.text.sampling import SamplingParams
 from cake.text.tokenizer import Tokenizer
@@ -67,6 +68,8 @@ class TextModel:
 
     def close(self) -> None:
         self.engine.shutdown()
+        if hasattr(self.engine.pipeline, "close"):
+            self.engine.pipeline.close()
 
     def params(self, **overrides) -> SamplingParams:
         """Request fields over the server defaults; None means 'not given'."""
@@ -76,19 +79,26 @@ class TextModel:
 
 def load_text_model(path: str | Path, model_id: str, device: Optional[str] = None,
                     dtype: Optional[torch.dtype] = None, defaults: Optional[SamplingParams] = None,
-                    max_batch: int = 8, context_length: Optional[int] = None) -> TextModel:
+                    max_batch: int = 8, context_length: Optional[int] = None,
+                    cluster=None) -> TextModel:
+    """cluster: ClusterOptions to spread the layers over workers (None: this machine alone)."""
     device = device or best_device()
     dtype = dtype or default_dtype(device)
     checkpoint = open_checkpoint(path)
     tokenizer = load_tokenizer(checkpoint)
-    stage = load_stage(checkpoint, dtype=dtype, device=device)
-    ctx = stage.args.max_position_embeddings
+    args = ModelArgs.from_config(checkpoint.config)
+    ctx = args.max_position_embeddings
     if context_length:
         ctx = min(ctx, context_length)
-    pipeline = LocalPipeline([stage], num_slots=max_batch, max_len=ctx)
-    engine = Engine(pipeline, tokenizer, vocab_size=stage.args.vocab_size)
+    if cluster is not None:
+        from cake.cluster.pipeline import start_cluster_pipeline
+        pipeline = start_cluster_pipeline(checkpoint, dtype, device, max_batch, ctx, cluster)
+    else:
+        pipeline = LocalPipeline([load_stage(checkpoint, dtype=dtype, device=device)],
+                                 num_slots=max_batch, max_len=ctx)
+    engine = Engine(pipeline, tokenizer, vocab_size=args.vocab_size)
     engine.start()
     log.info("loaded %s: %d layers, %s on %s, context %d", model_id,
-             stage.args.num_hidden_layers, dtype, device, ctx)
+             args.num_hidden_layers, dtype, device, ctx)
     return TextModel(model_id, tokenizer, engine, defaults or SamplingParams(), dtype, device,
-                     stage.args.num_hidden_layers)
+                     args.num_hidden_layers)

@@ -1,0 +1,36 @@
+"""Cluster flags of `cake serve`, and the options they make."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+
+def add_args(p) -> None:
+    g = p.add_argument_group("cluster (spread the model's layers over workers)")
+    g.add_argument("--cluster-key", default=os.environ.get("CAKE_CLUSTER_KEY"),
+                   help="shared secret of the cluster; enables cluster mode "
+                        "(default: $CAKE_CLUSTER_KEY)")
+    g.add_argument("--cluster-address", default="0.0.0.0:10128",
+                   help="HOST:PORT where workers join this master")
+    g.add_argument("--min-workers", type=int, default=1,
+                   help="start as soon as this many workers joined")
+    g.add_argument("--discovery-timeout", type=float, default=10.0,
+                   help="seconds to wait for workers; with none, serve alone")
+    g.add_argument("--topology", help="Cake's topology.yml: fixed layer ranges per worker "
+                                      "(nodes with no layers are placed automatically)")
+    g.add_argument("--worker-timeout", type=float, default=30.0,
+                   help="a worker making no progress this long is replaced")
+
+
+def options(args) -> Optional["ClusterOptions"]:
+    """ClusterOptions when the command line asks for a cluster, else None."""
+    from cake.cluster.ray_cluster import ClusterOptions
+
+    key = getattr(args, "cluster_key", None)
+    if not key:
+        if getattr(args, "topology", None):
+            raise SystemExit("cake: --topology needs --cluster-key (or CAKE_CLUSTER_KEY)")
+        return None
+    return ClusterOptions(key=key, address=args.cluster_address, min_workers=args.min_workers,
+                          discovery_timeout=args.discovery_timeout,
+                          worker_timeout=args.worker_timeout, topology=args.topology)

@@ -1,0 +1,360 @@
+"""ClusterPipeline: the engine's Pipeline with stages on worker machines.
+
+The master keeps the embeddings, the final norm and head, and the layers placed on it; each
+worker holds one contiguous range. A step runs the master's local layers and sends the hidden
+state around each chain of consecutive remote stages (master -> W1 -> ... -> Wk -> master).
+
+Every token that went through is remembered per KV slot, so when a worker dies or stalls the
+pipeline re-places the layers over the nodes left, rebuilds every cache from those tokens and
+retries the step: the engine (and the client) see a slow step, never an error.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from cake.cluster import ray_cluster as rc
+from cake.cluster import transport
+from cake.cluster.placement import NodeSpec, Segment, load_topology, place, usable_memory
+from cake.cluster.topology import device_memory, layer_range, text_topology
+from cake.text.kv_cache import KVCache, StepBatch
+
+log = logging.getLogger(__name__)
+
+DTYPE_SIZES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+
+
+class StageLost(RuntimeError):
+    pass
+
+
+def tensor_shapes(checkpoint) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape without reading (or dequantizing) its data."""
+    if hasattr(checkpoint, "_tensors"):  # GGUF: shapes are in the header, reversed
+        return {n: tuple(int(d) for d in reversed(t.shape))
+                for n, t in checkpoint._tensors.items()}
+    from safetensors import safe_open
+
+    shapes = {}
+    for f in sorted(set(checkpoint._file_of.values())):
+        with safe_open(f, "pt") as st:
+            shapes.update({n: tuple(st.get_slice(n).get_shape()) for n in st.keys()})
+    return shapes
+
+
+def layer_sizes(checkpoint, num_layers: int, dtype: torch.dtype) -> tuple[list[int], int]:
+    """Bytes of each decoder layer once loaded, and of everything else (embeddings, head)."""
+    size = DTYPE_SIZES.get(dtype, 4)
+    layers, other = [0] * num_layers, 0
+    for name, shape in tensor_shapes(checkpoint).items():
+        n = size
+        for d in shape:
+            n *= d
+        parts = name.split(".")
+        if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit():
+            layers[int(parts[2])] += n
+        else:
+            other += n
+    if checkpoint.config.get("tie_word_embeddings"):
+        other *= 2  # the head is a copy of the embeddings on a separate stage
+    return layers, other
+
+
+class ClusterPipeline:
+    def __init__(self, checkpoint, dtype: torch.dtype, device: str, num_slots: int,
+                 max_len: int, opts: rc.ClusterOptions, head_node, master_ip: str):
+        from cake.text.models.llama import ModelArgs
+
+        self.checkpoint, self.dtype, self.device = checkpoint, dtype, torch.device(device)
+        self.num_slots, self.max_len, self.opts = num_slots, max_len, opts
+        self.head_node, self.master_ip = head_node, master_ip
+        self.args = ModelArgs.from_config(checkpoint.config)
+        self.fingerprint = rc.model_fingerprint(checkpoint)
+        self.hf = rc.hf_origin(getattr(checkpoint, "folder", None) or checkpoint.path)
+        self.layer_bytes, self.master_extra = layer_sizes(
+            checkpoint, self.args.num_hidden_layers, dtype)
+        self.topology_nodes = {n.name: n for n in load_topology(opts.topology)} \
+            if opts.topology else {}
+        self.backend = "nccl" if self.device.type == "cuda" else "gloo"
+        self.link = transport.Link(self.args.hidden_size, dtype, self.device, self.backend)
+        self.workers: dict[str, rc.WorkerRecord] = {}
+        self.lost: dict[str, rc.WorkerRecord] = {}  # by Ray node id
+        self.history: dict[int, list[int]] = {}  # slot -> token at each cached position
+        self.events: list[dict] = []
+        self.lock = threading.Lock()
+        self.stages: list = []
+        self.plan: list = []
+        nodes = rc.wait_for_workers(opts, set(self.topology_nodes) or None)
+        self._build(nodes)
+
+    # --- building ------------------------------------------------------------------
+
+    def _build(self, ray_nodes: list[dict]) -> None:
+        import ray
+
+        from cake.cluster.stage import checksum, make_bundle, range_tensor_names
+        from cake.text.loader import load_stage
+
+        t0 = time.monotonic()
+        fresh = [rc.spawn_stage(n) for n in ray_nodes if n["NodeID"] not in self.lost]
+        infos = ray.get([w.actor.describe.remote() for w in fresh], timeout=120)
+        self.workers = {}
+        for w, info in zip(fresh, infos):
+            w.info = info
+            topo = self.topology_nodes.get(w.name)
+            w.description = topo.description if topo else info.get("device", "")
+            self.workers[w.name] = w
+        specs = [NodeSpec("master", usable_memory(device_memory(self.device)), True)]
+        for w in self.workers.values():
+            topo = self.topology_nodes.get(w.name)
+            specs.append(NodeSpec(w.name, usable_memory(w.info["vram_bytes"]),
+                                  layers=topo.layers if topo else None))
+        self.segments = place(specs, self.layer_bytes, self.master_extra)
+        log.info("placement: %s", ", ".join(f"{s.node} {layer_range(s.start, s.end)}"
+                                            for s in self.segments))
+
+        # Workers: local weights when they have them, else exactly their layers' tensors.
+        remote = [s for s in self.segments if s.node != "master"]
+        loads = []
+        for rank, seg in enumerate(remote, start=1):
+            w = self.workers[seg.node]
+            w.rank, w.layers = rank, (seg.start, seg.end)
+            spec = {"model_hash": self.fingerprint, "start": seg.start, "end": seg.end,
+                    "config": self.checkpoint.config, "dtype": str(self.dtype).split(".")[-1],
+                    "hf": self.hf}
+            if ray.get(w.actor.has_weights.remote(spec), timeout=120):
+                loads.append(w.actor.load.remote(spec))
+            else:
+                bundle = make_bundle(self.checkpoint,
+                                     range_tensor_names(self.checkpoint, seg.start, seg.end))
+                spec["checksum"] = checksum(bundle)
+                loads.append(w.actor.load.remote(spec, ray.put(bundle)))
+        # Meanwhile, the master's own ranges (plus embeddings first and head last).
+        local = [s for s in self.segments if s.node == "master"]
+        L = self.args.num_hidden_layers
+        if not local or local[0].start != 0:
+            local.insert(0, Segment("master", 0, 0))
+        if local[-1].end != L:
+            local.append(Segment("master", L, L))
+        by_start = {s.start: load_stage(self.checkpoint, s.start, s.end, self.dtype,
+                                        str(self.device)) for s in local}
+        for w, result in zip([self.workers[s.node] for s in remote], ray.get(loads, timeout=600)):
+            w.weights_from = result["weights_from"]
+            w.status = "ready"
+        for w in self.workers.values():
+            if w.status != "ready":
+                w.status, w.layers = "idle", (0, 0)
+
+        # The ring: local stages run here, consecutive remote stages form one chain.
+        self.stages, self.plan = [], []
+        order = sorted(local + remote, key=lambda s: (s.start, s.end))
+        i = 0
+        while i < len(order):
+            seg = order[i]
+            if seg.node == "master":
+                stage = by_start[seg.start]
+                self.stages.append(stage)
+                cache = KVCache(range(stage.start, stage.end), self.num_slots, self.max_len,
+                                self.args.num_key_value_heads, self.args.head_dim, self.dtype,
+                                self.device)
+                self.plan.append(("local", stage, cache))
+                i += 1
+                continue
+            j = i
+            while j + 1 < len(order) and order[j + 1].node != "master":
+                j += 1
+            self.plan.append(("remote", self.workers[order[i].node].rank,
+                              self.workers[order[j].node].rank))
+            i = j + 1
+        self._start_group(order)
+        self.events.append({"time": time.time(), "event": "placed",
+                            "layers": {s.node: layer_range(s.start, s.end) for s in remote},
+                            "seconds": round(time.monotonic() - t0, 2)})
+
+    def _start_group(self, order: list[Segment]) -> None:
+        import ray
+
+        ranks = {w.name: w.rank for w in self.workers.values() if w.status == "ready"}
+        world = 1 + len(ranks)
+        transport.close_group()
+        self.steps_sent = 0
+        if world == 1:
+            return
+        port = rc.free_port(self.master_ip)
+        starts = []
+        for k, seg in enumerate(order):
+            if seg.node == "master":
+                continue
+            prev = order[k - 1].node if k > 0 else "master"
+            nxt = order[k + 1].node if k + 1 < len(order) else "master"
+            w = self.workers[seg.node]
+            starts.append(w.actor.start.remote(
+                w.rank, world, self.master_ip, port, w.host, ranks.get(prev, 0),
+                ranks.get(nxt, 0), self.num_slots, self.max_len, self.opts.worker_timeout,
+                self.backend))
+        transport.init_group(0, world, self.master_ip, port, self.master_ip,
+                             self.opts.worker_timeout, self.backend)
+        ray.get(starts, timeout=self.opts.worker_timeout + 30)
+
+    # --- the Pipeline protocol -----------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, tokens, batch, logits_at=None):
+        with self.lock:
+            for attempt in range(3):
+                try:
+                    out = self._run(tokens, batch, logits_at)
+                    break
+                except StageLost as e:
+                    if attempt == 2:
+                        raise RuntimeError(f"the cluster could not recover: {e}") from e
+                    self._recover(str(e))
+            self._remember(tokens, batch)
+            return out
+
+    def _run(self, tokens, batch, logits_at):
+        x = tokens
+        B, T = tokens.shape
+        for part in self.plan:
+            if part[0] == "local":
+                _, stage, cache = part
+                x = stage(x, batch, cache, logits_at=logits_at if stage.is_last else None)
+            else:
+                _, first, last = part
+                try:
+                    self.link.send(first, x, batch)
+                    x = self.link.recv_result(last, B, T)
+                except Exception as e:
+                    raise StageLost(f"{type(e).__name__}: {e}") from e
+                self.steps_sent += 1
+        return x
+
+    def release(self, slot: int) -> None:
+        # A finished sequence's cached positions are masked out on every node until its slot
+        # is reused; forgetting its tokens is all there is to free.
+        self.history.pop(slot, None)
+
+    def _remember(self, tokens: torch.Tensor, batch: StepBatch) -> None:
+        for row, (slot, pos, toks) in enumerate(zip(batch.slots.tolist(),
+                                                    batch.positions.tolist(), tokens.tolist())):
+            h = self.history.setdefault(slot, [])
+            if pos[0] == 0:
+                h.clear()
+            for p, t in zip(pos, toks):
+                if p < len(h):
+                    h[p] = t
+                else:
+                    h.extend([0] * (p - len(h)) + [t])
+
+    # --- failures ------------------------------------------------------------------
+
+    def _find_lost(self) -> list[rc.WorkerRecord]:
+        import ray
+
+        ready = sorted((w for w in self.workers.values() if w.status == "ready"),
+                       key=lambda w: w.rank)
+        pings = {w.name: w.actor.ping.remote() for w in ready}
+        lost, progress = [], {}
+        for w in ready:
+            try:
+                progress[w.name] = ray.get(pings[w.name], timeout=5)["steps_done"]
+            except Exception as e:
+                w.detail = f"unreachable ({type(e).__name__})"
+                lost.append(w)
+        if not lost:  # everyone answers: the first stage that fell behind is the stuck one
+            behind = [w for w in ready if progress[w.name] < self.steps_sent]
+            for w in behind[:1]:
+                w.detail = f"no progress for {self.opts.worker_timeout:.0f}s"
+                lost.append(w)
+        return lost
+
+    def _recover(self, error: str) -> None:
+        import ray
+
+        t0 = time.monotonic()
+        log.warning("a stage failed (%s); re-placing layers", error)
+        lost = self._find_lost()
+        for w in lost:
+            w.status = "lost"
+            self.lost[w.node_id] = w
+        for w in self.workers.values():
+            try:
+                ray.kill(w.actor)
+            except Exception:
+                pass
+        transport.close_group()
+        nodes = [n for n in rc.alive_workers() if n["NodeID"] not in self.lost]
+        self._build(nodes)
+        self._replay()
+        self.events.append({"time": time.time(), "event": "recovered", "error": error,
+                            "lost": [w.name for w in lost],
+                            "seconds": round(time.monotonic() - t0, 2)})
+        log.warning("recovered in %.1fs without %s", time.monotonic() - t0,
+                    ", ".join(w.name for w in lost) or "no one")
+
+    def _replay(self, chunk: int = 512) -> None:
+        """Refill every live sequence's KV cache from the tokens it had cached."""
+        for slot, toks in self.history.items():
+            for start in range(0, len(toks), chunk):
+                part = toks[start:start + chunk]
+                batch = StepBatch.make([list(range(start, start + len(part)))], [slot],
+                                       self.device)
+                self._run(torch.tensor([part], device=self.device), batch,
+                          torch.tensor([len(part) - 1], device=self.device))
+
+    # --- lifecycle and reporting ---------------------------------------------------
+
+    def topology(self, model_id: str) -> dict:
+        workers = [w.topology() for w in self.workers.values()]
+        workers += [w.topology() for w in self.lost.values()]
+        doc = text_topology(model_id, self.stages, workers)
+        doc["master"]["layers"] = ",".join(layer_range(s.start, s.end) for s in self.segments
+                                           if s.node == "master" and s.end > s.start)
+        doc["events"] = self.events
+        return doc
+
+    def close(self) -> None:
+        import ray
+
+        with self.lock:
+            for part in self.plan:
+                if part[0] == "remote":
+                    try:
+                        self.link.send_stop(part[1])
+                    except Exception:
+                        pass
+            transport.close_group()
+            for w in self.workers.values():
+                try:
+                    ray.kill(w.actor)
+                except Exception:
+                    pass
+        try:
+            ray.shutdown()
+        finally:
+            self.head_node.kill_all_processes(check_alive=False, allow_graceful=True)
+
+
+def start_cluster_pipeline(checkpoint, dtype, device: str, num_slots: int, max_len: int,
+                           opts: rc.ClusterOptions) -> ClusterPipeline:
+    """Start the head, advertise it, wait for workers and build the pipeline."""
+    host, port = rc.split_address(opts.address)
+    rc.configure_ray_env(opts.key, rc.is_loopback(host))
+    import ray
+
+    head, gcs = rc.start_head(opts.address)
+    master_ip = gcs.rpartition(":")[0]
+    print(f"cake: cluster master listening for workers at {gcs} "
+          f"(join with: cake worker --join {gcs} --cluster-key ...)", flush=True)
+    ray.init(address=gcs, _node_ip_address=master_ip, log_to_driver=False,
+             logging_level=logging.WARNING, configure_logging=False)
+    if opts.advertise and not rc.is_loopback(host):
+        from cake.cluster.discovery import advertise
+
+        advertise(opts.key, master_ip, port)
+    return ClusterPipeline(checkpoint, dtype, device, num_slots, max_len, opts, head, master_ip)

@@ -1,0 +1,245 @@
+"""The control plane on Ray: start or join the cluster with a token derived from the cluster
+key, find the workers, place layers, start a stage actor per worker, ship weights, and put
+it all back together when a worker is lost.
+
+Ray runs in-process (a head node inside `cake serve`, a worker node inside `cake worker`):
+its processes die with ours (kernel fate-sharing), and a loopback cluster keeps every socket
+on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 10128
+WORKER_RESOURCE = "cake_worker"
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+@dataclass
+class ClusterOptions:
+    key: str
+    address: str = f"0.0.0.0:{DEFAULT_PORT}"  # where workers join the master
+    min_workers: int = 1
+    discovery_timeout: float = 10.0
+    worker_timeout: float = 30.0
+    topology: Optional[str] = None  # Cake's topology.yml
+    advertise: bool = True  # mDNS
+
+
+# --- the key ------------------------------------------------------------------------------
+
+def ray_token(key: str) -> str:
+    """Ray's auth token, derived from the key so that the key itself never travels."""
+    return hashlib.sha256(b"cake/ray-token/" + key.encode()).hexdigest()
+
+
+def cluster_id(key: str) -> str:
+    """The short public tag in the mDNS record: tells clusters apart, reveals nothing."""
+    return hashlib.sha256(b"cake/cluster-id/" + key.encode()).hexdigest()[:12]
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def configure_ray_env(key: str, loopback: bool) -> None:
+    """Environment Ray reads at import: token auth, no usage stats, the token file in a
+    private temp dir (not ~/.ray), and for a loopback cluster no rewriting of 127.0.0.1 into
+    the machine's LAN address."""
+    token_dir = Path(tempfile.mkdtemp(prefix="cake-ray-"))
+    (token_dir / "auth_token").write_text(ray_token(key))
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray_token(key),
+                       "RAY_AUTH_TOKEN_PATH": str(token_dir / "auth_token"),
+                       "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"})
+    if loopback:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+
+def local_ip_for(host: str) -> str:
+    """This machine's address as seen on the route to host."""
+    if is_loopback(host) or host in ("", "0.0.0.0"):
+        return "127.0.0.1" if is_loopback(host) else _default_ip()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((host, 9))  # UDP connect sends nothing; it only picks the route
+        return s.getsockname()[0]
+
+
+def _default_ip() -> str:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 9))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+def split_address(address: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host:
+        return address, default_port
+    return host.strip("[]"), int(port)
+
+
+def _node(params, head: bool):
+    import ray._private.node
+
+    return ray._private.node.Node(params, head=head, shutdown_at_exit=True, spawn_reaper=True)
+
+
+def start_head(address: str):
+    """A Ray head node listening for workers at address; returns (node, gcs address)."""
+    import ray._private.parameter
+
+    host, port = split_address(address)
+    node_ip = "127.0.0.1" if is_loopback(host) else (host if host != "0.0.0.0" else _default_ip())
+    params = ray._private.parameter.RayParams(
+        node_ip_address=node_ip, node_name="master", gcs_server_port=port, num_cpus=1,
+        include_dashboard=False, resources={"cake_master": 1})
+    try:
+        node = _node(params, head=True)
+    except Exception as e:
+        raise ClusterError(f"cannot listen for workers at {address}: {e}") from e
+    return node, f"{node_ip}:{port}"
+
+
+def check_key(gcs_address: str, timeout: float = 5.0) -> None:
+    """Fail fast and clearly on a wrong key (Ray alone retries ~20 s, then says
+    ConnectionError)."""
+    from ray._raylet import GcsClient
+
+    try:
+        GcsClient(address=gcs_address).internal_kv_get(b"cake", None, timeout=timeout)
+    except Exception as e:
+        text = f"{type(e).__name__}: {e}"
+        if "Auth" in text or "token" in text.lower():
+            raise ClusterError(f"the master at {gcs_address} refused this worker: wrong "
+                               "cluster key (use the same --cluster-key as the master)") from e
+        raise ClusterError(f"cannot reach a master at {gcs_address}: {e}") from e
+
+
+def start_worker_node(gcs_address: str, name: str, node_ip: str, device_memory: int):
+    import ray._private.parameter
+
+    params = ray._private.parameter.RayParams(
+        node_ip_address=node_ip, node_name=name, gcs_address=gcs_address, num_cpus=1,
+        resources={WORKER_RESOURCE: 1})
+    return _node(params, head=False)
+
+
+# --- the master's view of the cluster ----------------------------------------------------
+
+@dataclass
+class WorkerRecord:
+    name: str
+    node_id: str
+    host: str
+    actor: object = None
+    info: dict = field(default_factory=dict)
+    description: str = ""
+    rank: int = 0
+    layers: tuple[int, int] = (0, 0)
+    status: str = "joining"
+    detail: str = ""
+    weights_from: str = ""
+
+    def topology(self) -> dict:
+        from cake.cluster.topology import layer_range
+
+        i = self.info
+        return {"name": self.name, "host": self.host, "description": self.description,
+                "layers": layer_range(*self.layers) if self.status == "ready" else "",
+                "vram_bytes": i.get("vram_bytes"), "tflops": i.get("tflops"),
+                "backend": i.get("backend"), "hostname": i.get("hostname"), "os": i.get("os"),
+                "device": i.get("device"), "status": self.status, "detail": self.detail,
+                "weights_from": self.weights_from}
+
+
+def alive_workers() -> list[dict]:
+    import ray
+
+    return [n for n in ray.nodes()
+            if n["Alive"] and n.get("Resources", {}).get(WORKER_RESOURCE)]
+
+
+def wait_for_workers(opts: ClusterOptions, wanted: Optional[set[str]] = None) -> list[dict]:
+    """Ray nodes of the workers that joined: as soon as min_workers (or every node the
+    topology file names) have, else whatever joined by the discovery timeout."""
+    deadline = time.monotonic() + opts.discovery_timeout
+    while True:
+        nodes = alive_workers()
+        names = {n["NodeName"] for n in nodes}
+        enough = wanted <= names if wanted else len(nodes) >= max(1, opts.min_workers)
+        if enough or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    if wanted and not wanted <= names:
+        log.warning("topology nodes missing after %.0fs: %s", opts.discovery_timeout,
+                    ", ".join(sorted(wanted - names)))
+    elif len(nodes) < opts.min_workers:
+        log.warning("%d of %d workers joined in %.0fs; going on with them", len(nodes),
+                    opts.min_workers, opts.discovery_timeout)
+    return nodes
+
+
+def stage_actor_class():
+    import ray
+
+    from cake.cluster.stage import StageWorker
+
+    # A stage's loop thread runs beside the actor's method calls (ping, describe).
+    return ray.remote(num_cpus=0, max_restarts=0, max_concurrency=4)(StageWorker)
+
+
+def spawn_stage(node: dict) -> WorkerRecord:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    actor = stage_actor_class().options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
+        name=None).remote(node["NodeName"])
+    return WorkerRecord(node["NodeName"], node["NodeID"], node["NodeManagerAddress"], actor)
+
+
+def model_fingerprint(checkpoint) -> str:
+    """Identifies a model's weights cheaply: config, file sizes, and the first and last MiB
+    of every weight file (two fine-tunes of one architecture differ there)."""
+    h = hashlib.sha256(json.dumps(checkpoint.config, sort_keys=True, default=str).encode())
+    files = ([Path(checkpoint.path)] if hasattr(checkpoint, "path")
+             else sorted(set(checkpoint._file_of.values())))
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:32]
+
+
+def hf_origin(path) -> Optional[dict]:
+    """repo id and commit when the model sits in a Hugging Face cache snapshot."""
+    parts = Path(path).resolve().parts
+    for i, p in enumerate(parts):
+        if p.startswith("models--") and i + 2 < len(parts) and parts[i + 1] == "snapshots":
+            return {"repo_id": p[len("models--"):].replace("--", "/"), "revision": parts[i + 2]}
+    return None
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -1,0 +1,264 @@
+"""A stage on a worker: a contiguous range of decoder layers, their KV cache, and the loop
+that takes hidden states from the previous rank and hands them to the next.
+
+Weights come from, in order: the worker's own Hugging Face cache when it holds the same
+model (same repo and commit), a bundle of exactly this range's tensors that the master shipped
+earlier (kept on disk by model hash and layer range, verified by checksum before reuse), or a
+fresh shipment through Ray's object store.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CAKE_CACHE", Path.home() / ".cache" / "cake")) / "stages"
+
+
+# --- bundles: a layer range's tensors in one safetensors file -----------------------------
+
+def range_tensor_names(checkpoint, start: int, end: int) -> list[str]:
+    prefixes = tuple(f"model.layers.{i}." for i in range(start, end))
+    return [n for n in checkpoint.tensor_names() if n.startswith(prefixes)]
+
+
+def make_bundle(checkpoint, names: list[str]) -> bytes:
+    """Serialize tensors as a safetensors blob. GGUF tensors travel packed as they are in
+    the file (a quarter of fp32 for 4-bit types); metadata says how to unpack them."""
+    from safetensors.torch import save
+
+    tensors, meta = {}, {}
+    for name in names:
+        if hasattr(checkpoint, "raw"):
+            qtype, data, shape = checkpoint.raw(name)
+            data = np.ascontiguousarray(data)
+            meta[name] = json.dumps({"qtype": int(qtype), "shape": list(shape),
+                                     "np_dtype": data.dtype.str, "data_shape": list(data.shape)})
+            tensors[name] = torch.from_numpy(data.view(np.uint8).reshape(-1).copy())
+        else:
+            tensors[name] = checkpoint.get(name).contiguous()
+    return save(tensors, metadata={"cake.packed": json.dumps(meta)})
+
+
+def checksum(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class BundleCheckpoint:
+    """A shipped bundle read back as a checkpoint (.config, .tensor_names, .get, .raw)."""
+
+    def __init__(self, path: Path, config: dict):
+        from safetensors import safe_open
+
+        self.path, self.config = path, config
+        self._file = safe_open(path, "pt")
+        self._packed = {k: json.loads(v) for k, v in
+                        json.loads((self._file.metadata() or {}).get("cake.packed", "{}")).items()}
+
+    def tensor_names(self) -> list[str]:
+        return list(self._file.keys())
+
+    def raw(self, name: str):
+        from gguf import GGMLQuantizationType
+
+        m = self._packed[name]
+        data = self._file.get_tensor(name).numpy().view(np.dtype(m["np_dtype"]))
+        return GGMLQuantizationType(m["qtype"]), data.reshape(m["data_shape"]), tuple(m["shape"])
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._packed:
+            return self._file.get_tensor(name)
+        from gguf.quants import dequantize
+
+        qtype, data, shape = self.raw(name)
+        return torch.from_numpy(np.array(dequantize(data, qtype), dtype=np.float32).reshape(shape))
+
+
+def build_stage(checkpoint, start: int, end: int, dtype: torch.dtype, device: str):
+    """Layers [start, end) without embeddings, final norm or head: the model class gives a
+    range that starts at 0 the embeddings and one that ends at the last layer the head, but
+    those live on the master, so they load as zero-stride placeholders and are dropped."""
+    from cake.text.loader import load_stage
+    from cake.text.models.llama import ModelArgs
+
+    args = ModelArgs.from_config(checkpoint.config)
+    shapes = {"model.embed_tokens.weight": (args.vocab_size, args.hidden_size),
+              "lm_head.weight": (args.vocab_size, args.hidden_size),
+              "model.norm.weight": (args.hidden_size,)}
+
+    class View:
+        config = checkpoint.config
+        tensor_names = staticmethod(checkpoint.tensor_names)
+
+        @staticmethod
+        def get(name):
+            if name in shapes:
+                return torch.zeros(()).expand(shapes[name])
+            return checkpoint.get(name)
+
+    if hasattr(checkpoint, "raw"):
+        View.raw = staticmethod(checkpoint.raw)
+    stage = load_stage(View, start, end, dtype=dtype, device=device)
+    stage.is_first = stage.is_last = False
+    for owner, attr in ((stage.model, "embed_tokens"), (stage.model, "norm"), (stage, "lm_head")):
+        if hasattr(owner, attr):
+            setattr(owner, attr, None)
+    return stage
+
+
+# --- the stage actor ---------------------------------------------------------------------
+
+def _die_with_parent() -> None:
+    """Ray starts actors under the node's raylet; when the worker process (and with it the
+    raylet) is killed, take the stage down too, or it would keep serving its peers."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+    except OSError:
+        pass
+
+
+def node_info(device: torch.device) -> dict:
+    from cake.cluster.topology import backend_name, device_memory
+
+    return {"device": str(device), "backend": backend_name(device),
+            "vram_bytes": device_memory(device), "hostname": socket.gethostname(),
+            "os": f"{platform.system()} {platform.release()}".strip(), "pid": os.getpid(),
+            "tflops": None}
+
+
+class StageWorker:
+    """Runs in a Ray actor on a worker node (see ray_cluster.StageActor)."""
+
+    def __init__(self, name: str):
+        _die_with_parent()
+        from cake.text.serving import best_device
+
+        self.name = name
+        self.device = torch.device(best_device())
+        self.model = self.cache = self.link = None
+        self.thread: Optional[threading.Thread] = None
+        self.steps_done = 0
+        self.error: Optional[str] = None
+        self.weights_from = None
+
+    def describe(self) -> dict:
+        return {"name": self.name, **node_info(self.device)}
+
+    def ping(self) -> dict:
+        return {"steps_done": self.steps_done, "error": self.error,
+                "running": bool(self.thread and self.thread.is_alive())}
+
+    # weights
+
+    def _bundle_path(self, spec: dict) -> Path:
+        return cache_root() / spec["model_hash"] / f"{spec['start']}-{spec['end']}.safetensors"
+
+    def _local_checkpoint(self, spec: dict):
+        """The same model in this machine's HF cache, or a verified bundle on disk."""
+        from cake.text.weights import open_checkpoint
+
+        hf = spec.get("hf")
+        if hf:
+            try:
+                from huggingface_hub import snapshot_download
+
+                from cake.hub import TEXT_PATTERNS
+                folder = snapshot_download(hf["repo_id"], revision=hf["revision"],
+                                           local_files_only=True, allow_patterns=TEXT_PATTERNS)
+                self.weights_from = "hf-cache"
+                return open_checkpoint(folder)
+            except Exception:
+                pass
+        path = self._bundle_path(spec)
+        sums = path.with_suffix(".sha256")
+        if path.exists() and sums.exists():
+            if checksum(path.read_bytes()) == sums.read_text().strip():
+                self.weights_from = "disk-cache"
+                return BundleCheckpoint(path, spec["config"])
+            log.warning("cached layers %s fail their checksum; asking for a new copy", path)
+        return None
+
+    def has_weights(self, spec: dict) -> bool:
+        return self._local_checkpoint(spec) is not None
+
+    def load(self, spec: dict, bundle: Optional[bytes] = None) -> dict:
+        """Build the stage for spec's range, from local weights or the shipped bundle."""
+        t0 = time.monotonic()
+        checkpoint = None if bundle is not None else self._local_checkpoint(spec)
+        if checkpoint is None:
+            if bundle is None:
+                raise RuntimeError("no local weights and none shipped")
+            if checksum(bundle) != spec["checksum"]:
+                raise RuntimeError("shipped layers arrived corrupted (checksum mismatch)")
+            path = self._bundle_path(spec)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(bundle)
+            tmp.replace(path)
+            path.with_suffix(".sha256").write_text(spec["checksum"])
+            self.weights_from = "shipped"
+            checkpoint = BundleCheckpoint(path, spec["config"])
+        dtype = getattr(torch, spec["dtype"])
+        self.model = build_stage(checkpoint, spec["start"], spec["end"], dtype, str(self.device))
+        return {"weights_from": self.weights_from, "seconds": time.monotonic() - t0,
+                "memory_bytes": sum(t.numel() * t.element_size()
+                                    for t in self.model.state_dict().values())}
+
+    # data plane
+
+    def start(self, rank: int, world: int, master_addr: str, port: int, local_ip: str,
+              prev: int, next_: int, num_slots: int, max_len: int, timeout_s: float,
+              backend: str) -> bool:
+        """Join the process group and run the receive loop in a thread."""
+        from cake.cluster import transport
+        from cake.text.kv_cache import KVCache
+
+        args = self.model.args
+        transport.init_group(rank, world, master_addr, port, local_ip, timeout_s, backend)
+        self.cache = KVCache(range(self.model.start, self.model.end), num_slots, max_len,
+                             args.num_key_value_heads, args.head_dim,
+                             next(self.model.parameters()).dtype, self.device)
+        self.link = transport.Link(args.hidden_size, next(self.model.parameters()).dtype,
+                                   self.device, backend)
+        self.prev, self.next = prev, next_
+        self.thread = threading.Thread(target=self._loop, name="cake-stage", daemon=True)
+        self.thread.start()
+        return True
+
+    @torch.inference_mode()
+    def _loop(self) -> None:
+        from cake.cluster.transport import OP_STOP
+
+        try:
+            while True:
+                op, x, batch = self.link.recv(self.prev)
+                if op == OP_STOP:
+                    if self.next != 0:
+                        self.link.send_stop(self.next)
+                    return
+                y = self.model(x, batch, self.cache)
+                if self.next == 0:
+                    self.link._send(y, 0)
+                else:
+                    self.link.send(self.next, y, batch)
+                self.steps_done += 1
+        except Exception as e:  # a peer died or the group was torn down
+            self.error = f"{type(e).__name__}: {e}"
+            log.warning("stage loop ended: %s", self.error)
