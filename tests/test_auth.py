@@ -86,8 +86,12 @@ def test_topology_takes_the_ui_login_or_the_api_key(locked):
     r = get(locked, "/api/v1/topology")
     assert r.status_code == 401 and "Basic" in r.headers["www-authenticate"]
     assert "error" in r.json()
-    assert get(locked, "/api/v1/topology", basic(USER, "nope")).status_code == 401
-    assert get(locked, "/api/v1/topology", {"Authorization": "Bearer nope"}).status_code == 401
+    r = get(locked, "/api/v1/topology", basic(USER, "nope"))
+    assert r.status_code == 401 and r.json() == {"error": "invalid user name or password"}
+    # A wrong key gets no Basic challenge: a browser page's fetch must not pop a login box.
+    r = get(locked, "/api/v1/topology", {"Authorization": "Bearer nope"})
+    assert r.status_code == 401 and r.json() == {"error": "invalid API key"}
+    assert r.headers["www-authenticate"] == 'Bearer realm="cake"'
     for headers in (basic(USER, PASSWORD), BEARER):
         r = get(locked, "/api/v1/topology", headers)
         assert r.status_code == 200 and r.json()["num_layers"] == 2

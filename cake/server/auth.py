@@ -84,14 +84,19 @@ def admits(access: Access, checks: list[str], header: str) -> bool:
 
 
 def refusal(checks: list[str], header: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-    """401 body and headers. The Basic challenge makes browsers ask for the password."""
-    if "bearer" in checks and "basic" not in checks:
-        message = ("invalid API key" if header else
-                   "missing API key: send 'Authorization: Bearer <key>'")
+    """401 body and headers. A Basic challenge makes browsers ask for the password, so it
+    is left out when the request brought an API key (the page's own fetch with a bad key)."""
+    sent_key = bearer_token(header) is not None
+    if sent_key and "bearer" in checks:
+        message = "invalid API key"
+    elif basic_credentials(header) is not None and "basic" in checks:
+        message = "invalid user name or password"
+    elif checks == ["bearer"]:
+        message = "missing API key: send 'Authorization: Bearer <key>'"
     else:
         message = "authentication required"
     challenges = []
-    if "basic" in checks:
+    if "basic" in checks and not sent_key:
         challenges.append(f'Basic realm="{REALM}", charset="UTF-8"')
     if "bearer" in checks:
         challenges.append(f'Bearer realm="{REALM}"')

@@ -489,8 +489,9 @@ async function start() {
     $("#model-name").textContent = info.model_id || "no model loaded";
     showBanner("");
     selectTab(location.hash.slice(1));
+    await api("v1/models"); // asks for the API key now, not at the first message, if one is needed
   } catch (e) {
-    showBanner(`Cannot reach the server: ${e.message}`);
+    showBanner(e instanceof TypeError ? `Cannot reach the server: ${e.message}` : e.message);
   }
 }
 
