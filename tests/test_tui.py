@@ -11,9 +11,10 @@ import pytest
 
 pytest.importorskip("textual")
 
-from textual.widgets import TabbedContent, Tree  # noqa: E402
+from textual.widgets import Markdown, TabbedContent, Tree  # noqa: E402
 
 from cake.commands import chat  # noqa: E402
+from cake.tui.app import ChatMessage  # noqa: E402
 from cake.tui.backends import BackendError  # noqa: E402
 from test_auth import start as start_locked  # noqa: E402  (a server whose API needs a key)
 
@@ -63,6 +64,15 @@ def test_local_chat_cluster_and_keys(local_backend):
             assert app.history[-2:] == [
                 {"role": "user", "content": "What is the capital of France?"},
                 {"role": "assistant", "content": "The capital of France is Paris."}]
+            # A reasoning model's <think> block: dimmed, apart from the answer.
+            thinking = ChatMessage("assistant")
+            await app.query_one("#messages").mount(thinking)
+            await thinking.show("<think>Weigh the options.</think>Paris.")
+            box = thinking.query_one(".reasoning")
+            assert box.display and "Weigh the options." in str(box.render())
+            assert "dim" in str(box.rich_style)
+            assert thinking.query_one(Markdown).source == "Paris."
+            await thinking.remove()
             # Shift+Enter and Ctrl+J add a line instead of sending.
             await pilot.press("a", "shift+enter", "b", "ctrl+j", "c")
             assert app.query_one("#prompt").text == "a\nb\nc"

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 
-from cake import modality
-
 
 def register(sub) -> None:
+    from cake.text import cli as text_cli
+
     p = sub.add_parser("chat", help="chat in the terminal (a local model or a running server)")
-    modality.add_common_args(p)
+    p.add_argument("model", nargs="?", help="text model folder, .gguf file or Hugging Face "
+                   "repo id (default: the embedded model)")
+    p.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: best available")
+    p.add_argument("--dtype", choices=["f32", "f16", "bf16"])
+    text_cli.add_args(p)
     p.add_argument("--server", metavar="URL", help="talk to a running cake server instead")
     p.add_argument("--api-key", default=os.environ.get("CAKE_API_KEY"),
                    help="the server's API key (default: $CAKE_API_KEY)")
@@ -26,11 +30,9 @@ def make_backend(args):
                                 temperature=args.temperature)
         backend.connect()  # fails here, before the screen opens, when unreachable
         return backend
-    if args.model_type != "text-model":
-        raise SystemExit("cake: chat needs a text model")
-    types = modality.available()
-    module, _ = types["text-model"]
-    return LocalBackend(module.load(args))
+    from cake.text import cli as text_cli
+
+    return LocalBackend(text_cli.load(args))
 
 
 def make_app(args, backend):
