@@ -21,7 +21,8 @@ import torch
 from cake.cluster import ray_cluster as rc
 from cake.cluster import transport
 from cake.cluster.placement import NodeSpec, Segment, load_topology, place, usable_memory
-from cake.cluster.topology import device_memory, layer_range, text_topology
+from cake.cluster.topology import (device_memory, layer_range, shape_layer_details,
+                                   text_topology)
 from cake.text.kv_cache import KVCache, StepBatch
 
 log = logging.getLogger(__name__)
@@ -315,6 +316,9 @@ class ClusterPipeline:
         doc = text_topology(model_id, self.stages, workers)
         doc["master"]["layers"] = ",".join(layer_range(s.start, s.end) for s in self.segments
                                            if s.node == "master" and s.end > s.start)
+        doc["layer_details"] = shape_layer_details(tensor_shapes(self.checkpoint), self.dtype)
+        doc["memory_bytes"] = sum(self.layer_bytes) + self.master_extra
+        doc["layer_size_bytes"] = max(self.layer_bytes)
         doc["events"] = self.events
         return doc
 

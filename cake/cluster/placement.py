@@ -124,8 +124,8 @@ def place(nodes: list[NodeSpec], layer_bytes: list[int], master_extra_bytes: int
           ) -> list[Segment]:
     """Segments covering every layer, ordered by layer. nodes[0] is the master.
 
-    Nodes with fixed layers keep them; the layers left over are split among the master and
-    the nodes without fixed layers (each free run of layers in turn, proportionally)."""
+    Nodes with fixed layers keep them; the layers left over go to the master and the nodes
+    without fixed layers, in proportion to memory."""
     num_layers = len(layer_bytes)
     master = nodes[0]
     if not master.is_master:
@@ -155,18 +155,17 @@ def place(nodes: list[NodeSpec], layer_bytes: list[int], master_extra_bytes: int
         free_runs.append((i, j))
         i = j
     auto = [n for n in nodes if n.layers is None]
-    extra = {master.name: master_extra_bytes}
-    if len(free_runs) == 1:
-        segments += split_range(*free_runs[0], auto, layer_bytes, extra)
-    elif free_runs:
-        # Several gaps between fixed ranges: the master fills them all (it may hold several
-        # ranges; a worker holds one).
-        master_only = [NodeSpec(master.name, master.memory_bytes, True)]
-        budget = master.memory_bytes
+    if free_runs:
+        # The largest free run is split among the master and the automatic nodes; the master
+        # fills any other gaps (it may hold several ranges; a worker holds one).
+        main = max(free_runs, key=lambda r: sum(layer_bytes[r[0]:r[1]]))
+        budget = master.memory_bytes - master_extra_bytes
         for s, e in free_runs:
-            segments += split_range(s, e, master_only, layer_bytes, extra)
-            budget -= sum(layer_bytes[s:e])
-            master_only[0].memory_bytes = budget
+            if (s, e) != main:
+                segments += split_range(s, e, [NodeSpec(master.name, budget, True)], layer_bytes)
+                budget -= sum(layer_bytes[s:e])
+        auto[0] = NodeSpec(master.name, budget, True)
+        segments += split_range(*main, auto, layer_bytes)
     return sorted((s for s in segments if s.size > 0), key=lambda s: s.start)
 
 

@@ -30,6 +30,10 @@ class ClusterError(RuntimeError):
     pass
 
 
+class WrongKey(ClusterError):
+    pass
+
+
 @dataclass
 class ClusterOptions:
     key: str
@@ -127,18 +131,25 @@ def check_key(gcs_address: str, timeout: float = 5.0) -> None:
     except Exception as e:
         text = f"{type(e).__name__}: {e}"
         if "Auth" in text or "token" in text.lower():
-            raise ClusterError(f"the master at {gcs_address} refused this worker: wrong "
+            raise WrongKey(f"the master at {gcs_address} refused this worker: wrong "
                                "cluster key (use the same --cluster-key as the master)") from e
         raise ClusterError(f"cannot reach a master at {gcs_address}: {e}") from e
 
 
-def start_worker_node(gcs_address: str, name: str, node_ip: str, device_memory: int):
+def start_worker_node(gcs_address: str, name: str, node_ip: str):
+    import psutil
     import ray._private.parameter
 
     params = ray._private.parameter.RayParams(
         node_ip_address=node_ip, node_name=name, gcs_address=gcs_address, num_cpus=1,
         resources={WORKER_RESOURCE: 1})
-    return _node(params, head=False)
+    try:
+        return _node(params, head=False)
+    except Exception as e:
+        # A half-started node leaves its processes (our children) behind: end them.
+        for child in psutil.Process().children(recursive=True):
+            child.kill()
+        raise ClusterError(f"could not start this worker's Ray node: {e}") from e
 
 
 # --- the master's view of the cluster ----------------------------------------------------

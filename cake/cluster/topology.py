@@ -47,6 +47,26 @@ def layer_details(stage) -> dict:
     return details
 
 
+def shape_layer_details(shapes: dict, dtype) -> dict:
+    """layer_details from tensor shapes alone (layers held on other machines), at the size
+    they take once loaded in dtype."""
+    size = torch.empty((), dtype=dtype).element_size()
+    details: dict = {}
+    for name, shape in shapes.items():
+        parts = name.split(".")
+        if len(parts) < 4 or parts[1] != "layers" or not parts[2].isdigit():
+            continue
+        n = size
+        for d in shape:
+            n *= d
+        entry = details.setdefault(".".join(parts[:3]), {"total_bytes": 0, "tensors": []})
+        entry["total_bytes"] += n
+        entry["tensors"].append({"name": name, "short_name": ".".join(parts[3:]),
+                                 "dtype": DTYPE_NAMES.get(dtype, str(dtype)),
+                                 "shape": list(shape), "size_bytes": n})
+    return dict(sorted(details.items(), key=lambda kv: int(kv[0].split(".")[2])))
+
+
 def node(device: torch.device, layers: str, status: str = "ready",
          memory_used: Optional[int] = None) -> dict:
     return {"device": str(device), "backend": backend_name(device), "layers": layers,

@@ -38,19 +38,21 @@ def run(args) -> int:
         gcs = f"{host}:{port}"
         try:
             rc.check_key(gcs)
-        except rc.ClusterError as e:
+            node = rc.start_worker_node(gcs, args.name, rc.local_ip_for(host))
+        except rc.WrongKey as e:
             print(f"cake: {e}", file=sys.stderr, flush=True)
             if args.join:
                 return 1
             time.sleep(5)
             continue
-        node = rc.start_worker_node(gcs, args.name, rc.local_ip_for(host), 0)
+        except rc.ClusterError as e:  # no master there (yet): keep looking
+            log.info("%s; retrying", e)
+            time.sleep(2)
+            continue
         print(f"cake: worker {args.name} joined the cluster at {gcs}", flush=True)
         _serve_until_master_leaves(gcs)
         node.kill_all_processes(check_alive=False, allow_graceful=True)
         print(f"cake: the master at {gcs} went away", flush=True)
-        if args.join:
-            return 0
 
 
 def _discover(key: str) -> str:

@@ -1,0 +1,192 @@
+"""Cluster overheads on one machine (loopback), measured in the same run as their anchors.
+
+    python benchmarks/bench_cluster.py            # both parts
+    python benchmarks/bench_cluster.py --hops-only
+
+1. Per-hop cost of a decode step: the step message (header + a 1 x hidden fp32 tensor)
+   bounced between two processes over gloo, exactly as stages send it; per hop = round trip/2.
+2. Single-stream decode tok/s of the embedded default model: one `cake serve` alone, and a
+   2-stage cluster (a master and one `cake worker`, layers split in two) on 127.0.0.1,
+   alternated, median of --repeats. Both are real processes driven over HTTP.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- 1. per hop --------------------------------------------------------------------------
+
+def _bouncer(rank: int, port: int, hidden: int, steps: int, out) -> None:
+    import torch
+
+    from cake.cluster import transport
+    from cake.text.kv_cache import StepBatch
+
+    torch.set_num_threads(1)
+    transport.init_group(rank, 2, "127.0.0.1", port, "127.0.0.1", 60)
+    link = transport.Link(hidden, torch.float32, "cpu")
+    x = torch.randn(1, 1, hidden)
+    batch = StepBatch.make([[100]], [0], "cpu")
+    times = []
+    for i in range(steps):
+        if rank == 0:
+            t = time.perf_counter()
+            link.send(1, x, batch)           # master -> stage: header + hidden
+            x = link.recv_result(1, 1, 1)    # stage -> master: hidden
+            times.append(time.perf_counter() - t)
+        else:
+            _, y, b = link.recv(0)
+            link._send(y, 0)
+    transport.close_group()
+    if rank == 0:
+        out.put(times[steps // 10:])
+
+
+def bench_hops(hidden: int = 576, steps: int = 2000) -> dict:
+    ctx = mp.get_context("spawn")
+    port, q = free_port(), ctx.Queue()
+    procs = [ctx.Process(target=_bouncer, args=(r, port, hidden, steps, q)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    times = q.get(timeout=300)
+    for p in procs:
+        p.join(60)
+    per_hop = [t / 2 * 1000 for t in times]
+    return {"bench": "hop", "hidden": hidden, "steps": len(times),
+            "per_hop_ms_median": round(statistics.median(per_hop), 4),
+            "per_hop_ms_p90": round(sorted(per_hop)[int(0.9 * len(per_hop))], 4)}
+
+
+# --- 2. 2-stage cluster vs one machine ---------------------------------------------------
+
+class Proc:
+    def __init__(self, args, log, env=None, new_group=False):
+        self.log = open(log, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "cake", *args], cwd=ROOT,
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})},
+                                     start_new_session=new_group)
+        self.new_group = new_group
+
+    def stop(self):
+        if self.new_group:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        elif self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc.wait()
+
+
+def wait_ready(url: str, proc: Proc, timeout: float = 300) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.proc.poll() is not None:
+            raise RuntimeError(f"server exited; see {proc.log.name}")
+        try:
+            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(url)
+
+
+def decode_rate(url: str, tokens: int) -> float:
+    """tok/s between the first and the last streamed token of one greedy request."""
+    import httpx
+
+    body = {"messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+            "max_tokens": tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    first = last = None
+    n = 0
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                n = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                last = time.perf_counter()
+                first = first or last
+    return (n - 1) / (last - first) if n > 1 and last > first else float("nan")
+
+
+def bench_cluster(tokens: int, repeats: int) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="cake-bench-"))
+    single_url = f"http://127.0.0.1:{free_port()}"
+    master_url = f"http://127.0.0.1:{free_port()}"
+    address = f"127.0.0.1:{free_port()}"
+    procs = []
+    try:
+        single = Proc(["serve", "--api", single_url[7:], "--max-batch", "1"], tmp / "single.log")
+        procs.append(single)
+        wait_ready(single_url, single)
+        master = Proc(["serve", "--api", master_url[7:], "--max-batch", "1", "--cluster-key",
+                       "bench", "--cluster-address", address, "--min-workers", "1",
+                       "--discovery-timeout", "120"], tmp / "master.log",
+                      env={"CAKE_CACHE": str(tmp / "m")})
+        procs.append(master)
+        time.sleep(3)
+        procs.append(Proc(["worker", "--join", address, "--cluster-key", "bench", "--name",
+                           "w1"], tmp / "worker.log", env={"CAKE_CACHE": str(tmp / "w")},
+                          new_group=True))
+        wait_ready(master_url, master)
+        decode_rate(single_url, 8), decode_rate(master_url, 8)  # warm-up
+        rates = {"single": [], "cluster": []}
+        for _ in range(repeats):
+            rates["single"].append(decode_rate(single_url, tokens))
+            rates["cluster"].append(decode_rate(master_url, tokens))
+        s, c = (statistics.median(rates[k]) for k in ("single", "cluster"))
+        return {"bench": "2-stage loopback", "tokens": tokens, "repeats": repeats,
+                "single_tok_s": round(s, 2), "cluster_tok_s": round(c, 2),
+                "ratio": round(c / s, 3), "runs": {k: [round(v, 2) for v in r]
+                                                   for k, r in rates.items()}}
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hops-only", action="store_true")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    print(json.dumps(bench_hops()), flush=True)
+    if not args.hops_only:
+        print(json.dumps(bench_cluster(args.tokens, args.repeats)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""A model's layers spread over a master and two workers, each its own process, all on
+127.0.0.1: the same greedy text as one machine, the topology document, concurrent requests,
+a worker SIGKILLed mid-stream, a wrong cluster key, and a manual topology with `cake split`.
+
+Two clusters share the module (each ~15 s to start on a small machine): the embedded default
+model with automatic placement, and a tiny random model with a topology file.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import ROOT, free_port, write_tiny_model
+
+pytest.importorskip("ray")
+
+KEY = "test-cluster-key"
+STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to bake."}]
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+class Worker:
+    """`cake worker` (or Cake's `cake run` worker form) in its own process group, so that
+    everything it starts (Ray's processes) is stopped by that group's id."""
+
+    def __init__(self, log_path, *args: str, env: dict | None = None):
+        self.log_path = log_path
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "cake", *args], cwd=ROOT,
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})}, start_new_session=True)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.log.close()
+
+
+def start_cluster(start_server, tmp, model_args: list[str], workers: list[tuple[list, dict]],
+                  env: dict | None = None):
+    """A master plus workers joining it at an explicit 127.0.0.1 address."""
+    address = f"127.0.0.1:{free_port()}"
+    procs = []
+    master_env = {"CAKE_CACHE": str(tmp / "master-cache"), **(env or {})}
+
+    def launch():  # once the master listens for workers
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", int(address.rsplit(":", 1)[1])), 1).close()
+                break
+            except OSError:
+                time.sleep(0.3)
+        for i, (args, wenv) in enumerate(workers):
+            procs.append(Worker(tmp / f"worker{i}.log", *args, "--join", address,
+                                "--cluster-key", KEY,
+                                env={"CAKE_CACHE": str(tmp / f"cache{i}"), **(env or {}),
+                                     **wenv}))
+
+    with cf.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(launch)
+        try:
+            master = start_server(*model_args, "--cluster-key", KEY, "--cluster-address",
+                                  address, "--min-workers", str(len(workers)),
+                                  "--discovery-timeout", "90", "--temperature", "0",
+                                  env=master_env)
+        except Exception:
+            pending.result()
+            for w in procs:
+                print(w.output())
+                w.stop()
+            raise
+        pending.result()
+    return master, procs, address
+
+
+def chat(server, messages, max_tokens, stream=False) -> str:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0,
+                           timeout=300)
+    if not stream:
+        r = client.chat.completions.create(model="x", messages=messages, max_tokens=max_tokens,
+                                           temperature=0)
+        return r.choices[0].message.content
+    return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="x", messages=messages, max_tokens=max_tokens, temperature=0, stream=True))
+
+
+def topology(server) -> dict:
+    return httpx.get(server.url + "/api/v1/topology", timeout=30).json()
+
+
+@pytest.fixture(scope="module")
+def default_cluster(start_server, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cluster")
+    # Both worker forms: `cake worker` and Cake's `cake run --cluster-key K --name N`.
+    master, workers, address = start_cluster(
+        start_server, tmp, ["--max-batch", "4"],
+        [(["worker", "--name", "w1"], {}), (["run", "--name", "w2"], {})])
+    yield master, workers, address
+    for w in workers:
+        w.stop()
+
+
+@pytest.fixture(scope="module")
+def single_node(default_server):
+    return default_server
+
+
+def test_default_model_same_greedy_text_as_one_machine(default_cluster, single_node):
+    master, _, _ = default_cluster
+    assert chat(master, FRANCE, 30) == chat(single_node, FRANCE, 30)
+    assert "Paris" in chat(master, FRANCE, 30)
+
+
+def test_topology_document(default_cluster):
+    master, _, _ = default_cluster
+    doc = topology(master)
+    assert doc["model"] == doc["model_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert doc["num_layers"] == 30 and doc["dtype"] == "F32"
+    assert doc["master"]["status"] == "ready" and doc["master"]["backend"] == "cpu"
+    assert [w["name"] for w in doc["workers"]] == ["w1", "w2"]
+    ranges = [doc["master"]["layers"]] + [w["layers"] for w in doc["workers"]]
+    # Equal memory on one machine: ten contiguous layers each, the master first.
+    assert ranges == ["model.layers.0-9", "model.layers.10-19", "model.layers.20-29"]
+    for w in doc["workers"]:
+        assert w["status"] == "ready" and w["weights_from"] == "shipped"
+        assert w["host"] == "127.0.0.1" and w["vram_bytes"] > 0 and w["os"]
+    assert sorted(doc["layer_details"], key=lambda k: int(k.split(".")[2])) == [
+        f"model.layers.{i}" for i in range(30)]
+    q = next(t for t in doc["layer_details"]["model.layers.12"]["tensors"]
+             if t["short_name"] == "self_attn.q_proj.weight")
+    assert q["shape"] == [576, 576] and q["size_bytes"] == 576 * 576 * 4
+
+
+def test_concurrent_requests(default_cluster, single_node):
+    master, _, _ = default_cluster
+    prompts = [[{"role": "user", "content": f"Count from {i} to {i + 5}."}] for i in range(4)]
+    with cf.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda m: chat(master, m, 16, stream=True), prompts))
+    want = [chat(single_node, m, 16) for m in prompts]
+    assert got == want
+
+
+def test_wrong_cluster_key_is_refused(default_cluster, tmp_path):
+    _, _, address = default_cluster
+    out = subprocess.run([sys.executable, "-m", "cake", "worker", "--join", address,
+                          "--cluster-key", "not-the-key", "--name", "intruder"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=30, start_new_session=True)
+    assert out.returncode != 0
+    assert "wrong cluster key" in out.stderr
+
+
+def test_worker_killed_mid_stream_the_stream_completes(default_cluster, single_node):
+    """Runs last on this cluster: it loses a worker for good."""
+    master, workers, _ = default_cluster
+    want = chat(single_node, STORY, 60)
+    client = openai.OpenAI(base_url=master.url + "/v1", api_key="x", max_retries=0, timeout=300)
+    pieces = []
+    for i, chunk in enumerate(client.chat.completions.create(
+            model="x", messages=STORY, max_tokens=60, temperature=0, stream=True)):
+        pieces.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
+        if i == 10:
+            os.kill(workers[1].proc.pid, signal.SIGKILL)
+    assert "".join(pieces) == want
+    doc = topology(master)
+    status = {w["name"]: w["status"] for w in doc["workers"]}
+    assert status == {"w1": "ready", "w2": "lost"}
+    held = [doc["master"]["layers"]] + [w["layers"] for w in doc["workers"] if w["layers"]]
+    assert held == ["model.layers.0-14", "model.layers.15-29"]
+    assert any(e["event"] == "recovered" and e["lost"] == ["w2"] for e in doc["events"])
+    # And the cluster goes on serving.
+    assert chat(master, FRANCE, 30) == chat(single_node, FRANCE, 30)
+
+
+# --- a tiny random model, manual topology, `cake split`, the worker's own HF cache ---------
+
+def hf_cache_with(cache, repo_id: str, model_dir) -> None:
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_tiny_model_manual_topology_split_and_local_weights(start_server, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny-cluster")
+    model = write_tiny_model(tmp / "model", "llama", num_hidden_layers=6,
+                             max_position_embeddings=4096)
+    hf_cache_with(tmp / "hf", "tiny-org/tiny-six", model)
+    hub = {"HF_HUB_CACHE": str(tmp / "hf"), "HF_HUB_OFFLINE": "1"}
+    topo = tmp / "topology.yml"
+    topo.write_text("w1:\n  host: '127.0.0.1'\n  description: first box\n"
+                    "  layers:\n    - 'model.layers.1-2'\n"
+                    "w2:\n  host: '127.0.0.1'\n  layers: []\n")
+    # w1 gets its layers from a `cake split` bundle; w2 finds the model in its HF cache.
+    split = subprocess.run([sys.executable, "-m", "cake", "split", "--model-path",
+                            "tiny-org/tiny-six", "--topology", str(topo), "--output",
+                            str(tmp / "bundles")], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120, env={**os.environ, **hub})
+    assert split.returncode == 0, split.stderr
+    assert "w1: model.layers.1-2" in split.stdout and "w2: no fixed layers" in split.stdout
+    single = start_server("tiny-org/tiny-six", "--temperature", "0", env=hub)
+    master, workers, _ = start_cluster(
+        start_server, tmp, ["tiny-org/tiny-six", "--topology", str(topo), "--max-batch", "2"],
+        [(["worker", "--name", "w1"], {"CAKE_CACHE": str(tmp / "bundles" / "w1"),
+                                       "HF_HUB_CACHE": str(tmp / "empty")}),
+         (["worker", "--name", "w2"], {})], env=hub)
+    try:
+        doc = topology(master)
+        got = {w["name"]: (w["layers"], w["weights_from"], w["description"])
+               for w in doc["workers"]}
+        assert got["w1"] == ("model.layers.1-2", "disk-cache", "first box")
+        assert got["w2"][1] == "hf-cache" and got["w2"][0].startswith("model.layers.")
+        # The master holds the rest: layer 0 before w1, and what w2 leaves after it.
+        assert doc["master"]["layers"].startswith("model.layers.0-0")
+        for stream in (False, True):
+            assert chat(master, FRANCE, 40, stream) == chat(single, FRANCE, 40, stream)
+    finally:
+        for w in workers:
+            w.stop()
+        master.stop()
