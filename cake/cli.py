@@ -17,7 +17,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         importlib.import_module(f"cake.commands.{name}").register(sub)
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args, rest = parser.parse_known_args(argv)
+    if rest:  # positionals after options: `cake run MODEL --model-type image-model "a cat"`
+        command = args.command
+        args = sub.choices[command].parse_intermixed_args(argv[argv.index(command) + 1:])
+        args.command = command
     logging.basicConfig(level=os.environ.get("CAKE_LOG", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from cake.hub import ModelNotFound

@@ -1,9 +1,12 @@
 """Image models on the command line: Cake's flags, loading, and `cake run` to a PNG file."""
 from __future__ import annotations
 
+import logging
 import sys
 
 from cake.image.arch import ARCH_CHOICES, SD_VERSIONS
+
+log = logging.getLogger(__name__)
 
 
 def add_args(p) -> None:
@@ -35,6 +38,9 @@ def load(args):
     from cake.text.loader import DTYPES
     from cake.text.serving import best_device, default_dtype
 
+    if getattr(args, "cluster", None):
+        log.warning("image models run whole on this node: --cluster-key spreads text models "
+                    "only (the pipeline's components are not placed on workers)")
     ref = resolve(args.model, args.sd_version)
     device = args.device or best_device()
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)

@@ -105,7 +105,8 @@ class ImageModel:
             raise ValueError(f"the number of images must be from 1 to {MAX_IMAGES}, not {count}")
         if not 1 <= batch <= count:
             raise ValueError(f"the batch size must be from 1 to {count}, not {batch}")
-        width, height = width or self.width, height or self.height
+        width = self.width if width is None else width
+        height = self.height if height is None else height
         self.check_size(width, height)
         steps = self.steps if steps is None else steps
         if not 1 <= steps <= MAX_STEPS:
@@ -122,7 +123,11 @@ class ImageModel:
         if init_image is not None:
             if not 0 < strength <= 1:
                 raise ValueError(f"img2img strength must be in (0, 1], not {strength}")
-            if self.arch.family != "flux2" and int(steps * strength) < 1:
+            # FLUX.2 takes a reference image, with limits its image processor checks
+            check_reference = getattr(self.pipe.image_processor, "check_image_input", None)
+            if check_reference is not None:
+                check_reference(init_image)
+            elif int(steps * strength) < 1:
                 raise ValueError(f"img2img runs steps x strength = {steps * strength:g} "
                                  "denoising steps; raise one of them to run at least one")
         return ImageJob(prompt, width, height, steps, guidance, seed, count, batch,
@@ -196,7 +201,11 @@ class ImageModel:
         if job.negative_prompt:
             args["negative_prompt"] = job.negative_prompt
         if job.init_image is not None:
-            args["image"] = job.init_image.convert("RGB").resize((job.width, job.height))
+            image = job.init_image.convert("RGB")
+            # img2img starts from the image: at the output size. FLUX.2 takes it as a
+            # reference, which its pipeline fits itself.
+            args["image"] = image if self.arch.family == "flux2" else image.resize(
+                (job.width, job.height))
             if accepts(pipe, "strength"):
                 args["strength"] = job.strength
         log.info("image %d: %dx%d, %d image(s), %d steps, guidance %g, seed %d", job.id,
