@@ -75,9 +75,13 @@ def test_only_fitting_tabs(page):
 
 def test_chat_streams_answer(page, default_server):
     page.fill("#temperature", "0")
+    # While the answer streams, Stop replaces Send (too briefly for polling to catch).
+    page.evaluate("""() => { window.sawStop = false;
+        new MutationObserver(() => { window.sawStop ||= !document.querySelector('#stop').hidden; })
+            .observe(document.querySelector('#stop'), {attributes: true}); }""")
     ask(page, "What is the capital of France?")
-    page.wait_for_selector("#stop:visible")  # streaming: Stop replaces Send
     wait_answered(page)
+    assert page.evaluate("window.sawStop")
     answer = page.locator(".msg.assistant .content").last
     assert "Paris" in answer.inner_text()
     stats = page.locator(".msg.assistant .stats").last.inner_text()

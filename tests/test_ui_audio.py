@@ -68,3 +68,12 @@ def test_voice_upload_error_is_shown(page, tmp_path):
     error.wait_for(state="visible")
     assert error.inner_text().startswith("Error 400:") and "clone" in error.inner_text()
     assert page.locator("#audio-generate").is_enabled()
+
+
+def test_cluster_tab_of_a_whole_model(page, audio_server):
+    page.click("[data-tab=cluster]")
+    summary = page.locator("#cluster-summary")
+    summary.wait_for()
+    page.wait_for_selector("#cluster-summary:has-text('no layers to place')")
+    assert "en_US-joe-medium" in summary.inner_text()
+    assert page.locator(".node").count() == 0

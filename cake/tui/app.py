@@ -178,6 +178,7 @@ class ChatApp(App):
         text = message.text.strip()
         if not text or self.generating:
             return
+        self.generating = True  # until the answer worker is done with it
         self.query_one("#prompt", PromptArea).clear()
         self.history.append({"role": "user", "content": text})
         messages = self.query_one("#messages", VerticalScroll)
@@ -189,7 +190,6 @@ class ChatApp(App):
 
     @work(exclusive=True, group="chat")
     async def answer(self, reply: ChatMessage) -> None:
-        self.generating = True
         self.set_status("generating…")
         text, tokens, first, drawn = "", 0, None, 0.0
         messages = self.query_one("#messages", VerticalScroll)

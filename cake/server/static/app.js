@@ -352,6 +352,12 @@ const cluster = {
   },
 
   render(topo) {
+    if (!Object.keys(topo.master || {}).length && !(topo.workers || []).length) {
+      $("#cluster-summary").innerHTML = `<h2>${escapeHtml(topo.model_id || "No model loaded")}</h2>
+        <p class="muted">This model runs whole in the server process; it has no layers to place.</p>`;
+      $("#nodes").replaceChildren();
+      return;
+    }
     const nodes = [{ ...(topo.master || {}), role: "master", key: "master" },
       ...(topo.workers || []).map((w, i) => ({ ...w, role: "worker", key: `worker:${w.name || w.host || w.hostname || i}` }))];
     for (const node of nodes) node.indices = layerIndices(node.layers);
