@@ -38,6 +38,7 @@ class FrameGenerator:
         self.lm, self.tokens = lm, tokens
         self.scheduler_args = scheduler_args
         self.latent_size = model.config.audio_config.hidden_size
+        self._timesteps: dict = {}
 
     def make_scheduler(self):
         from diffusers import DPMSolverMultistepScheduler
@@ -88,16 +89,34 @@ class FrameGenerator:
                 h_pos = lm.forward(embed, [[pos]], [PROMPTED], cache)
             pos += 1
 
+    def timestep_embeddings(self, scheduler, steps: int, like: torch.Tensor):
+        """The head's timestep embeddings for a step count: the same for every frame."""
+        key = (steps, like.device, like.dtype)
+        if key not in self._timesteps:
+            head = self.vv.diffusion_head
+            scheduler.set_timesteps(num_inference_steps=steps)
+            t = scheduler.timesteps.to(like)
+            self._timesteps[key] = head.timestep_proj(head.timestep_embedding(t).to(t.dtype))
+        return self._timesteps[key]
+
     def sample_latent(self, h_pos, h_neg, scheduler, cfg_scale: float, steps: int):
-        """Denoise one acoustic latent [1, 1, latent] conditioned on the hidden states."""
-        condition = h_pos if h_neg is None else torch.cat([h_pos, h_neg])
+        """Denoise one acoustic latent [1, 1, latent] conditioned on the hidden states.
+        transformers' head projects the condition and embeds the timestep at every step;
+        here the condition is projected once per frame and the embeddings once per run."""
+        head = self.vv.diffusion_head
+        condition = head.cond_proj(h_pos if h_neg is None else torch.cat([h_pos, h_neg]))
+        t_embeds = self.timestep_embeddings(scheduler, steps, condition)
         # transformers draws noise for both rows and keeps the first: draw alike, so that a
         # seeded run matches it sample for sample.
         x = torch.randn(2, self.latent_size).to(condition)[:1]
         scheduler.set_timesteps(num_inference_steps=steps)
         rows = condition.shape[0]
-        for t in scheduler.timesteps:
-            eps = self.vv.diffusion_head(x.expand(rows, -1), t.repeat(rows).to(x), condition=condition)
+        for i, t in enumerate(scheduler.timesteps):
+            c = condition + t_embeds[i]
+            hidden = head.noisy_images_proj(x).expand(rows, -1)
+            for layer in head.layers:
+                hidden = layer(hidden, c)
+            eps = head.final_layer(hidden, c)
             if rows == 2:
                 cond_eps, uncond_eps = eps[:1], eps[1:]
                 eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
