@@ -6,11 +6,16 @@ import hashlib
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
+import uvicorn
+from fastapi import FastAPI, Request  # module level: the fake hub's annotations resolve here
+from fastapi.responses import JSONResponse, Response
 
-from conftest import ROOT, write_tiny_model
+from conftest import ROOT, free_port, write_tiny_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -148,3 +153,64 @@ def test_rm_refuses_outside_the_caches(caches, tmp_path):
     embedded = cake("rm", "SmolLM2-135M-Instruct", "--yes", env=env)
     assert embedded.returncode == 1 and "embedded default model" in embedded.stderr
     assert (outside / "config.json").exists()
+
+
+@pytest.fixture(scope="module")
+def fake_hub(tiny_files):
+    """The three Hub routes snapshot_download uses (repo info, file tree, file download),
+    serving the tiny model plus a PyTorch .bin copy, on 127.0.0.1."""
+    files = {**tiny_files, "pytorch_model.bin": b"\0" * 5000, "docs/notes.txt": b"hello"}
+    app = FastAPI()
+
+    @app.get("/api/models/{owner}/{name}/revision/{revision}")
+    def info(owner: str, name: str, revision: str):
+        return {"id": f"{owner}/{name}", "sha": COMMIT,
+                "siblings": [{"rfilename": f} for f in files]}
+
+    @app.get("/api/models/{owner}/{name}/tree/{revision}")
+    def tree(owner: str, name: str, revision: str):
+        return [{"type": "file", "path": f, "size": len(data),
+                 "oid": hashlib.sha1(data).hexdigest()} for f, data in files.items()]
+
+    @app.api_route("/{owner}/{name}/resolve/{revision}/{path:path}", methods=["GET", "HEAD"])
+    def resolve(owner: str, name: str, revision: str, path: str, request: Request):
+        if owner != "tiny-org" or path not in files:
+            return JSONResponse({"error": "not found"}, status_code=404)
+        data = files[path]
+        headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+                   "Content-Length": str(len(data))}
+        return Response(b"" if request.method == "HEAD" else data, headers=headers)
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_pull_downloads_with_progress(fake_hub, tmp_path, tiny_files):
+    env = {"HF_ENDPOINT": fake_hub, "HF_HUB_CACHE": str(tmp_path / "hf"),
+           "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    out = cake("pull", "tiny-org/fresh", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "Fetching" in out.stderr and "100%" in out.stderr  # huggingface_hub's progress
+    snapshot = tmp_path / "hf" / "models--tiny-org--fresh" / "snapshots" / COMMIT
+    assert out.stdout.strip().endswith(f"complete, at {snapshot}")
+    fetched = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file())
+    assert fetched == sorted([*tiny_files, "docs/notes.txt"])  # no PyTorch .bin copy
+    assert (snapshot / "model.safetensors").read_bytes() == tiny_files["model.safetensors"]
+    listed = cake("list", env=env).stdout
+    assert any(line.startswith("tiny-org/fresh ") and " complete " in line
+               for line in listed.splitlines())
+    # --include picks files (a GGUF quant, say); the rest stays on the server.
+    out = cake("pull", "tiny-org/picky", "--include", "*.json", env=env)
+    picky = tmp_path / "hf" / "models--tiny-org--picky" / "snapshots" / COMMIT
+    assert out.returncode == 0 and sorted(p.name for p in picky.iterdir()) == sorted(
+        f for f in tiny_files if f.endswith(".json"))
+    missing = cake("pull", "nobody/nothing", env=env)
+    assert missing.returncode == 1 and "cannot get nobody/nothing" in missing.stderr

@@ -1,6 +1,8 @@
 """`cake pull REPO`: download a model into the Hugging Face cache, with progress bars."""
 from __future__ import annotations
 
+import logging
+
 from cake import hub
 
 
@@ -14,6 +16,8 @@ def register(sub) -> None:
 
 
 def pull(args) -> int:
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # the progress bars say enough
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if not hub.looks_like_repo_id(args.repo):
         raise SystemExit(f"cake: {args.repo!r} is not a Hugging Face repo id (owner/name)")
     path = hub.pull(args.repo, include=args.include, revision=args.revision)
