@@ -10,6 +10,7 @@ callback per request, so the engine knows nothing of HTTP or asyncio.
 """
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import threading
@@ -26,6 +27,15 @@ from cake.text.sampling import Sampler, SamplingParams, sample_batch
 from cake.text.tokenizer import IncrementalDetokenizer, StopMatcher, Tokenizer
 
 log = logging.getLogger(__name__)
+
+
+def return_free_memory() -> None:
+    """Hand the memory that glibc's allocator holds but no longer uses back to the OS, so
+    resident memory follows what is live (loading a GGUF frees ~150 MB of metadata objects)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):  # not glibc
+        pass
 
 
 @dataclass
@@ -126,12 +136,16 @@ class Engine:
     # -- scheduler thread --------------------------------------------------------------
 
     def _loop(self) -> None:
+        worked = True  # loading the model left freed memory behind too
         while True:
             with self._wake:
                 while not self._stop and not (self.waiting or self.prefilling or self.running):
-                    self._wake.wait()
+                    if not self._wake.wait(timeout=1.0) and worked:
+                        return_free_memory()  # idle for a second: a good time to tidy up
+                        worked = False
                 if self._stop:
                     return
+            worked = True
             try:
                 self.step()
             except Exception as e:  # an engine failure ends every live request, not the server
@@ -208,7 +222,7 @@ class Engine:
         """Record a sampled token, send the text it completes, and finish if it ends."""
         seq.generated.append(token)
         self.tokens_generated += 1
-        if token in self.tokenizer.stop_ids:
+        if token in self.tokenizer.stop_ids and not seq.params.ignore_eos:
             self._finish(seq, "stop", text=self._rest(seq))
             return
         text, stopped = seq.stops.feed(seq.detok.add(token))

@@ -8,9 +8,10 @@ one gather per layer, and attention masks come from positions alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
+import mmap
 from typing import Optional
 
-import numpy as np
 import torch
 
 
@@ -46,10 +47,14 @@ class StepBatch:
 
 
 def lazy_zeros(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """A zero CPU tensor whose pages the OS maps only when written (calloc), so a cache
-    sized for the whole context costs memory only for the positions sequences reach."""
-    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+    """A zero CPU tensor whose pages the OS maps only when written (an anonymous mapping), so
+    a cache sized for the whole context costs memory only for the positions sequences reach.
+    Huge pages are declined: one written position would otherwise cost 2 MiB."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    pages = mmap.mmap(-1, max(nbytes, 1))
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        pages.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(pages, dtype=torch.uint8)[:nbytes].view(dtype).view(shape)
 
 
 class KVCache:

