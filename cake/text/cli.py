@@ -17,6 +17,9 @@ def add_args(p) -> None:
     g.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     g.add_argument("--ctx-size", type=int, default=None,
                    help="context length (default: the model's)")
+    g.add_argument("--quant", choices=["auto", "none", "q8_0", "q4_0", "q4_1"], default="auto",
+                   help="weight format on CPU: auto keeps a GGUF's Q4_0/Q4_1/Q8_0 blocks (other "
+                        "GGUF quants become Q8_0) and safetensors in --dtype; none dequantizes")
 
 
 def load(args):
@@ -32,7 +35,8 @@ def load(args):
     return load_text_model(ref.path, ref.model_id, device=args.device,
                            dtype=DTYPES[args.dtype] if args.dtype else None, defaults=defaults,
                            max_batch=args.max_batch, context_length=args.ctx_size,
-                           cluster=getattr(args, "cluster", None))
+                           cluster=getattr(args, "cluster", None),
+                           quant=getattr(args, "quant", "auto"))
 
 
 def run(model, args) -> None:

@@ -80,8 +80,9 @@ class TextModel:
 def load_text_model(path: str | Path, model_id: str, device: Optional[str] = None,
                     dtype: Optional[torch.dtype] = None, defaults: Optional[SamplingParams] = None,
                     max_batch: int = 8, context_length: Optional[int] = None,
-                    cluster=None) -> TextModel:
-    """cluster: ClusterOptions to spread the layers over workers (None: this machine alone)."""
+                    cluster=None, quant: str = "auto") -> TextModel:
+    """cluster: ClusterOptions to spread the layers over workers (None: this machine alone).
+    quant: weight format (cake.text.loader.resolve_quant); "auto" keeps a GGUF's blocks."""
     device = device or best_device()
     dtype = dtype or default_dtype(device)
     checkpoint = open_checkpoint(path)
@@ -92,9 +93,11 @@ def load_text_model(path: str | Path, model_id: str, device: Optional[str] = Non
         ctx = min(ctx, context_length)
     if cluster is not None:
         from cake.cluster.pipeline import start_cluster_pipeline
-        pipeline = start_cluster_pipeline(checkpoint, dtype, device, max_batch, ctx, cluster)
+        pipeline = start_cluster_pipeline(checkpoint, dtype, device, max_batch, ctx, cluster,
+                                          quant)
     else:
-        pipeline = LocalPipeline([load_stage(checkpoint, dtype=dtype, device=device)],
+        pipeline = LocalPipeline([load_stage(checkpoint, dtype=dtype, device=device,
+                                             quant_mode=quant)],
                                  num_slots=max_batch, max_len=ctx)
     engine = Engine(pipeline, tokenizer, vocab_size=args.vocab_size)
     engine.start()
