@@ -155,3 +155,11 @@ def test_cake_run_writes_a_wav(tmp_path):
     assert str(out) in proc.stdout
     samples, rate = read_wav(out.read_bytes())
     assert rate == 22050 and len(samples) / rate > 0.5 and rms(samples) > 0.02
+
+
+def test_piper_refuses_voice_samples_at_startup(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cake", "serve", "--model-type", "audio-model",
+                           "--voice-dir", str(tmp_path), "--api", "127.0.0.1:1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "needs a VibeVoice model" in proc.stderr

@@ -39,6 +39,10 @@ def load(args: argparse.Namespace):
     from cake.audio.voices import VoiceLibrary
 
     voices = VoiceLibrary(args.voice_prompt, args.voice_dir)
+    piper = not args.model or args.model.endswith(".onnx")
+    if piper and (args.voice_prompt or args.voice_dir):
+        raise SystemExit("cake: --voice-prompt and --voice-dir are voice samples to clone, "
+                         "which needs a VibeVoice model; a Piper voice cannot clone")
     if not args.model:
         from cake.audio.piper_voice import PiperSpeech
 

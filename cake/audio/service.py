@@ -82,6 +82,7 @@ class SpeechService:
             self.default_sample = load_sample(voices.prompt.read_bytes(), "--voice-prompt")
         self.jobs: queue.Queue[Optional[Job]] = queue.Queue()
         self.counts = {"queued": 0, "done": 0, "cancelled": 0, "failed": 0}
+        self.current: Optional[Job] = None
         self.worker = threading.Thread(target=self._work, name="speech", daemon=True)
         self.worker.start()
 
@@ -147,6 +148,7 @@ class SpeechService:
 
     def _work(self) -> None:
         while (job := self.jobs.get()) is not None:
+            self.current = job
             if job.cancelled.is_set():  # its client left while it waited
                 self.counts["cancelled"] += 1
                 job.emit(None)
@@ -162,6 +164,12 @@ class SpeechService:
                 job.emit(e)
 
     def close(self) -> None:
+        while not self.jobs.empty():  # nobody will read what is still waiting
+            if (job := self.jobs.get_nowait()) is not None:
+                job.cancel()
+                job.emit(None)
+        if self.current is not None:
+            self.current.cancel()
         self.jobs.put(None)
         self.worker.join(timeout=30)
         self.model.close()
