@@ -1,0 +1,225 @@
+"""Our CPU kernels against references: each quantized product against the dequantized weights
+(gguf's own dequantizer), decode attention against PyTorch attention, whole quantized models
+against the same model with dequantized weights, and the default model's answer.
+
+Tolerance of a product: activations are quantized per block of 32 to int16, so each value is
+off by at most amax(block) / 65534; an output is off by at most sum_k |w_k| * that (+ fp32
+rounding). Models: logits within 1e-3 of their largest magnitude.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize, quantize
+
+from cake.text import kernels, quant
+from cake.text.kv_cache import KVCache, StepBatch
+from cake.text.loader import load_stage
+from cake.text.models.llama import rotate_half
+from cake.text.weights import SafetensorsCheckpoint
+
+pytestmark = pytest.mark.skipif(kernels.ops() is None, reason=f"no kernels: {kernels.error()}")
+transformers = pytest.importorskip("transformers")
+
+QTYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0]
+
+
+def product_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Largest error int16 activations can cause in x @ w.T, per output."""
+    amax = x.abs().view(*x.shape[:-1], -1, 32).amax(-1, keepdim=True)
+    step = (amax / 65534).expand(*x.shape[:-1], -1, 32).reshape(x.shape)
+    return step @ w.abs().T
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("rows, cols", [(100, 64), (192, 576), (8, 1536)])
+def test_product_matches_dequantized_weights(qtype, rows, cols):
+    g = torch.Generator().manual_seed(rows + cols)
+    weight = torch.randn(rows, cols, generator=g)
+    blocks = quantize(weight.numpy(), qtype)
+    reference = torch.from_numpy(dequantize(blocks, qtype).reshape(rows, cols)).float()
+    layer = quant.QuantLinear(blocks, qtype, cols)
+    assert torch.equal(layer.dequantize(), reference)  # repacking lost nothing
+    for m in (1, 3, 4, 9, 70):  # row tiles of 4, tails, several cache panels
+        x = torch.randn(m, cols, generator=g) * torch.rand(m, cols, generator=g) * 3
+        got, want = layer(x), x.double() @ reference.double().T
+        err = (got.double() - want).abs()
+        assert (err <= product_bound(x.double(), reference.double()) * 1.01 + 1e-5).all(), (
+            m, err.max())
+
+
+def test_bias_fusion_and_embedding_rows():
+    g = torch.Generator().manual_seed(1)
+    ws = [torch.randn(n, 64, generator=g) for n in (64, 32, 32)]
+    bias = torch.randn(32, generator=g)
+    layers = [quant.QuantLinear.from_weight(w, Q.Q8_0, bias=bias if i == 2 else None)
+              for i, w in enumerate(ws)]
+    fused = quant.fuse_linears(layers)
+    x = torch.randn(5, 64, generator=g)
+    torch.testing.assert_close(fused(x), torch.cat([m(x) for m in layers], -1), rtol=0, atol=0)
+    emb = quant.QuantEmbedding(quantize(ws[0].numpy(), Q.Q4_1), Q.Q4_1, 64)
+    ids = torch.tensor([[3, 0, 63]])
+    want = dequantize(quantize(ws[0].numpy(), Q.Q4_1), Q.Q4_1).reshape(64, 64)[[3, 0, 63]]
+    assert torch.equal(emb(ids)[0], torch.from_numpy(want))
+    with pytest.raises(RuntimeError, match="out of range"):
+        emb(torch.tensor([64]))
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_decode_attention_matches_sdpa(window):
+    g = torch.Generator().manual_seed(window)
+    H, Hkv, D, slots, cap = 6, 2, 16, 4, 32
+    kc, vc = torch.randn(2, slots, cap, Hkv, D, generator=g)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    rows_slots, positions = torch.tensor([2, 0, 3]), torch.tensor([9, 0, 20])
+    qkv = torch.randn(3, (H + 2 * Hkv) * D, generator=g)
+    k_ref, v_ref = kc.clone(), vc.clone()
+    out = torch.ops.cake.decode_attention(qkv, kc, vc, rows_slots, positions, inv_freq, H, window)
+    for b, (s, p) in enumerate(zip(rows_slots.tolist(), positions.tolist())):
+        q, k, v = qkv[b].split([H * D, Hkv * D, Hkv * D])
+        ang = p * inv_freq
+        cos, sin = torch.cat([ang, ang]).cos(), torch.cat([ang, ang]).sin()
+        q = q.view(H, D) * cos + rotate_half(q.view(H, D)) * sin
+        k_ref[s, p] = k.view(Hkv, D) * cos + rotate_half(k.view(Hkv, D)) * sin
+        v_ref[s, p] = v.view(Hkv, D)
+        lo = max(0, p + 1 - window) if window else 0
+        keys = k_ref[s, lo:p + 1].repeat_interleave(H // Hkv, 1).transpose(0, 1)
+        vals = v_ref[s, lo:p + 1].repeat_interleave(H // Hkv, 1).transpose(0, 1)
+        want = torch.nn.functional.scaled_dot_product_attention(q[:, None], keys, vals)
+        torch.testing.assert_close(out[b], want.reshape(-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kc, k_ref, atol=1e-6, rtol=0)  # new keys rotated into the cache
+    assert torch.equal(vc, v_ref)
+
+
+class Requantized:
+    """A checkpoint whose matrices are what `qtype` blocks decode to: the exact reference of a
+    model loaded from the original with quant_mode=qtype."""
+
+    def __init__(self, checkpoint, qtype):
+        self.inner, self.qtype, self.config = checkpoint, qtype, checkpoint.config
+
+    def tensor_names(self):
+        return self.inner.tensor_names()
+
+    def get(self, name):
+        t = self.inner.get(name).float()
+        if t.ndim != 2:
+            return t
+        return torch.from_numpy(dequantize(quantize(t.numpy(), self.qtype), self.qtype)
+                                .reshape(t.shape).copy())
+
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+FAMILIES = {
+    "llama": ("LlamaConfig", dict(tie_word_embeddings=True)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False)),  # q/k/v biases
+    "qwen3": ("Qwen3Config", dict(head_dim=32, attention_bias=False)),  # q/k norms
+    "mistral": ("MistralConfig", dict(sliding_window=4)),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    def build(family):
+        cls_name, fields = FAMILIES[family]
+        torch.manual_seed(0)
+        hf = transformers.AutoModelForCausalLM.from_config(
+            getattr(transformers, cls_name)(**TINY, **fields), dtype=torch.float32)
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                p.copy_(1 + 0.2 * torch.randn(p.shape) if "norm" in name
+                        else 0.15 * torch.randn(p.shape))
+        folder = tmp_path_factory.mktemp(family)
+        hf.save_pretrained(folder)
+        return SafetensorsCheckpoint(folder)
+    return build
+
+
+def greedy_logits(model, prompt, steps, slots=2):
+    """Prefill, then decode one token per step, in slot 1: logits of every step [steps+1, V]."""
+    a = model.args
+    cache = KVCache(range(a.num_hidden_layers), slots, 64, a.num_key_value_heads, a.head_dim,
+                    torch.float32, "cpu")
+    tokens, out = list(prompt), []
+    with torch.inference_mode():
+        logits = model(torch.tensor([tokens]), StepBatch.make([list(range(len(tokens)))], [1],
+                                                              "cpu"), cache)[:, -1]
+        for _ in range(steps):
+            out.append(logits[0])
+            tokens.append(int(logits[0].argmax()))
+            logits = model(torch.tensor([[tokens[-1]]]),
+                           StepBatch.make([[len(tokens) - 1]], [1], "cpu"), cache)[:, -1]
+        out.append(logits[0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_1"])
+def test_quantized_model_matches_dequantized_reference(tiny_checkpoint, family, qtype):
+    ck = tiny_checkpoint(family)
+    model = load_stage(ck, quant_mode=qtype)
+    layer = next(iter(model.model.layers.values()))
+    assert layer.kernel_args is not None  # decoding takes the one-call layer kernel
+    reference = load_stage(Requantized(ck, quant.QTYPES[qtype]))
+    prompt = [3, 17, 99, 42, 7, 64, 5, 120]
+    got, want = greedy_logits(model, prompt, 6), greedy_logits(reference, prompt, 6)
+    assert want.abs().max() > 1
+    assert (got - want).abs().max() <= 1e-3 * want.abs().max()
+
+
+def test_batched_decode_equals_each_row_alone(tiny_checkpoint):
+    """The kernels treat rows independently: a row's logits do not depend on its batch."""
+    model = load_stage(tiny_checkpoint("llama"), quant_mode="q4_1")
+    a = model.args
+    cache = KVCache(range(2), 3, 64, a.num_key_value_heads, a.head_dim, torch.float32, "cpu")
+    prompts = [[5, 9, 13], [7, 7, 7, 7, 100], [1]]
+    with torch.inference_mode():
+        for slot, p in enumerate(prompts):
+            model(torch.tensor([p]), StepBatch.make([list(range(len(p)))], [slot], "cpu"), cache)
+        batch = StepBatch.make([[len(p)] for p in prompts], [0, 1, 2], "cpu")
+        together = model(torch.tensor([[11], [12], [13]]), batch, cache,
+                         torch.zeros(3, dtype=torch.long))
+        for slot, p in enumerate(prompts):
+            alone = model(torch.tensor([[11 + slot]]), StepBatch.make([[len(p)]], [slot], "cpu"),
+                          cache, torch.zeros(1, dtype=torch.long))
+            assert torch.equal(alone[0], together[slot])
+
+
+def test_default_model_answers_paris_quantized(default_tokenizer):
+    from tests.conftest import default_gguf
+
+    from cake.text.gguf_weights import GGUFCheckpoint
+
+    ck = GGUFCheckpoint(default_gguf())
+    model = load_stage(ck, quant_mode="auto")
+    assert isinstance(model.model.embed_tokens, quant.QuantEmbedding)
+    ids = default_tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    logits = greedy_logits(model, ids, 8, slots=2)
+    text = default_tokenizer.decode([int(t) for t in logits.argmax(-1)])
+    assert text.startswith("The capital of France is Paris."), text
+    # Against the dequantized weights (transformers' answer, test_gguf): the first token's
+    # top-2 gap is 0.08, so the logits must agree much closer than that.
+    dense = greedy_logits(load_stage(ck), ids, 0)
+    assert (logits[0] - dense[0]).abs().max() < 0.03
+
+
+def test_kernels_build_from_the_project_files(tmp_path):
+    """A fresh cache compiles the library from cake/text/kernels and loads it; no kernels
+    (CAKE_NO_KERNELS) means plain PyTorch weights."""
+    code = ("from cake.text import kernels, loader; import sys; "
+            "print(kernels.ops() is not None, kernels.library_path().parent.parent == "
+            "kernels.cache_dir(), loader.resolve_quant('auto', 'cpu'))")
+    env = {**os.environ, "CAKE_KERNEL_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.stdout.split() == ["True", "True", "auto"], out.stderr
+    assert list(tmp_path.glob("cake-kernels/*/cake_kernels.so"))
+    env["CAKE_NO_KERNELS"] = "1"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.stdout.split() == ["False", "True", "None"], out.stderr
