@@ -220,7 +220,8 @@ def test_tiny_model_manual_topology_split_and_local_weights(start_server, tmp_pa
     assert "w1: model.layers.1-2" in split.stdout and "w2: no fixed layers" in split.stdout
     single = start_server("tiny-org/tiny-six", "--temperature", "0", env=hub)
     master, workers, _ = start_cluster(
-        start_server, tmp, ["tiny-org/tiny-six", "--topology", str(topo), "--max-batch", "2"],
+        start_server, tmp, ["tiny-org/tiny-six", "--topology", str(topo), "--max-batch", "2",
+                            "--worker-timeout", "5"],
         [(["worker", "--name", "w1"], {"CAKE_CACHE": str(tmp / "bundles" / "w1"),
                                        "HF_HUB_CACHE": str(tmp / "empty")}),
          (["worker", "--name", "w2"], {})], env=hub)
@@ -234,6 +235,24 @@ def test_tiny_model_manual_topology_split_and_local_weights(start_server, tmp_pa
         assert doc["master"]["layers"].startswith("model.layers.0-0")
         for stream in (False, True):
             assert chat(master, FRANCE, 40, stream) == chat(single, FRANCE, 40, stream)
+
+        # A stage that stops making progress (frozen, not dead) is replaced after
+        # --worker-timeout, and the stream goes on with the same text.
+        frozen = next(w["stage_pid"] for w in doc["workers"] if w["name"] == "w2")
+        want = chat(single, STORY, 300)
+        client = openai.OpenAI(base_url=master.url + "/v1", api_key="x", max_retries=0,
+                               timeout=300)
+        pieces = []
+        for i, chunk in enumerate(client.chat.completions.create(
+                model="x", messages=STORY, max_tokens=300, temperature=0, stream=True)):
+            pieces.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
+            if i == 5:
+                os.kill(frozen, signal.SIGSTOP)
+        assert "".join(pieces) == want
+        doc = topology(master)
+        w2 = next(w for w in doc["workers"] if w["name"] == "w2")
+        assert w2["status"] == "lost" and w2["layers"] == ""
+        assert {w["name"]: w["status"] for w in doc["workers"]} == {"w1": "ready", "w2": "lost"}
     finally:
         for w in workers:
             w.stop()

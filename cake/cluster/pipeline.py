@@ -10,10 +10,11 @@ retries the step: the engine (and the client) see a slow step, never an error.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
-from pathlib import Path
+from collections import deque
 from typing import Optional
 
 import torch
@@ -48,14 +49,22 @@ def tensor_shapes(checkpoint) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def layer_sizes(checkpoint, num_layers: int, dtype: torch.dtype) -> tuple[list[int], int]:
-    """Bytes of each decoder layer once loaded, and of everything else (embeddings, head)."""
+def layer_sizes(checkpoint, num_layers: int, dtype: torch.dtype, quant: Optional[str]
+                ) -> tuple[list[int], int]:
+    """Bytes of each decoder layer once loaded, and of everything else (embeddings, head).
+    GGUF blocks kept quantized count at their packed size."""
     size = DTYPE_SIZES.get(dtype, 4)
+    packed = {}
+    if hasattr(checkpoint, "_tensors") and quant not in (None, "none"):
+        floats = {"F32", "F16", "BF16"}
+        packed = {n: int(t.n_bytes) for n, t in checkpoint._tensors.items()
+                  if t.tensor_type.name not in floats}
     layers, other = [0] * num_layers, 0
     for name, shape in tensor_shapes(checkpoint).items():
         n = size
         for d in shape:
             n *= d
+        n = packed.get(name, n)
         parts = name.split(".")
         if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit():
             layers[int(parts[2])] += n
@@ -68,17 +77,19 @@ def layer_sizes(checkpoint, num_layers: int, dtype: torch.dtype) -> tuple[list[i
 
 class ClusterPipeline:
     def __init__(self, checkpoint, dtype: torch.dtype, device: str, num_slots: int,
-                 max_len: int, opts: rc.ClusterOptions, head_node, master_ip: str):
+                 max_len: int, opts: rc.ClusterOptions, head_node, master_ip: str,
+                 quant: Optional[str] = "auto"):
         from cake.text.models.llama import ModelArgs
 
         self.checkpoint, self.dtype, self.device = checkpoint, dtype, torch.device(device)
         self.num_slots, self.max_len, self.opts = num_slots, max_len, opts
+        self.quant = quant
         self.head_node, self.master_ip = head_node, master_ip
         self.args = ModelArgs.from_config(checkpoint.config)
         self.fingerprint = rc.model_fingerprint(checkpoint)
         self.hf = rc.hf_origin(getattr(checkpoint, "folder", None) or checkpoint.path)
         self.layer_bytes, self.master_extra = layer_sizes(
-            checkpoint, self.args.num_hidden_layers, dtype)
+            checkpoint, self.args.num_hidden_layers, dtype, quant)
         self.topology_nodes = {n.name: n for n in load_topology(opts.topology)} \
             if opts.topology else {}
         self.backend = "nccl" if self.device.type == "cuda" else "gloo"
@@ -87,7 +98,11 @@ class ClusterPipeline:
         self.lost: dict[str, rc.WorkerRecord] = {}  # by Ray node id
         self.history: dict[int, list[int]] = {}  # slot -> token at each cached position
         self.events: list[dict] = []
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
+        self.inflight: deque = deque()  # submitted steps whose logits are not back yet
+        self.results: dict[int, torch.Tensor] = {}
+        self._handles = itertools.count()
+        self.depth = 1
         self.stages: list = []
         self.plan: list = []
         nodes = rc.wait_for_workers(opts, set(self.topology_nodes) or None)
@@ -102,6 +117,8 @@ class ClusterPipeline:
         from cake.text.loader import load_stage
 
         t0 = time.monotonic()
+        # Ring order: by worker name, so the same cluster always gets the same layout.
+        ray_nodes = sorted(ray_nodes, key=lambda n: n["NodeName"])
         fresh = [rc.spawn_stage(n) for n in ray_nodes if n["NodeID"] not in self.lost]
         infos = ray.get([w.actor.describe.remote() for w in fresh], timeout=120)
         self.workers = {}
@@ -127,7 +144,7 @@ class ClusterPipeline:
             w.rank, w.layers = rank, (seg.start, seg.end)
             spec = {"model_hash": self.fingerprint, "start": seg.start, "end": seg.end,
                     "config": self.checkpoint.config, "dtype": str(self.dtype).split(".")[-1],
-                    "hf": self.hf}
+                    "hf": self.hf, "quant": self.quant}
             if ray.get(w.actor.has_weights.remote(spec), timeout=120):
                 loads.append(w.actor.load.remote(spec))
             else:
@@ -143,7 +160,7 @@ class ClusterPipeline:
         if local[-1].end != L:
             local.append(Segment("master", L, L))
         by_start = {s.start: load_stage(self.checkpoint, s.start, s.end, self.dtype,
-                                        str(self.device)) for s in local}
+                                        str(self.device), quant_mode=self.quant) for s in local}
         for w, result in zip([self.workers[s.node] for s in remote], ray.get(loads, timeout=600)):
             w.weights_from = result["weights_from"]
             w.status = "ready"
@@ -173,6 +190,12 @@ class ClusterPipeline:
                               self.workers[order[j].node].rank))
             i = j + 1
         self._start_group(order)
+        # Steps can be in flight when the ring is one chain and the master's last part (the
+        # head) keeps no cache; otherwise the engine steps one at a time.
+        shape = [p[0] for p in self.plan]
+        last = self.plan[-1][1]
+        self.depth = (1 + len(remote)) if shape == ["local", "remote", "local"] \
+            and last.start == last.end else 1
         self.events.append({"time": time.time(), "event": "placed",
                             "layers": {s.node: layer_range(s.start, s.end) for s in remote},
                             "seconds": round(time.monotonic() - t0, 2)})
@@ -200,20 +223,20 @@ class ClusterPipeline:
                 self.backend))
         transport.init_group(0, world, self.master_ip, port, self.master_ip,
                              self.opts.worker_timeout, self.backend)
-        ray.get(starts, timeout=self.opts.worker_timeout + 30)
+        ray.get(starts, timeout=180)
 
     # --- the Pipeline protocol -----------------------------------------------------
 
     @torch.inference_mode()
     def forward(self, tokens, batch, logits_at=None):
+        if self.depth > 1:
+            return self.collect(self.submit(tokens, batch, logits_at))
         with self.lock:
-            for attempt in range(3):
+            while True:
                 try:
                     out = self._run(tokens, batch, logits_at)
                     break
                 except StageLost as e:
-                    if attempt == 2:
-                        raise RuntimeError(f"the cluster could not recover: {e}") from e
                     self._recover(str(e))
             self._remember(tokens, batch)
             return out
@@ -234,6 +257,46 @@ class ClusterPipeline:
                     raise StageLost(f"{type(e).__name__}: {e}") from e
                 self.steps_sent += 1
         return x
+
+    # Steps in flight: with the ring one chain (master -> W1 -> ... -> Wn -> master), the
+    # engine submits a group of sequences and, before its logits are back, the next group,
+    # so that every machine works on some group at once. Results come back in order.
+
+    @torch.inference_mode()
+    def submit(self, tokens, batch, logits_at=None) -> int:
+        with self.lock:
+            rec = {"handle": next(self._handles), "tokens": tokens, "batch": batch,
+                   "logits_at": logits_at, "works": []}
+            self.inflight.append(rec)
+            _, stage, cache = self.plan[0]
+            x = stage(tokens, batch, cache)
+            try:
+                rec["works"] = self.link.isend(self.plan[1][1], x, batch)
+                self.steps_sent += 1
+            except Exception as e:
+                self._recover(f"{type(e).__name__}: {e}")  # also runs what is in flight
+            return rec["handle"]
+
+    @torch.inference_mode()
+    def collect(self, handle: int) -> torch.Tensor:
+        """The logits of a submitted step (earlier steps' are received first and kept)."""
+        with self.lock:
+            while handle not in self.results:
+                rec = self.inflight[0]
+                B, T = rec["tokens"].shape
+                try:
+                    y = self.link.recv_result(self.plan[1][2], B, T)
+                    for work, _ in rec["works"]:
+                        work.wait()
+                except Exception as e:
+                    self._recover(f"{type(e).__name__}: {e}")
+                    continue
+                self.inflight.popleft()
+                _, stage, cache = self.plan[2]
+                self.results[rec["handle"]] = stage(y, rec["batch"], cache,
+                                                    logits_at=rec["logits_at"])
+                self._remember(rec["tokens"], rec["batch"])
+            return self.results.pop(handle)
 
     def release(self, slot: int) -> None:
         # A finished sequence's cached positions are masked out on every node until its slot
@@ -274,29 +337,42 @@ class ClusterPipeline:
                 lost.append(w)
         return lost
 
-    def _recover(self, error: str) -> None:
+    def _recover(self, error: str, attempts: int = 3) -> None:
+        """Re-place the layers without the lost worker, refill every cache and run the steps
+        that were in flight; a failure on the way starts over, up to attempts times."""
         import ray
 
-        t0 = time.monotonic()
-        log.warning("a stage failed (%s); re-placing layers", error)
-        lost = self._find_lost()
-        for w in lost:
-            w.status = "lost"
-            self.lost[w.node_id] = w
-        for w in self.workers.values():
+        for attempt in range(attempts):
+            t0 = time.monotonic()
+            log.warning("a stage failed (%s); re-placing layers", error)
+            lost = self._find_lost()
+            for w in lost:
+                w.status = "lost"
+                self.lost[w.node_id] = w
+            for w in self.workers.values():
+                try:
+                    ray.kill(w.actor)
+                except Exception:
+                    pass
+            transport.close_group()
             try:
-                ray.kill(w.actor)
-            except Exception:
-                pass
-        transport.close_group()
-        nodes = [n for n in rc.alive_workers() if n["NodeID"] not in self.lost]
-        self._build(nodes)
-        self._replay()
-        self.events.append({"time": time.time(), "event": "recovered", "error": error,
-                            "lost": [w.name for w in lost],
-                            "seconds": round(time.monotonic() - t0, 2)})
-        log.warning("recovered in %.1fs without %s", time.monotonic() - t0,
-                    ", ".join(w.name for w in lost) or "no one")
+                self._build([n for n in rc.alive_workers() if n["NodeID"] not in self.lost])
+                self._replay()
+                for rec in self.inflight:
+                    self.results[rec["handle"]] = self._run(rec["tokens"], rec["batch"],
+                                                            rec["logits_at"])
+                    self._remember(rec["tokens"], rec["batch"])
+                self.inflight.clear()
+            except StageLost as e:
+                error = str(e)
+                continue
+            self.events.append({"time": time.time(), "event": "recovered", "error": error,
+                                "lost": [w.name for w in lost],
+                                "seconds": round(time.monotonic() - t0, 2)})
+            log.warning("recovered in %.1fs without %s", time.monotonic() - t0,
+                        ", ".join(w.name for w in lost) or "no one")
+            return
+        raise RuntimeError(f"the cluster could not recover: {error}")
 
     def _replay(self, chunk: int = 512) -> None:
         """Refill every live sequence's KV cache from the tokens it had cached."""
@@ -345,7 +421,8 @@ class ClusterPipeline:
 
 
 def start_cluster_pipeline(checkpoint, dtype, device: str, num_slots: int, max_len: int,
-                           opts: rc.ClusterOptions) -> ClusterPipeline:
+                           opts: rc.ClusterOptions, quant: Optional[str] = "auto"
+                           ) -> ClusterPipeline:
     """Start the head, advertise it, wait for workers and build the pipeline."""
     host, port = rc.split_address(opts.address)
     rc.configure_ray_env(opts.key, rc.is_loopback(host))
@@ -361,4 +438,5 @@ def start_cluster_pipeline(checkpoint, dtype, device: str, num_slots: int, max_l
         from cake.cluster.discovery import advertise
 
         advertise(opts.key, master_ip, port)
-    return ClusterPipeline(checkpoint, dtype, device, num_slots, max_len, opts, head, master_ip)
+    return ClusterPipeline(checkpoint, dtype, device, num_slots, max_len, opts, head, master_ip,
+                           quant)

@@ -177,7 +177,7 @@ class WorkerRecord:
                 "vram_bytes": i.get("vram_bytes"), "tflops": i.get("tflops"),
                 "backend": i.get("backend"), "hostname": i.get("hostname"), "os": i.get("os"),
                 "device": i.get("device"), "status": self.status, "detail": self.detail,
-                "weights_from": self.weights_from}
+                "weights_from": self.weights_from, "stage_pid": i.get("pid")}
 
 
 def alive_workers() -> list[dict]:

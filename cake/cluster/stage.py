@@ -68,11 +68,13 @@ class BundleCheckpoint:
         self._file = safe_open(path, "pt")
         self._packed = {k: json.loads(v) for k, v in
                         json.loads((self._file.metadata() or {}).get("cake.packed", "{}")).items()}
+        if self._packed:  # GGUF blocks: offer them packed, as GGUFCheckpoint.raw does
+            self.raw = self._raw
 
     def tensor_names(self) -> list[str]:
         return list(self._file.keys())
 
-    def raw(self, name: str):
+    def _raw(self, name: str):
         from gguf import GGMLQuantizationType
 
         m = self._packed[name]
@@ -84,14 +86,17 @@ class BundleCheckpoint:
             return self._file.get_tensor(name)
         from gguf.quants import dequantize
 
-        qtype, data, shape = self.raw(name)
+        qtype, data, shape = self._raw(name)
         return torch.from_numpy(np.array(dequantize(data, qtype), dtype=np.float32).reshape(shape))
 
 
-def build_stage(checkpoint, start: int, end: int, dtype: torch.dtype, device: str):
+def build_stage(checkpoint, start: int, end: int, dtype: torch.dtype, device: str,
+                quant: Optional[str] = None):
     """Layers [start, end) without embeddings, final norm or head: the model class gives a
     range that starts at 0 the embeddings and one that ends at the last layer the head, but
-    those live on the master, so they load as zero-stride placeholders and are dropped."""
+    those live on the master, so they load as zero-stride float placeholders and are dropped."""
+    from gguf import GGMLQuantizationType
+
     from cake.text.loader import load_stage
     from cake.text.models.llama import ModelArgs
 
@@ -111,11 +116,16 @@ def build_stage(checkpoint, start: int, end: int, dtype: torch.dtype, device: st
             return checkpoint.get(name)
 
     if hasattr(checkpoint, "raw"):
-        View.raw = staticmethod(checkpoint.raw)
-    stage = load_stage(View, start, end, dtype=dtype, device=device)
+        def raw(name):
+            if name in shapes:  # a float "tensor": the loader keeps it dense, then we drop it
+                return (GGMLQuantizationType.F32,
+                        np.broadcast_to(np.zeros((), np.float32), shapes[name]), shapes[name])
+            return checkpoint.raw(name)
+        View.raw = staticmethod(raw)
+    stage = load_stage(View, start, end, dtype=dtype, device=device, quant_mode=quant)
     stage.is_first = stage.is_last = False
     for owner, attr in ((stage.model, "embed_tokens"), (stage.model, "norm"), (stage, "lm_head")):
-        if hasattr(owner, attr):
+        if getattr(owner, attr, None) is not None:
             setattr(owner, attr, None)
     return stage
 
@@ -216,7 +226,9 @@ class StageWorker:
             self.weights_from = "shipped"
             checkpoint = BundleCheckpoint(path, spec["config"])
         dtype = getattr(torch, spec["dtype"])
-        self.model = build_stage(checkpoint, spec["start"], spec["end"], dtype, str(self.device))
+        self.model = build_stage(checkpoint, spec["start"], spec["end"], dtype, str(self.device),
+                                 # The quantized kernels are CPU ones; other devices load dense.
+                                 spec.get("quant") if self.device.type == "cpu" else "auto")
         return {"weights_from": self.weights_from, "seconds": time.monotonic() - t0,
                 "memory_bytes": sum(t.numel() * t.element_size()
                                     for t in self.model.state_dict().values())}

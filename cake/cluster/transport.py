@@ -45,8 +45,10 @@ def init_group(rank: int, world_size: int, master_addr: str, port: int, local_ip
         os.environ["GLOO_SOCKET_IFNAME"] = iface
     elif iface:
         os.environ["NCCL_SOCKET_IFNAME"] = iface
-    dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{port}", rank=rank,
-                            world_size=world_size,
+    # Joining may take a while on a busy machine; a step may not (timeout_s).
+    store = dist.TCPStore(master_addr, port, world_size, is_master=rank == 0,
+                          timeout=datetime.timedelta(seconds=max(timeout_s, 120)))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
 
 
@@ -87,6 +89,20 @@ class Link:
         if batch.span is None:
             self._send(torch.cat([batch.positions.flatten(), batch.slots]).cpu(), dst)
         self._send(x, dst)
+
+    def isend(self, dst: int, x: torch.Tensor, batch: StepBatch) -> list:
+        """send() that returns at once: (work, tensor) pairs to wait on before reuse. The
+        master must never block on a send while a stage waits to hand it a result."""
+        B, T = batch.positions.shape
+        kind = TOKENS if x.dtype == torch.long else HIDDEN
+        span = batch.span or (-1, 0)
+        self.step += 1
+        parts = [torch.tensor([OP_FORWARD, B, T, batch.kv_len, span[0], span[1], kind,
+                               self.step], dtype=torch.long)]
+        if batch.span is None:
+            parts.append(torch.cat([batch.positions.flatten(), batch.slots]).cpu())
+        parts.append(x.to(self.wire).contiguous())
+        return [(dist.isend(t, dst), t) for t in parts]
 
     def send_stop(self, dst: int) -> None:
         self._send(torch.tensor([OP_STOP] + [0] * (HEADER - 1), dtype=torch.long), dst)

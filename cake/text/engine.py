@@ -86,6 +86,8 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.prefilling: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # (group, handle) of decode steps a multi-machine pipeline has not answered yet
+        self._in_flight: deque = deque()
         self.free_slots = list(range(pipeline.num_slots))
         self._ids = itertools.count()
         self._wake = threading.Condition()
@@ -191,6 +193,8 @@ class Engine:
             self._sample([seq], logits)
 
     def _decode(self) -> None:
+        if self._in_flight or getattr(self.pipeline, "depth", 1) > 1:
+            return self._decode_in_flight()
         seqs = [s for s in self.running if not s.done]
         device = self.pipeline.device
         # The newest token of each sequence is not yet in the cache: feed it now.
@@ -199,6 +203,31 @@ class Engine:
         logits = self.pipeline.forward(tokens, batch, torch.zeros(len(seqs), dtype=torch.long,
                                                                   device=device))
         self._sample(seqs, logits)
+
+    def _decode_in_flight(self) -> None:
+        """Stages on several machines: split the running sequences into pipeline.depth groups
+        and keep each group's next step in flight while the others compute, so that no stage
+        waits idle; each call takes back one group's logits."""
+        depth = getattr(self.pipeline, "depth", 1)
+        live = [s for s in self.running if not s.done]
+        busy = {s.id for group, _ in self._in_flight for s in group}
+        idle = [s for s in live if s.id not in busy]
+        size = -(-len(live) // max(1, depth))
+        device = self.pipeline.device
+        while idle and depth > 1 and len(self._in_flight) < depth:
+            group, idle = idle[:size], idle[size:]
+            tokens = torch.tensor([[s.generated[-1]] for s in group], device=device)
+            batch = StepBatch.make([[s.length - 1] for s in group], [s.slot for s in group],
+                                   device)
+            handle = self.pipeline.submit(tokens, batch, torch.zeros(len(group), dtype=torch.long,
+                                                                     device=device))
+            self._in_flight.append((group, handle))
+        if self._in_flight:
+            group, handle = self._in_flight.popleft()
+            logits = self.pipeline.collect(handle)
+            rows = [i for i, s in enumerate(group) if not s.done]  # some finished meanwhile
+            if rows:
+                self._sample([group[i] for i in rows], logits[rows])
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         try:

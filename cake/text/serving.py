@@ -93,7 +93,8 @@ def load_text_model(path: str | Path, model_id: str, device: Optional[str] = Non
         ctx = min(ctx, context_length)
     if cluster is not None:
         from cake.cluster.pipeline import start_cluster_pipeline
-        pipeline = start_cluster_pipeline(checkpoint, dtype, device, max_batch, ctx, cluster)
+        pipeline = start_cluster_pipeline(checkpoint, dtype, device, max_batch, ctx, cluster,
+                                          quant)
     else:
         pipeline = LocalPipeline([load_stage(checkpoint, dtype=dtype, device=device,
                                              quant_mode=quant)],
