@@ -162,7 +162,9 @@ def write_original(model, folder, tokenizer_src):
     from safetensors.torch import save_file
 
     folder.mkdir()
-    state = {original_name(k): v.contiguous() for k, v in model.state_dict().items()}
+    tied = model.config.tie_word_embeddings  # a tied checkpoint (1.5B) has no lm_head tensor
+    state = {original_name(k): v.clone().contiguous() for k, v in model.state_dict().items()
+             if not (tied and k == "lm_head.weight")}
     save_file(state, str(folder / "model.safetensors"))
     c = model.config
     tower = lambda t, vae: {  # noqa: E731
@@ -230,6 +232,20 @@ def test_original_layout_converts_on_load(tiny, original):
     a, _ = cake_audio(VibeVoiceSpeech.load(target, "orig"), "Same weights.", 5, 1.5, 3)
     b, _ = cake_audio(VibeVoiceSpeech.load(folder, "hf"), "Same weights.", 5, 1.5, 3)
     assert_same_audio(a, b)  # equal weights; float rounding may differ with memory layout
+
+
+def test_tied_original_checkpoint_without_a_head_loads_tied(tmp_path):
+    from cake.audio.vibevoice import checkpoint, random_model
+
+    tokenizer = random_model.write_tokenizer(tmp_path / "tok")
+    model = random_model.build(random_model.tiny_config(tokenizer, tie_word_embeddings=True),
+                               speaking=False)
+    state = write_original(model, tmp_path / "orig", tmp_path / "tok")
+    assert "lm_head.weight" not in state
+    loaded, _, _ = checkpoint.load_model(tmp_path / "orig", torch.float32, "cpu")
+    embed = loaded.model.language_model.embed_tokens.weight
+    assert loaded.lm_head.weight.data_ptr() == embed.data_ptr()
+    torch.testing.assert_close(embed, model.model.language_model.embed_tokens.weight)
 
 
 def test_wrong_checkpoints_fail_clearly(original, tmp_path):
