@@ -33,17 +33,16 @@ def layer_range(start: int, end: int) -> str:
 
 def layer_details(stage) -> dict:
     details: dict = {}
-    for name, t in stage.state_dict().items():
+    # The checkpoint's tensors, however loading holds them (quantized, fused).
+    for name, (shape, dtype, size) in stage.tensor_details().items():
         parts = name.split(".")
         if len(parts) < 3 or parts[1] != "layers":
             continue
         key = ".".join(parts[:3])
-        size = t.numel() * t.element_size()
         entry = details.setdefault(key, {"total_bytes": 0, "tensors": []})
         entry["total_bytes"] += size
         entry["tensors"].append({"name": name, "short_name": ".".join(parts[3:]),
-                                 "dtype": DTYPE_NAMES.get(t.dtype, str(t.dtype)),
-                                 "shape": list(t.shape), "size_bytes": size})
+                                 "dtype": dtype, "shape": shape, "size_bytes": size})
     return details
 
 

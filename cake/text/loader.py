@@ -74,6 +74,7 @@ def _quantize_matrices(model, checkpoint, mode: str) -> None:
                 bias = checkpoint.get(model.checkpoint_name(f"{path}.bias"))
             new = quant.QuantLinear(blocks, qtype, module.in_features, bias)
         model.set_submodule(path, new)
+        model.quantized[f"{path}.weight"] = (GGMLQuantizationType(qtype).name, blocks.nbytes)
 
 
 def _blocks(checkpoint, name: str, mode: str):

@@ -296,8 +296,11 @@ class Model(nn.Module):
             self.lm_head = None if tied_here else nn.Linear(
                 args.hidden_size, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
-        # Fixed before loading swaps or fuses modules: the checkpoint's names for this stage.
+        # Fixed before loading swaps or fuses modules: the checkpoint's names for this stage,
+        # and how each parameter is held (the loader notes quantized ones).
         self._tensor_names = [self.checkpoint_name(n) for n, _ in self.named_parameters()]
+        self._shapes = {n: list(p.shape) for n, p in self.named_parameters()}
+        self.quantized: dict[str, tuple[str, int]] = {}  # name -> (type, bytes)
 
     def checkpoint_name(self, name: str) -> str:
         """The checkpoint tensor a parameter is loaded from."""
@@ -308,6 +311,16 @@ class Model(nn.Module):
     def tensor_names(self) -> list[str]:
         """Checkpoint tensors this stage needs."""
         return list(self._tensor_names)
+
+    def tensor_details(self) -> dict[str, tuple[list[int], str, int]]:
+        """Parameter name (as in the checkpoint's layout) -> (shape, type, bytes held), whatever
+        form loading gave it (quantized blocks, fused matrices)."""
+        dtype = next(self.parameters()).dtype  # the norms stay dense parameters
+        dense = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}.get(
+            dtype, str(dtype))
+        size = torch.empty((), dtype=dtype).element_size()
+        return {n: (shape, *self.quantized.get(n, (dense, math.prod(shape) * size)))
+                for n, shape in self._shapes.items()}
 
     def fuse_projections(self) -> None:
         """Join q/k/v and gate/up into one matrix each (after loading)."""
