@@ -142,17 +142,36 @@ def decode_rate(url: str, tokens: int) -> float:
     return (n - 1) / (last - first) if n > 1 and last > first else float("nan")
 
 
-def bench_cluster(tokens: int, repeats: int) -> dict:
+def concurrent_rate(url: str, tokens: int, streams: int) -> float:
+    """Total generated tok/s of several greedy requests at once (wall clock)."""
+    import concurrent.futures as cf
+
+    import httpx
+
+    def one(i):
+        body = {"messages": [{"role": "user", "content": f"Tell story number {i} about a dragon."}],
+                "max_tokens": tokens, "temperature": 0}
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=600)
+        return r.json()["usage"]["completion_tokens"]
+
+    t = time.perf_counter()
+    with cf.ThreadPoolExecutor(streams) as pool:
+        n = sum(pool.map(one, range(streams)))
+    return n / (time.perf_counter() - t)
+
+
+def bench_cluster(tokens: int, repeats: int, streams: int = 4) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="cake-bench-"))
     single_url = f"http://127.0.0.1:{free_port()}"
     master_url = f"http://127.0.0.1:{free_port()}"
     address = f"127.0.0.1:{free_port()}"
     procs = []
     try:
-        single = Proc(["serve", "--api", single_url[7:], "--max-batch", "1"], tmp / "single.log")
+        single = Proc(["serve", "--api", single_url[7:], "--max-batch", str(streams)],
+                      tmp / "single.log")
         procs.append(single)
         wait_ready(single_url, single)
-        master = Proc(["serve", "--api", master_url[7:], "--max-batch", "1", "--cluster-key",
+        master = Proc(["serve", "--api", master_url[7:], "--max-batch", str(streams), "--cluster-key",
                        "bench", "--cluster-address", address, "--min-workers", "1",
                        "--discovery-timeout", "120"], tmp / "master.log",
                       env={"CAKE_CACHE": str(tmp / "m")})
@@ -167,11 +186,18 @@ def bench_cluster(tokens: int, repeats: int) -> dict:
         for _ in range(repeats):
             rates["single"].append(decode_rate(single_url, tokens))
             rates["cluster"].append(decode_rate(master_url, tokens))
+        many = {"single": [], "cluster": []}
+        for _ in range(repeats):
+            many["single"].append(concurrent_rate(single_url, tokens, streams))
+            many["cluster"].append(concurrent_rate(master_url, tokens, streams))
         s, c = (statistics.median(rates[k]) for k in ("single", "cluster"))
+        ms, mc = (statistics.median(many[k]) for k in ("single", "cluster"))
         return {"bench": "2-stage loopback", "tokens": tokens, "repeats": repeats,
                 "single_tok_s": round(s, 2), "cluster_tok_s": round(c, 2),
-                "ratio": round(c / s, 3), "runs": {k: [round(v, 2) for v in r]
-                                                   for k, r in rates.items()}}
+                "ratio": round(c / s, 3),
+                f"{streams}_streams_single_tok_s": round(ms, 2),
+                f"{streams}_streams_cluster_tok_s": round(mc, 2),
+                "runs": {k: [round(v, 2) for v in r] for k, r in rates.items()}}
     finally:
         for p in reversed(procs):
             p.stop()

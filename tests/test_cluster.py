@@ -145,7 +145,9 @@ def test_topology_document(default_cluster):
         f"model.layers.{i}" for i in range(30)]
     q = next(t for t in doc["layer_details"]["model.layers.12"]["tensors"]
              if t["short_name"] == "self_attn.q_proj.weight")
-    assert q["shape"] == [576, 576] and q["size_bytes"] == 576 * 576 * 4
+    # Kept in the GGUF's 4-bit blocks on whichever node holds it: 20 bytes per 32 weights.
+    assert q["shape"] == [576, 576] and q["dtype"] == "Q4_1"
+    assert q["size_bytes"] == 576 * 576 // 32 * 20
 
 
 def test_concurrent_requests(default_cluster, single_node):
@@ -257,3 +259,18 @@ def test_tiny_model_manual_topology_split_and_local_weights(start_server, tmp_pa
         for w in workers:
             w.stop()
         master.stop()
+
+
+def test_no_worker_by_the_timeout_serves_alone(start_server, tmp_path):
+    """The key from CAKE_CLUSTER_KEY; nobody joins within --discovery-timeout."""
+    model = write_tiny_model(tmp_path / "model", "llama")
+    server = start_server(str(model), "--cluster-address", f"127.0.0.1:{free_port()}",
+                          "--discovery-timeout", "1", "--temperature", "0",
+                          env={"CAKE_CLUSTER_KEY": KEY, "CAKE_CACHE": str(tmp_path / "cache")})
+    try:
+        doc = topology(server)
+        assert doc["workers"] == [] and doc["master"]["layers"] == "model.layers.0-1"
+        assert "cluster master listening for workers at 127.0.0.1:" in server.output()
+        assert chat(server, FRANCE, 5)
+    finally:
+        server.stop()

@@ -22,8 +22,8 @@ import torch
 from cake.cluster import ray_cluster as rc
 from cake.cluster import transport
 from cake.cluster.placement import NodeSpec, Segment, load_topology, place, usable_memory
-from cake.cluster.topology import (device_memory, layer_range, shape_layer_details,
-                                   text_topology)
+from cake.cluster.topology import (device_memory, layer_range, packed_types,
+                                   tensor_shapes, text_topology)
 from cake.text.kv_cache import KVCache, StepBatch
 
 log = logging.getLogger(__name__)
@@ -35,30 +35,14 @@ class StageLost(RuntimeError):
     pass
 
 
-def tensor_shapes(checkpoint) -> dict[str, tuple[int, ...]]:
-    """Every tensor's shape without reading (or dequantizing) its data."""
-    if hasattr(checkpoint, "_tensors"):  # GGUF: shapes are in the header, reversed
-        return {n: tuple(int(d) for d in reversed(t.shape))
-                for n, t in checkpoint._tensors.items()}
-    from safetensors import safe_open
-
-    shapes = {}
-    for f in sorted(set(checkpoint._file_of.values())):
-        with safe_open(f, "pt") as st:
-            shapes.update({n: tuple(st.get_slice(n).get_shape()) for n in st.keys()})
-    return shapes
-
-
 def layer_sizes(checkpoint, num_layers: int, dtype: torch.dtype, quant: Optional[str]
                 ) -> tuple[list[int], int]:
     """Bytes of each decoder layer once loaded, and of everything else (embeddings, head).
     GGUF blocks kept quantized count at their packed size."""
     size = DTYPE_SIZES.get(dtype, 4)
-    packed = {}
-    if hasattr(checkpoint, "_tensors") and quant not in (None, "none"):
-        floats = {"F32", "F16", "BF16"}
-        packed = {n: int(t.n_bytes) for n, t in checkpoint._tensors.items()
-                  if t.tensor_type.name not in floats}
+    from cake.text.loader import resolve_quant
+
+    packed = {n: b for n, (_, b) in packed_types(checkpoint, resolve_quant(quant, "cpu")).items()}
     layers, other = [0] * num_layers, 0
     for name, shape in tensor_shapes(checkpoint).items():
         n = size
@@ -121,9 +105,12 @@ class ClusterPipeline:
         ray_nodes = sorted(ray_nodes, key=lambda n: n["NodeName"])
         fresh = [rc.spawn_stage(n) for n in ray_nodes if n["NodeID"] not in self.lost]
         infos = ray.get([w.actor.describe.remote() for w in fresh], timeout=120)
+        log.info("%d stage actor(s) up in %.1fs", len(fresh), time.monotonic() - t0)
         self.workers = {}
         for w, info in zip(fresh, infos):
             w.info = info
+            while w.name in self.workers:  # two workers started with one --name
+                w.name += "+"
             topo = self.topology_nodes.get(w.name)
             w.description = topo.description if topo else info.get("device", "")
             self.workers[w.name] = w
@@ -167,6 +154,7 @@ class ClusterPipeline:
         for w in self.workers.values():
             if w.status != "ready":
                 w.status, w.layers = "idle", (0, 0)
+        log.info("layers loaded at %.1fs", time.monotonic() - t0)
 
         # The ring: local stages run here, consecutive remote stages form one chain.
         self.stages, self.plan = [], []
@@ -190,6 +178,7 @@ class ClusterPipeline:
                               self.workers[order[j].node].rank))
             i = j + 1
         self._start_group(order)
+        log.info("stages connected at %.1fs", time.monotonic() - t0)
         # Steps can be in flight when the ring is one chain and the master's last part (the
         # head) keeps no cache; otherwise the engine steps one at a time.
         shape = [p[0] for p in self.plan]
@@ -389,10 +378,12 @@ class ClusterPipeline:
     def topology(self, model_id: str) -> dict:
         workers = [w.topology() for w in self.workers.values()]
         workers += [w.topology() for w in self.lost.values()]
-        doc = text_topology(model_id, self.stages, workers)
+        from cake.text.loader import resolve_quant
+
+        doc = text_topology(model_id, self.stages, workers, self.checkpoint,
+                            resolve_quant(self.quant, str(self.device)))
         doc["master"]["layers"] = ",".join(layer_range(s.start, s.end) for s in self.segments
                                            if s.node == "master" and s.end > s.start)
-        doc["layer_details"] = shape_layer_details(tensor_shapes(self.checkpoint), self.dtype)
         doc["memory_bytes"] = sum(self.layer_bytes) + self.master_extra
         doc["layer_size_bytes"] = max(self.layer_bytes)
         doc["events"] = self.events

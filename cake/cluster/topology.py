@@ -46,9 +46,41 @@ def layer_details(stage) -> dict:
     return details
 
 
-def shape_layer_details(shapes: dict, dtype) -> dict:
+def tensor_shapes(checkpoint) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape without reading (or dequantizing) its data."""
+    if hasattr(checkpoint, "_tensors"):  # GGUF: shapes are in the header, reversed
+        return {n: tuple(int(d) for d in reversed(t.shape))
+                for n, t in checkpoint._tensors.items()}
+    from safetensors import safe_open
+
+    shapes = {}
+    for f in sorted(set(checkpoint._file_of.values())):
+        with safe_open(f, "pt") as st:
+            shapes.update({n: tuple(st.get_slice(n).get_shape()) for n in st.keys()})
+    return shapes
+
+
+def packed_types(checkpoint, quant: Optional[str]) -> dict[str, tuple[str, int]]:
+    """GGUF tensors a stage keeps as blocks under quant "auto": name -> (type, bytes). Types
+    the kernels run are kept as in the file, other block types become Q8_0 (34 bytes per 32)."""
+    if quant != "auto" or not hasattr(checkpoint, "_tensors"):
+        return {}
+    from cake.text.quant import KERNEL_TYPES
+
+    out = {}
+    for name, t in checkpoint._tensors.items():
+        if t.tensor_type.name in ("F32", "F16", "BF16"):
+            continue
+        if t.tensor_type in KERNEL_TYPES:
+            out[name] = (t.tensor_type.name, int(t.n_bytes))
+        else:
+            out[name] = ("Q8_0", int(t.n_elements) // 32 * 34)
+    return out
+
+
+def shape_layer_details(shapes: dict, dtype, packed: Optional[dict] = None) -> dict:
     """layer_details from tensor shapes alone (layers held on other machines), at the size
-    they take once loaded in dtype."""
+    they take once loaded in dtype, or as packed blocks (name -> (type name, bytes))."""
     size = torch.empty((), dtype=dtype).element_size()
     details: dict = {}
     for name, shape in shapes.items():
@@ -58,11 +90,13 @@ def shape_layer_details(shapes: dict, dtype) -> dict:
         n = size
         for d in shape:
             n *= d
+        type_name = DTYPE_NAMES.get(dtype, str(dtype))
+        if packed and name in packed:
+            type_name, n = packed[name]
         entry = details.setdefault(".".join(parts[:3]), {"total_bytes": 0, "tensors": []})
         entry["total_bytes"] += n
         entry["tensors"].append({"name": name, "short_name": ".".join(parts[3:]),
-                                 "dtype": DTYPE_NAMES.get(dtype, str(dtype)),
-                                 "shape": list(shape), "size_bytes": n})
+                                 "dtype": type_name, "shape": list(shape), "size_bytes": n})
     return dict(sorted(details.items(), key=lambda kv: int(kv[0].split(".")[2])))
 
 
@@ -74,15 +108,21 @@ def node(device: torch.device, layers: str, status: str = "ready",
             "os": f"{platform.system()} {platform.release()}".strip(), "status": status}
 
 
-def text_topology(model_id: str, stages: list, workers: list[dict] | None = None) -> dict:
-    """stages: the Model modules held in this process (the master's)."""
-    details: dict = {}
-    for stage in stages:
-        details.update(layer_details(stage))
+def text_topology(model_id: str, stages: list, workers: list[dict] | None = None,
+                  checkpoint=None, quant: Optional[str] = None) -> dict:
+    """stages: the Model modules held in this process (the master's). With the checkpoint,
+    layer_details covers every layer, wherever it runs, as the checkpoint's tensors."""
+    param = next(stages[0].parameters())
+    if checkpoint is not None:
+        details = shape_layer_details(tensor_shapes(checkpoint), param.dtype,
+                                      packed_types(checkpoint, quant))
+    else:
+        details = {}
+        for stage in stages:
+            details.update(layer_details(stage))
     args = stages[0].args
     total = sum(t.numel() * t.element_size() for s in stages for t in s.state_dict().values())
     per_layer = max((d["total_bytes"] for d in details.values()), default=0)
-    param = next(stages[0].parameters())
     local = [layer_range(s.start, s.end) for s in stages if s.end > s.start]
     return {
         "model": model_id, "model_id": model_id,

@@ -27,8 +27,11 @@ class Pipeline(Protocol):
 
 
 class LocalPipeline:
-    def __init__(self, stages: list, num_slots: int, max_len: int):
+    def __init__(self, stages: list, num_slots: int, max_len: int, checkpoint=None,
+                 quant: Optional[str] = None):
+        """checkpoint, quant: what the stages were loaded from, for the topology document."""
         self.stages, self.num_slots, self.max_len = stages, num_slots, max_len
+        self.checkpoint, self.quant = checkpoint, quant
         first = stages[0]
         param = next(first.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -48,3 +51,8 @@ class LocalPipeline:
     def release(self, slot: int) -> None:
         # Positions past a sequence's length are masked out, so a reused slot needs no wipe.
         pass
+
+    def topology(self, model_id: str) -> dict:
+        from cake.cluster.topology import text_topology
+
+        return text_topology(model_id, self.stages, checkpoint=self.checkpoint, quant=self.quant)

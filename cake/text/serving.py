@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from cake.text.engine import Engine
-from cake.text.loader import load_stage
+from cake.text.loader import load_stage, resolve_quant
 from cake.text.models.llama import ModelArgs
 from cake.text.pipeline import LocalPipeline
 from cake.text.sampling import SamplingParams
@@ -98,7 +98,8 @@ def load_text_model(path: str | Path, model_id: str, device: Optional[str] = Non
     else:
         pipeline = LocalPipeline([load_stage(checkpoint, dtype=dtype, device=device,
                                              quant_mode=quant)],
-                                 num_slots=max_batch, max_len=ctx)
+                                 num_slots=max_batch, max_len=ctx, checkpoint=checkpoint,
+                                 quant=resolve_quant(quant, device))
     engine = Engine(pipeline, tokenizer, vocab_size=args.vocab_size)
     engine.start()
     log.info("loaded %s: %d layers, %s on %s, context %d", model_id,
