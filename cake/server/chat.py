@@ -4,7 +4,10 @@ from __future__ import annotations
 import asyncio
 import json
 
+from pydantic import ValidationError
+
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from cake.server import schemas
@@ -73,11 +76,15 @@ async def wait_disconnect(request: Request) -> None:
 
 @router.post("/v1/chat/completions")
 @router.post("/api/v1/chat/completions")
-async def chat_completions(req: schemas.ChatCompletionRequest, request: Request):
+async def chat_completions(request: Request):
     state = request.app.state.cake
-    if state.text is None:
+    if state.text is None:  # the spec's 404 comes before any look at the body
         raise APIError(404, "No text model loaded")
     text_model = state.text
+    try:
+        req = schemas.ChatCompletionRequest.model_validate_json(await request.body())
+    except ValidationError as e:
+        raise RequestValidationError(e.errors())
     prompt = build_prompt(text_model, req)
     params = sampling_params(text_model, req)
     outputs = OutputQueue()

@@ -1,4 +1,5 @@
-"""GET /health: 200 once the model is ready (503 while loading), with engine counters."""
+"""GET /health: 200 once the model is ready (503 while loading), with the queue counters
+of whatever is loaded."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
@@ -18,4 +19,6 @@ async def health(request: Request):
         body["engine"] = state.text.engine.stats()
     if state.image is not None:
         body["images"] = state.image.stats()
+    if state.audio is not None:
+        body["speech"] = state.audio.stats()
     return body
