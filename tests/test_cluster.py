@@ -8,7 +8,6 @@ model with automatic placement, and a tiny random model with a topology file.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import os
 import signal
 import socket

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 
 def add_args(p) -> None:
@@ -22,8 +21,8 @@ def add_args(p) -> None:
                    help="a worker making no progress this long is replaced")
 
 
-def options(args) -> Optional["ClusterOptions"]:
-    """ClusterOptions when the command line asks for a cluster, else None."""
+def options(args):
+    """ClusterOptions when the command line asks for a cluster (a key), else None."""
     from cake.cluster.ray_cluster import ClusterOptions
 
     key = getattr(args, "cluster_key", None)

@@ -14,7 +14,6 @@ import logging
 import os
 import socket
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
