@@ -167,6 +167,33 @@ inline void for_each_vector(const uint8_t* words, F&& f) {
   }
 }
 
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// exp of 8 floats (Cephes' expf polynomial, ~1e-7 relative error): softmax calls it for every
+// cached position of every head, where scalar exp costs more than the dot products.
+inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.37f)), _mm256_set1_ps(-87.33f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f),
+                                                   _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, x), x, _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                       _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
 // y[r][0..R) = group rows . activation rows x[r], for MR activation rows.
 template <int64_t QT, int MR>
 inline void group_dot(const uint8_t* group, int64_t nb, const ActBlock* const* x, float* const* y) {
@@ -229,37 +256,39 @@ inline void group_dot(const uint8_t* group, int64_t nb, const ActBlock* const* x
 }
 #endif
 
+// MR activation rows m.. against one weight group; a partial last group goes through tmp.
+template <int64_t QT, int MR>
+inline void tile(const ActBlock* x, int64_t m, int64_t nb, const uint8_t* group, int64_t g,
+                 int64_t N, float* y, float (*tmp)[R]) {
+  const bool full = (g + 1) * R <= N;
+  const ActBlock* rows[MR];
+  float* ys[MR];
+  for (int r = 0; r < MR; ++r) {
+    rows[r] = x + (m + r) * nb;
+    ys[r] = full ? y + (m + r) * N + g * R : tmp[r];
+  }
+  group_dot<QT, MR>(group, nb, rows, ys);
+  if (!full)
+    for (int r = 0; r < MR; ++r)
+      for (int64_t n = g * R; n < N; ++n) y[(m + r) * N + n] = tmp[r][n - g * R];
+}
+
 template <int64_t QT>
 void matmul(const ActBlock* x, int64_t M, int64_t nb, const uint8_t* w, int64_t N, float* y) {
-  constexpr int MR = 4;       // activation rows per pass over a weight group
   constexpr int64_t MC = 64;  // activation rows kept in cache while the weights stream by
   const int64_t G = (N + R - 1) / R, gbytes = nb * layout(QT).bytes;
   const int64_t grain = std::max<int64_t>(1, G / (4 * at::get_num_threads()));
   at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
-    float tmp[MR][R];
+    float tmp[8][R];
     for (int64_t m0 = 0; m0 < M; m0 += MC) {
       const int64_t m1 = std::min(M, m0 + MC);
       for (int64_t g = g0; g < g1; ++g) {
         const uint8_t* group = w + g * gbytes;
-        const bool full = (g + 1) * R <= N;
-        auto out = [&](int64_t m, int r) { return full ? y + m * N + g * R : tmp[r]; };
-        auto spill = [&](int64_t m, int r) {  // the last group's real rows, when N % R != 0
-          if (!full) for (int64_t n = g * R; n < N; ++n) y[m * N + n] = tmp[r][n - g * R];
-        };
+        // Tiles of 8, 4, then single rows: each group is unpacked once per tile.
         int64_t m = m0;
-        for (; m + MR <= m1; m += MR) {
-          const ActBlock* rows[MR];
-          float* ys[MR];
-          for (int r = 0; r < MR; ++r) { rows[r] = x + (m + r) * nb; ys[r] = out(m + r, r); }
-          group_dot<QT, MR>(group, nb, rows, ys);
-          for (int r = 0; r < MR; ++r) spill(m + r, r);
-        }
-        for (; m < m1; ++m) {
-          const ActBlock* rows[1] = {x + m * nb};
-          float* ys[1] = {out(m, 0)};
-          group_dot<QT, 1>(group, nb, rows, ys);
-          spill(m, 0);
-        }
+        for (; m + 8 <= m1; m += 8) tile<QT, 8>(x, m, nb, group, g, N, y, tmp);
+        for (; m + 4 <= m1; m += 4) tile<QT, 4>(x, m, nb, group, g, N, y, tmp);
+        for (; m < m1; ++m) tile<QT, 1>(x, m, nb, group, g, N, y, tmp);
       }
     }
   });
@@ -364,6 +393,67 @@ at::Tensor dequantize_rows(const at::Tensor& w, int64_t qtype, int64_t N, int64_
   return out.view(shape);
 }
 
+float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#ifdef CAKE_AVX2
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  s = hsum(_mm256_add_ps(acc0, acc1));
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// out[0..n) = sum_p w[p] * v[p * stride + (0..n)], accumulated in registers 32 values at a time.
+void weighted_sum(const float* w, const float* v, int64_t stride, int64_t L, int64_t n,
+                  float* out) {
+  int64_t i = 0;
+#ifdef CAKE_AVX2
+  for (; i + 32 <= n; i += 32) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t p = 0; p < L; ++p) {
+      const __m256 wp = _mm256_set1_ps(w[p]);
+      const float* vp = v + p * stride + i;
+      a0 = _mm256_fmadd_ps(wp, _mm256_loadu_ps(vp), a0);
+      a1 = _mm256_fmadd_ps(wp, _mm256_loadu_ps(vp + 8), a1);
+      a2 = _mm256_fmadd_ps(wp, _mm256_loadu_ps(vp + 16), a2);
+      a3 = _mm256_fmadd_ps(wp, _mm256_loadu_ps(vp + 24), a3);
+    }
+    _mm256_storeu_ps(out + i, a0);
+    _mm256_storeu_ps(out + i + 8, a1);
+    _mm256_storeu_ps(out + i + 16, a2);
+    _mm256_storeu_ps(out + i + 24, a3);
+  }
+#endif
+  for (; i < n; ++i) {
+    float acc = 0.f;
+    for (int64_t p = 0; p < L; ++p) acc += w[p] * v[p * stride + i];
+    out[i] = acc;
+  }
+}
+
+// sc[0..L) <- softmax(sc), given its maximum.
+void softmax_tail(float* sc, int64_t L, float mx) {
+  float denom = 0.f;
+  int64_t p = 0;
+#ifdef CAKE_AVX2
+  __m256 sum = _mm256_setzero_ps();
+  for (; p + 8 <= L; p += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + p), _mm256_set1_ps(mx)));
+    _mm256_storeu_ps(sc + p, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  denom = hsum(sum);
+#endif
+  for (; p < L; ++p) { sc[p] = std::exp(sc[p] - mx); denom += sc[p]; }
+  const float inv = 1.f / denom;
+  for (p = 0; p < L; ++p) sc[p] *= inv;
+}
+
 // One new token per row: rotate q and k (rotate-half convention, inv_freq per pair), store
 // k and v at (slot, position) in the cache, and attend over the row's cached positions
 // (the last `window` of them when window > 0). qkv rows: [(H + 2 * Hkv) * D]; caches:
@@ -411,29 +501,14 @@ void attend(const AttentionShape& S, const float* qkv, float* kc, float* vc, con
         float* sc = &scores[h * L];
         float mx = -INFINITY;
         for (int64_t p = 0; p < L; ++p) {
-          const float* kv = kbase + p * Hkv * D;
-          float s = 0.f;
-#pragma omp simd reduction(+ : s)
-          for (int64_t i = 0; i < D; ++i) s += qv[i] * kv[i];
-          sc[p] = s * scale;
+          sc[p] = dot(qv, kbase + p * Hkv * D, D) * scale;
           mx = std::max(mx, sc[p]);
         }
-        float denom = 0.f;
-        for (int64_t p = 0; p < L; ++p) { sc[p] = std::exp(sc[p] - mx); denom += sc[p]; }
-        const float inv = 1.f / denom;
-        for (int64_t p = 0; p < L; ++p) sc[p] *= inv;
+        softmax_tail(sc, L, mx);
       }
-      for (int64_t h = 0; h < group; ++h) {
-        float* o = out + b * H * D + (g * group + h) * D;
-        const float* sc = &scores[h * L];
-        for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
-        for (int64_t p = 0; p < L; ++p) {
-          const float w = sc[p];
-          const float* vv = vbase + p * Hkv * D;
-#pragma omp simd
-          for (int64_t i = 0; i < D; ++i) o[i] += w * vv[i];
-        }
-      }
+      for (int64_t h = 0; h < group; ++h)
+        weighted_sum(&scores[h * L], vbase, Hkv * D, L, D,
+                     out + b * H * D + (g * group + h) * D);
     }
   });
 }
