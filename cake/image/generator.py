@@ -210,15 +210,17 @@ class ImageModel:
                 args["strength"] = job.strength
         log.info("image %d: %dx%d, %d image(s), %d steps, guidance %g, seed %d", job.id,
                  job.width, job.height, job.count, job.steps, job.guidance, job.seed)
-        pipe.set_progress_bar_config(desc=f"image {job.id}")
+        pipe.set_progress_bar_config(**{**getattr(pipe, "_progress_bar_config", {}),
+                                        "desc": f"image {job.id}"})
         pngs = []
         try:
             for first in range(0, job.count, job.batch):
                 n = min(job.batch, job.count - first)
                 # One CPU generator per image: the same noise on every device and batch size.
-                generators = [torch.Generator("cpu").manual_seed((job.seed + first + i) % SEED_SPACE)
-                              for i in range(n)]
-                out = pipe(**args, num_images_per_prompt=n, generator=generators)
+                seeds = [(job.seed + first + i) % SEED_SPACE for i in range(n)]
+                generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+                with torch.inference_mode():  # lighter than the no_grad diffusers uses
+                    out = pipe(**args, num_images_per_prompt=n, generator=generators)
                 pngs += [png_bytes(image) for image in out.images]
         except Cancelled:
             log.info("image %d cancelled after %d steps", job.id, done)

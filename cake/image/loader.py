@@ -3,16 +3,13 @@ it as a diffusers pipeline on the chosen device and dtype."""
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from cake import hub
-from cake.image.arch import SD_VERSIONS, FAMILIES, check_flag
-
-log = logging.getLogger(__name__)
+from cake.image.arch import FAMILIES, SD_VERSIONS, check_flag
 
 NO_MODEL = ("no image model given, and cake has no embedded default image model. Name one: a "
             "diffusers folder, a .safetensors checkpoint or a Hub repo id (e.g. `cake serve "

@@ -63,7 +63,8 @@ def clip_text_encoder(vocab_size: int, with_projection: bool = False):
 
 
 def sd_pipeline():
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
 
     tokenizer = clip_tokenizer()
     unet = UNet2DConditionModel(
