@@ -55,11 +55,11 @@ def download(repo_id: str) -> Path:
         raise hub.ModelNotFound(f"cannot get {repo_id}: {e}") from e
 
 
-def pipeline_class_name(folder: Path) -> str:
+def model_index(folder: Path) -> dict:
     index = folder / "model_index.json"
     if not index.exists():
         raise hub.ModelNotFound(f"{folder} has no model_index.json: not a diffusers pipeline")
-    return json.loads(index.read_text())["_class_name"]
+    return json.loads(index.read_text())
 
 
 def fp16_only(folder: Path) -> bool:
@@ -72,10 +72,8 @@ def stores_fp8(path: Path) -> bool:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        for name in f.keys():
-            if name.startswith("model.diffusion_model."):
-                return f.get_slice(name).get_dtype() == "F8_E4M3"
-    return False
+        return any(f.get_slice(name).get_dtype() == "F8_E4M3" for name in f.keys()
+                   if name.startswith("model.diffusion_model."))
 
 
 def load_pipeline(path: Path, arch_flag: Optional[str], sd_version: Optional[str],
@@ -85,13 +83,14 @@ def load_pipeline(path: Path, arch_flag: Optional[str], sd_version: Optional[str
     if path.is_file():
         pipe = load_single_file(path, arch_flag, sd_version, dtype)
     else:
-        cls = pipeline_class_name(path)
+        index = model_index(path)
+        cls = index["_class_name"]
         check_flag(arch_flag, cls)
         if cls not in FAMILIES:
             raise hub.ModelNotFound(f"{path} holds a {cls}; cake serves "
                                     f"{', '.join(sorted(FAMILIES))}")
         kwargs = {}
-        if cls.startswith("StableDiffusion"):  # Cake has no safety checker either
+        if "safety_checker" in index:  # Cake has no safety checker either
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         if fp16_only(path):
             kwargs["variant"] = "fp16"
