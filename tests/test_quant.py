@@ -70,10 +70,12 @@ def test_bias_fusion_and_embedding_rows():
 
 
 @pytest.mark.parametrize("window", [0, 5])
-def test_decode_attention_matches_sdpa(window):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_attention_matches_sdpa(window, dtype):
+    """Keys and values as the cache holds them (float16 caches round them once)."""
     g = torch.Generator().manual_seed(window)
-    H, Hkv, D, slots, cap = 6, 2, 16, 4, 32
-    kc, vc = torch.randn(2, slots, cap, Hkv, D, generator=g)
+    H, Hkv, D, slots, cap = 6, 2, 32, 4, 40
+    kc, vc = torch.randn(2, slots, cap, Hkv, D, generator=g).to(dtype)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
     rows_slots, positions = torch.tensor([2, 0, 3]), torch.tensor([9, 0, 20])
     qkv = torch.randn(3, (H + 2 * Hkv) * D, generator=g)
@@ -87,12 +89,13 @@ def test_decode_attention_matches_sdpa(window):
         k_ref[s, p] = k.view(Hkv, D) * cos + rotate_half(k.view(Hkv, D)) * sin
         v_ref[s, p] = v.view(Hkv, D)
         lo = max(0, p + 1 - window) if window else 0
-        keys = k_ref[s, lo:p + 1].repeat_interleave(H // Hkv, 1).transpose(0, 1)
-        vals = v_ref[s, lo:p + 1].repeat_interleave(H // Hkv, 1).transpose(0, 1)
+        keys = k_ref[s, lo:p + 1].float().repeat_interleave(H // Hkv, 1).transpose(0, 1)
+        vals = v_ref[s, lo:p + 1].float().repeat_interleave(H // Hkv, 1).transpose(0, 1)
         want = torch.nn.functional.scaled_dot_product_attention(q[:, None], keys, vals)
         torch.testing.assert_close(out[b], want.reshape(-1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(kc, k_ref, atol=1e-6, rtol=0)  # new keys rotated into the cache
     assert torch.equal(vc, v_ref)
+    assert kc.dtype == vc.dtype == dtype
 
 
 class Requantized:
@@ -140,11 +143,11 @@ def tiny_checkpoint(tmp_path_factory):
     return build
 
 
-def greedy_logits(model, prompt, steps, slots=2):
+def greedy_logits(model, prompt, steps, slots=2, cache_dtype=torch.float32):
     """Prefill, then decode one token per step, in slot 1: logits of every step [steps+1, V]."""
     a = model.args
     cache = KVCache(range(a.num_hidden_layers), slots, 64, a.num_key_value_heads, a.head_dim,
-                    torch.float32, "cpu")
+                    cache_dtype, "cpu")
     tokens, out = list(prompt), []
     with torch.inference_mode():
         logits = model(torch.tensor([tokens]), StepBatch.make([list(range(len(tokens)))], [1],
@@ -170,6 +173,18 @@ def test_quantized_model_matches_dequantized_reference(tiny_checkpoint, family, 
     got, want = greedy_logits(model, prompt, 6), greedy_logits(reference, prompt, 6)
     assert want.abs().max() > 1
     assert (got - want).abs().max() <= 1e-3 * want.abs().max()
+
+
+def test_float16_cache_stays_close_to_float32(tiny_checkpoint):
+    """What a CPU server stores (serving_dtype): logits within 1e-2 of a float32 cache's."""
+    from cake.text.kv_cache import serving_dtype
+
+    assert serving_dtype(torch.float32, "cpu") == torch.float16
+    model = load_stage(tiny_checkpoint("llama"), quant_mode="q8_0")
+    prompt = [3, 17, 99, 42, 7, 64, 5, 120]
+    want = greedy_logits(model, prompt, 6)
+    got = greedy_logits(model, prompt, 6, cache_dtype=torch.float16)
+    assert (got - want).abs().max() <= 1e-2 * want.abs().max()
 
 
 def test_batched_decode_equals_each_row_alone(tiny_checkpoint):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import socket
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -44,6 +45,21 @@ def layer_details(stage) -> dict:
         entry["tensors"].append({"name": name, "short_name": ".".join(parts[3:]),
                                  "dtype": dtype, "shape": shape, "size_bytes": size})
     return details
+
+
+class TensorTable:
+    """What tensor_shapes and packed_types read from a checkpoint, so a server can drop the
+    checkpoint itself: a GGUF reader holds ~150 MB of metadata objects, safetensors files
+    stay mapped."""
+
+    def __init__(self, checkpoint):
+        if hasattr(checkpoint, "_tensors"):
+            self._tensors = {n: SimpleNamespace(shape=tuple(int(d) for d in t.shape),
+                                                tensor_type=t.tensor_type, n_bytes=int(t.n_bytes),
+                                                n_elements=int(t.n_elements))
+                             for n, t in checkpoint._tensors.items()}
+        else:
+            self._file_of = dict(checkpoint._file_of)
 
 
 def tensor_shapes(checkpoint) -> dict[str, tuple[int, ...]]:

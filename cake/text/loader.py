@@ -47,14 +47,25 @@ def load_stage(checkpoint, start: int = 0, end: Optional[int] = None,
     cls = model_class(checkpoint.config)
     with torch.device("meta"):
         model = cls(args, start, end).to(dtype)
-    model = model.to_empty(device=device)
-    # to_empty leaves buffers uninitialised; the rope table stays fp32 for precision.
+    materialize(model, device)
+    # Buffers are left uninitialised; the rope table stays fp32 for precision.
     model.inv_freq = rope_inv_freq(args).to(device)
     if mode:
         _quantize_matrices(model, checkpoint, mode)
     model.load_tensors(checkpoint.get)
     model.fuse_projections()
     return model.eval()
+
+
+def materialize(model: nn.Module, device) -> None:
+    """Module.to_empty, minus its Python reference path for meta tensors, which imports
+    sympy and torch.fx (~70 MiB resident for the life of the server)."""
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            module._parameters[name] = nn.Parameter(
+                torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=False)
+        for name, b in module.named_buffers(recurse=False):
+            module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
 
 
 def _quantize_matrices(model, checkpoint, mode: str) -> None:

@@ -10,7 +10,7 @@ from typing import Optional, Protocol
 
 import torch
 
-from cake.text.kv_cache import KVCache, StepBatch
+from cake.text.kv_cache import KVCache, StepBatch, serving_dtype
 
 
 class Pipeline(Protocol):
@@ -31,14 +31,17 @@ class LocalPipeline:
                  quant: Optional[str] = None):
         """checkpoint, quant: what the stages were loaded from, for the topology document."""
         self.stages, self.num_slots, self.max_len = stages, num_slots, max_len
-        self.checkpoint, self.quant = checkpoint, quant
+        from cake.cluster.topology import TensorTable  # the table, not the whole checkpoint
+
+        self.checkpoint = None if checkpoint is None else TensorTable(checkpoint)
+        self.quant = quant
         first = stages[0]
         param = next(first.parameters())
         self.device, self.dtype = param.device, param.dtype
         args = first.args
         self.caches = [
             KVCache(range(s.start, s.end), num_slots, max_len, args.num_key_value_heads,
-                    args.head_dim, self.dtype, self.device)
+                    args.head_dim, serving_dtype(self.dtype, self.device), self.device)
             for s in stages]
 
     @torch.inference_mode()

@@ -48,14 +48,17 @@ def _cpu_flags() -> str:
 
 
 def _compile_command(out: Path) -> list[str]:
-    from torch.utils.cpp_extension import include_paths, library_paths
-
+    # torch's own layout (what torch.utils.cpp_extension reports, without importing it and
+    # the setuptools it pulls in)
+    root = Path(torch.__file__).parent
+    include_paths = [root / "include", root / "include" / "torch" / "csrc" / "api" / "include"]
+    library_paths = [root / "lib"]
     cxx = os.environ.get("CXX", "c++")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", str(SOURCE), "-o", str(out)]
-    cmd += [f"-I{p}" for p in include_paths()]
-    for p in library_paths():
+    cmd += [f"-I{p}" for p in include_paths]
+    for p in library_paths:
         cmd += [f"-L{p}", f"-Wl,-rpath,{p}"]
     return cmd + ["-lc10", "-ltorch_cpu"]
 

@@ -393,23 +393,37 @@ at::Tensor dequantize_rows(const at::Tensor& w, int64_t qtype, int64_t N, int64_
   return out.view(shape);
 }
 
-float dot(const float* a, const float* b, int64_t n) {
+// KV cache elements: float32, or float16 held as raw bits (half the memory, as llama.cpp).
+using Half = uint16_t;
+inline float to_float(float x) { return x; }
+inline float to_float(Half x) { return f16(x); }
+template <typename T> inline T from_float(float x);
+template <> inline float from_float<float>(float x) { return x; }
+template <> inline Half from_float<Half>(float x) { return c10::Half(x).x; }
+#ifdef CAKE_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+#endif
+
+template <typename T>
+float dot(const float* a, const T* b, int64_t n) {
   int64_t i = 0;
   float s = 0.f;
 #ifdef CAKE_AVX2
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), acc1);
   }
   s = hsum(_mm256_add_ps(acc0, acc1));
 #endif
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += a[i] * to_float(b[i]);
   return s;
 }
 
 // out[0..n) = sum_p w[p] * v[p * stride + (0..n)], accumulated in registers 32 values at a time.
-void weighted_sum(const float* w, const float* v, int64_t stride, int64_t L, int64_t n,
+template <typename T>
+void weighted_sum(const float* w, const T* v, int64_t stride, int64_t L, int64_t n,
                   float* out) {
   int64_t i = 0;
 #ifdef CAKE_AVX2
@@ -417,11 +431,11 @@ void weighted_sum(const float* w, const float* v, int64_t stride, int64_t L, int
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t p = 0; p < L; ++p) {
       const __m256 wp = _mm256_set1_ps(w[p]);
-      const float* vp = v + p * stride + i;
-      a0 = _mm256_fmadd_ps(wp, _mm256_loadu_ps(vp), a0);
-      a1 = _mm256_fmadd_ps(wp, _mm256_loadu_ps(vp + 8), a1);
-      a2 = _mm256_fmadd_ps(wp, _mm256_loadu_ps(vp + 16), a2);
-      a3 = _mm256_fmadd_ps(wp, _mm256_loadu_ps(vp + 24), a3);
+      const T* vp = v + p * stride + i;
+      a0 = _mm256_fmadd_ps(wp, load8(vp), a0);
+      a1 = _mm256_fmadd_ps(wp, load8(vp + 8), a1);
+      a2 = _mm256_fmadd_ps(wp, load8(vp + 16), a2);
+      a3 = _mm256_fmadd_ps(wp, load8(vp + 24), a3);
     }
     _mm256_storeu_ps(out + i, a0);
     _mm256_storeu_ps(out + i + 8, a1);
@@ -431,7 +445,7 @@ void weighted_sum(const float* w, const float* v, int64_t stride, int64_t L, int
 #endif
   for (; i < n; ++i) {
     float acc = 0.f;
-    for (int64_t p = 0; p < L; ++p) acc += w[p] * v[p * stride + i];
+    for (int64_t p = 0; p < L; ++p) acc += w[p] * to_float(v[p * stride + i]);
     out[i] = acc;
   }
 }
@@ -460,7 +474,8 @@ void softmax_tail(float* sc, int64_t L, float mx) {
 // [slots, capacity, Hkv, D]; out rows: [H * D].
 struct AttentionShape { int64_t B, H, Hkv, D, cap; };
 
-void attend(const AttentionShape& S, const float* qkv, float* kc, float* vc, const int64_t* sp,
+template <typename T>
+void attend(const AttentionShape& S, const float* qkv, T* kc, T* vc, const int64_t* sp,
             const int64_t* pp, const float* inv_freq, int64_t window, float* out) {
   const int64_t H = S.H, Hkv = S.Hkv, D = S.D, cap = S.cap, half = D / 2, group = H / Hkv;
   const int64_t row = (H + 2 * Hkv) * D;
@@ -480,10 +495,14 @@ void attend(const AttentionShape& S, const float* qkv, float* kc, float* vc, con
     };
     const float* r = qkv + b * row;
     for (int64_t h = 0; h < H; ++h) rotate(r + h * D, &q[(b * H + h) * D]);
-    float* kdst = kc + ((sp[b] * cap + pp[b]) * Hkv) * D;
-    float* vdst = vc + ((sp[b] * cap + pp[b]) * Hkv) * D;
-    for (int64_t g = 0; g < Hkv; ++g) rotate(r + (H + g) * D, kdst + g * D);
-    std::memcpy(vdst, r + (H + Hkv) * D, Hkv * D * sizeof(float));
+    T* kdst = kc + ((sp[b] * cap + pp[b]) * Hkv) * D;
+    T* vdst = vc + ((sp[b] * cap + pp[b]) * Hkv) * D;
+    std::vector<float> k(D);
+    for (int64_t g = 0; g < Hkv; ++g) {
+      rotate(r + (H + g) * D, k.data());
+      for (int64_t i = 0; i < D; ++i) kdst[g * D + i] = from_float<T>(k[i]);
+    }
+    for (int64_t i = 0; i < Hkv * D; ++i) vdst[i] = from_float<T>(r[(H + Hkv) * D + i]);
   }
   const float scale = 1.f / std::sqrt((float)D);
   // One task per (row, kv head): its `group` query heads share every key and value read.
@@ -493,8 +512,8 @@ void attend(const AttentionShape& S, const float* qkv, float* kc, float* vc, con
       const int64_t b = t / Hkv, g = t % Hkv;
       const int64_t end = pp[b] + 1, start = window > 0 ? std::max<int64_t>(0, end - window) : 0;
       const int64_t L = end - start;
-      const float* kbase = kc + ((sp[b] * cap + start) * Hkv + g) * D;
-      const float* vbase = vc + ((sp[b] * cap + start) * Hkv + g) * D;
+      const T* kbase = kc + ((sp[b] * cap + start) * Hkv + g) * D;
+      const T* vbase = vc + ((sp[b] * cap + start) * Hkv + g) * D;
       scores.resize(group * L);
       for (int64_t h = 0; h < group; ++h) {
         const float* qv = &q[(b * H + g * group + h) * D];
@@ -516,10 +535,11 @@ void attend(const AttentionShape& S, const float* qkv, float* kc, float* vc, con
 AttentionShape check_attention(const at::Tensor& k_cache, const at::Tensor& v_cache,
                                const at::Tensor& slots, const at::Tensor& positions,
                                const at::Tensor& inv_freq, int64_t B, int64_t H) {
-  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
-              k_cache.is_contiguous() && v_cache.is_contiguous() &&
-              k_cache.sizes() == v_cache.sizes() && k_cache.dim() == 4,
-              "attention needs contiguous float32 caches [slots, capacity, kv heads, head dim]");
+  TORCH_CHECK((k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kHalf) &&
+              v_cache.scalar_type() == k_cache.scalar_type() && k_cache.is_contiguous() &&
+              v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() && k_cache.dim() == 4,
+              "attention needs contiguous float32 or float16 caches "
+              "[slots, capacity, kv heads, head dim]");
   const AttentionShape S{B, H, k_cache.size(2), k_cache.size(3), k_cache.size(1)};
   TORCH_CHECK(slots.scalar_type() == at::kLong && positions.scalar_type() == at::kLong &&
               slots.is_contiguous() && positions.is_contiguous() && slots.numel() == B &&
@@ -534,6 +554,19 @@ AttentionShape check_attention(const at::Tensor& k_cache, const at::Tensor& v_ca
   return S;
 }
 
+void attend_any(const AttentionShape& S, const float* qkv, at::Tensor& k_cache,
+                at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& positions,
+                const at::Tensor& inv_freq, int64_t window, float* out) {
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* pp = positions.data_ptr<int64_t>();
+  if (k_cache.scalar_type() == at::kHalf)
+    attend(S, qkv, (Half*)k_cache.data_ptr(), (Half*)v_cache.data_ptr(), sp, pp,
+           inv_freq.data_ptr<float>(), window, out);
+  else
+    attend(S, qkv, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), sp, pp,
+           inv_freq.data_ptr<float>(), window, out);
+}
+
 // qkv: [B, (H + 2 * Hkv) * D] -> [B, H * D]; see attend().
 at::Tensor decode_attention(const at::Tensor& qkv_in, at::Tensor k_cache, at::Tensor v_cache,
                             const at::Tensor& slots, const at::Tensor& positions,
@@ -543,9 +576,8 @@ at::Tensor decode_attention(const at::Tensor& qkv_in, at::Tensor k_cache, at::Te
                                            qkv.size(0), n_heads);
   TORCH_CHECK(qkv.size(1) == (S.H + 2 * S.Hkv) * S.D, "qkv has ", qkv.size(1), " columns");
   at::Tensor out = at::empty({S.B, S.H * S.D}, qkv.options());
-  attend(S, qkv.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-         slots.data_ptr<int64_t>(), positions.data_ptr<int64_t>(), inv_freq.data_ptr<float>(),
-         window, out.data_ptr<float>());
+  attend_any(S, qkv.data_ptr<float>(), k_cache, v_cache, slots, positions, inv_freq, window,
+             out.data_ptr<float>());
   return out.to(qkv_in.scalar_type());
 }
 
@@ -604,9 +636,7 @@ at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& attn_norm,
         for (int64_t i = 0; i < S.D; ++i) v[i] = v[i] * r * w[i];
       }
   }
-  attend(S, qkv.data(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-         slots.data_ptr<int64_t>(), positions.data_ptr<int64_t>(), inv_freq.data_ptr<float>(),
-         window, attn.data());
+  attend_any(S, qkv.data(), k_cache, v_cache, slots, positions, inv_freq, window, attn.data());
   quantize_rows(attn.data(), B, n_attn, xq);
   linear(xq.data(), B, n_attn / QK, o_w, o_type, dim, o_bias, y.data());
   for (int64_t i = 0; i < B * dim; ++i) xp[i] += y[i];

@@ -196,6 +196,7 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         keys, values = cache.update(layer, batch, k, v)  # [B, L, n_kv, head_dim]
+        keys, values = keys.to(q.dtype), values.to(q.dtype)  # a float16 cache of a float32 model
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
             attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
@@ -382,7 +383,7 @@ class Model(nn.Module):
     def kernel_decode(x: torch.Tensor, cache: KVCache) -> bool:
         """Single-token steps on CPU in float32 take our kernel path."""
         return (x.shape[1] == 1 and x.device.type == "cpu" and x.dtype == torch.float32
-                and cache.dtype == torch.float32 and quant.available())
+                and cache.dtype in (torch.float32, torch.float16) and quant.available())
 
     @torch.no_grad()
     def load_tensors(self, get_tensor) -> None:
