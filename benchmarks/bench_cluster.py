@@ -160,7 +160,7 @@ def concurrent_rate(url: str, tokens: int, streams: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def bench_cluster(tokens: int, repeats: int, streams: int = 4) -> dict:
+def bench_cluster(tokens: int, repeats: int, streams: int = 4, depth: int = 0) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="cake-bench-"))
     single_url = f"http://127.0.0.1:{free_port()}"
     master_url = f"http://127.0.0.1:{free_port()}"
@@ -173,7 +173,8 @@ def bench_cluster(tokens: int, repeats: int, streams: int = 4) -> dict:
         wait_ready(single_url, single)
         master = Proc(["serve", "--api", master_url[7:], "--max-batch", str(streams), "--cluster-key",
                        "bench", "--cluster-address", address, "--min-workers", "1",
-                       "--discovery-timeout", "120"], tmp / "master.log",
+                       "--discovery-timeout", "120", "--pipeline-depth", str(depth)],
+                      tmp / "master.log",
                       env={"CAKE_CACHE": str(tmp / "m")})
         procs.append(master)
         time.sleep(3)
@@ -193,6 +194,7 @@ def bench_cluster(tokens: int, repeats: int, streams: int = 4) -> dict:
         s, c = (statistics.median(rates[k]) for k in ("single", "cluster"))
         ms, mc = (statistics.median(many[k]) for k in ("single", "cluster"))
         return {"bench": "2-stage loopback", "tokens": tokens, "repeats": repeats,
+                "pipeline_depth": depth or "auto",
                 "single_tok_s": round(s, 2), "cluster_tok_s": round(c, 2),
                 "ratio": round(c / s, 3),
                 f"{streams}_streams_single_tok_s": round(ms, 2),
@@ -208,10 +210,12 @@ def main() -> None:
     ap.add_argument("--hops-only", action="store_true")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--pipeline-depth", type=int, default=0, help="0: the cluster's default")
     args = ap.parse_args()
     print(json.dumps(bench_hops()), flush=True)
     if not args.hops_only:
-        print(json.dumps(bench_cluster(args.tokens, args.repeats)), flush=True)
+        print(json.dumps(bench_cluster(args.tokens, args.repeats, depth=args.pipeline_depth)),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,8 @@ def default_cluster(start_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cluster")
     # Both worker forms: `cake worker` and Cake's `cake run --cluster-key K --name N`.
     master, workers, address = start_cluster(
-        start_server, tmp, ["--max-batch", "4"],
+        # Three groups of requests in flight (on one machine the default would be one).
+        start_server, tmp, ["--max-batch", "4", "--pipeline-depth", "3"],
         [(["worker", "--name", "w1"], {}), (["run", "--name", "w2"], {})])
     yield master, workers, address
     for w in workers:

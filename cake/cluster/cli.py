@@ -19,6 +19,9 @@ def add_args(p) -> None:
                                       "(nodes with no layers are placed automatically)")
     g.add_argument("--worker-timeout", type=float, default=30.0,
                    help="a worker making no progress this long is replaced")
+    g.add_argument("--pipeline-depth", type=int, default=0,
+                   help="groups of requests in flight through the stages at once "
+                        "(default: one per machine)")
 
 
 def options(args):
@@ -30,6 +33,11 @@ def options(args):
         if getattr(args, "topology", None):
             raise SystemExit("cake: --topology needs --cluster-key (or CAKE_CLUSTER_KEY)")
         return None
+    from cake.cluster.ray_cluster import is_loopback, share_cores_politely, split_address
+
+    if is_loopback(split_address(args.cluster_address)[0]):  # workers share this machine
+        share_cores_politely()
     return ClusterOptions(key=key, address=args.cluster_address, min_workers=args.min_workers,
                           discovery_timeout=args.discovery_timeout,
-                          worker_timeout=args.worker_timeout, topology=args.topology)
+                          worker_timeout=args.worker_timeout, topology=args.topology,
+                          pipeline_depth=args.pipeline_depth)

@@ -180,11 +180,13 @@ class ClusterPipeline:
         self._start_group(order)
         log.info("stages connected at %.1fs", time.monotonic() - t0)
         # Steps can be in flight when the ring is one chain and the master's last part (the
-        # head) keeps no cache; otherwise the engine steps one at a time.
+        # head) keeps no cache. By default one step per machine: stages that share a machine
+        # share its cores and memory bandwidth, so overlapping them gains nothing.
         shape = [p[0] for p in self.plan]
         last = self.plan[-1][1]
-        self.depth = (1 + len(remote)) if shape == ["local", "remote", "local"] \
-            and last.start == last.end else 1
+        machines = {self.master_ip} | {self.workers[s.node].host for s in remote}
+        self.depth = (self.opts.pipeline_depth or len(machines)) \
+            if shape == ["local", "remote", "local"] and last.start == last.end else 1
         self.events.append({"time": time.time(), "event": "placed",
                             "layers": {s.node: layer_range(s.start, s.end) for s in remote},
                             "seconds": round(time.monotonic() - t0, 2)})

@@ -42,6 +42,7 @@ class ClusterOptions:
     worker_timeout: float = 30.0
     topology: Optional[str] = None  # Cake's topology.yml
     advertise: bool = True  # mDNS
+    pipeline_depth: int = 0  # steps in flight through the ring; 0: one per machine
 
 
 # --- the key ------------------------------------------------------------------------------
@@ -71,6 +72,14 @@ def configure_ray_env(key: str, loopback: bool) -> None:
                        "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"})
     if loopback:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        share_cores_politely()
+
+
+def share_cores_politely() -> None:
+    """Stages on one machine take turns on its cores: OpenMP threads that spin while their
+    stage waits would starve the stage that works (measured: 4 streams at 0.4x of one process
+    with spinning, 0.9x without). Read when the OpenMP runtime loads, so set before torch is."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def local_ip_for(host: str) -> str:
