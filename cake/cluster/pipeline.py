@@ -24,7 +24,7 @@ from cake.cluster import transport
 from cake.cluster.placement import NodeSpec, Segment, load_topology, place, usable_memory
 from cake.cluster.topology import (device_memory, layer_range, packed_types,
                                    tensor_shapes, text_topology)
-from cake.text.kv_cache import KVCache, StepBatch
+from cake.text.kv_cache import KVCache, StepBatch, serving_dtype
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +166,8 @@ class ClusterPipeline:
                 stage = by_start[seg.start]
                 self.stages.append(stage)
                 cache = KVCache(range(stage.start, stage.end), self.num_slots, self.max_len,
-                                self.args.num_key_value_heads, self.args.head_dim, self.dtype,
-                                self.device)
+                                self.args.num_key_value_heads, self.args.head_dim,
+                                serving_dtype(self.dtype, self.device), self.device)
                 self.plan.append(("local", stage, cache))
                 i += 1
                 continue

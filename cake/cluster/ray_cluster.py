@@ -8,10 +8,12 @@ on 127.0.0.1.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -66,6 +68,7 @@ def configure_ray_env(key: str, loopback: bool) -> None:
     private temp dir (not ~/.ray), and for a loopback cluster no rewriting of 127.0.0.1 into
     the machine's LAN address."""
     token_dir = Path(tempfile.mkdtemp(prefix="cake-ray-"))
+    atexit.register(shutil.rmtree, token_dir, ignore_errors=True)
     (token_dir / "auth_token").write_text(ray_token(key))
     os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray_token(key),
                        "RAY_AUTH_TOKEN_PATH": str(token_dir / "auth_token"),

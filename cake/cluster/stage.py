@@ -38,7 +38,7 @@ def range_tensor_names(checkpoint, start: int, end: int) -> list[str]:
 
 def make_bundle(checkpoint, names: list[str]) -> bytes:
     """Serialize tensors as a safetensors blob. GGUF tensors travel packed as they are in
-    the file (a quarter of fp32 for 4-bit types); metadata says how to unpack them."""
+    the file (4-bit types at about a sixth of fp32); metadata says how to unpack them."""
     from safetensors.torch import save
 
     tensors, meta = {}, {}
@@ -225,7 +225,7 @@ class StageWorker:
             path.with_suffix(".sha256").write_text(spec["checksum"])
             self.weights_from = "shipped"
             checkpoint = BundleCheckpoint(path, spec["config"])
-        dtype = getattr(torch, spec["dtype"])
+        dtype = self.dtype = getattr(torch, spec["dtype"])
         self.model = build_stage(checkpoint, spec["start"], spec["end"], dtype, str(self.device),
                                  # The quantized kernels are CPU ones; other devices load dense.
                                  spec.get("quant") if self.device.type == "cpu" else "auto")
@@ -240,15 +240,14 @@ class StageWorker:
               backend: str) -> bool:
         """Join the process group and run the receive loop in a thread."""
         from cake.cluster import transport
-        from cake.text.kv_cache import KVCache
+        from cake.text.kv_cache import KVCache, serving_dtype
 
-        args = self.model.args
+        args, dtype = self.model.args, self.dtype
         transport.init_group(rank, world, master_addr, port, local_ip, timeout_s, backend)
         self.cache = KVCache(range(self.model.start, self.model.end), num_slots, max_len,
                              args.num_key_value_heads, args.head_dim,
-                             next(self.model.parameters()).dtype, self.device)
-        self.link = transport.Link(args.hidden_size, next(self.model.parameters()).dtype,
-                                   self.device, backend)
+                             serving_dtype(dtype, self.device), self.device)
+        self.link = transport.Link(args.hidden_size, dtype, self.device, backend)
         self.prev, self.next = prev, next_
         self.thread = threading.Thread(target=self._loop, name="cake-stage", daemon=True)
         self.thread.start()
