@@ -76,7 +76,7 @@ class ClusterPipeline:
             checkpoint, self.args.num_hidden_layers, dtype, quant)
         self.topology_nodes = {n.name: n for n in load_topology(opts.topology)} \
             if opts.topology else {}
-        self.backend = "nccl" if self.device.type == "cuda" else "gloo"
+        self.backend = "gloo"
         self.link = transport.Link(self.args.hidden_size, dtype, self.device, self.backend)
         self.workers: dict[str, rc.WorkerRecord] = {}
         self.lost: dict[str, rc.WorkerRecord] = {}  # by Ray node id
@@ -195,6 +195,11 @@ class ClusterPipeline:
         import ray
 
         ranks = {w.name: w.rank for w in self.workers.values() if w.status == "ready"}
+        # NCCL when every stage is on a CUDA device, else gloo through host memory.
+        devices = [str(self.device)] + [w.info.get("device", "cpu") for w in self.workers.values()
+                                        if w.status == "ready"]
+        self.backend = "nccl" if all(d.startswith("cuda") for d in devices) else "gloo"
+        self.link = transport.Link(self.args.hidden_size, self.dtype, self.device, self.backend)
         world = 1 + len(ranks)
         transport.close_group()
         self.steps_sent = 0
