@@ -11,6 +11,7 @@ callback per request, so the engine knows nothing of HTTP or asyncio.
 from __future__ import annotations
 
 import ctypes
+import gc
 import itertools
 import logging
 import threading
@@ -119,6 +120,10 @@ class Engine:
         return seq
 
     def start(self) -> None:
+        # What exists now (model, tokenizer, modules) lives as long as the server: keep the
+        # cyclic collector from re-scanning it, which cost ~8% of each decode step.
+        gc.collect()
+        gc.freeze()
         self._thread = threading.Thread(target=self._loop, name="cake-engine", daemon=True)
         self._thread.start()
 

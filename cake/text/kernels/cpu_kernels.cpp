@@ -15,9 +15,14 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -26,6 +31,131 @@
 #endif
 
 namespace {
+
+// Work sharing without a join barrier. at::parallel_for (OpenMP) ends every loop with a
+// barrier that waits for each thread to arrive; when another process holds one of the two
+// cores, that wait lasts a scheduler time slice, a few ms, hundreds of times per token. Here
+// threads claim chunks from a shared counter, and the caller waits only for chunks that were
+// claimed: a worker that has not woken up yet costs nothing. Idle workers spin ~0.2 ms (the
+// gaps inside a decode step), then sleep.
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool pool;
+    return pool;
+  }
+
+  // f(begin, end) over [0, n) in chunks of `grain`, on the caller and the workers.
+  template <typename F>
+  void run(int64_t n, int64_t grain, const F& f) {
+    const int64_t chunks = (n + grain - 1) / grain;
+    const int threads = std::max(1, at::get_num_threads());
+    if (chunks <= 1 || threads == 1 || in_worker_) {
+      if (n > 0) f(0, n);
+      return;
+    }
+    std::lock_guard<std::mutex> one_job(run_mutex_);  // callers on several threads take turns
+    resize(threads - 1);
+    auto body = [&](int64_t c) { f(c * grain, std::min(n, (c + 1) * grain)); };
+    fn_ = [](const void* ctx, int64_t c) { (*(const decltype(body)*)ctx)(c); };
+    ctx_ = &body;
+    total_ = chunks;
+    const uint64_t gen = ++gen_;
+    done_.store(0, std::memory_order_relaxed);
+    ticket_.store(gen << 32, std::memory_order_release);  // publish: chunk 0 of this job
+    if (sleepers_.load(std::memory_order_acquire) > 0) {
+      std::lock_guard<std::mutex> lock(sleep_mutex_);
+      wake_.notify_all();
+    }
+    work(gen);
+    while (done_.load(std::memory_order_acquire) < chunks) pause();
+  }
+
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(sleep_mutex_);
+      stop_ = true;
+      wake_.notify_all();
+    }
+    for (auto& t : workers_) t.join();
+  }
+
+ private:
+  static inline thread_local bool in_worker_ = false;
+
+  // Waiting threads spin briefly, yielding now and then: on a busy machine a waiting thread
+  // may share a core with the thread it waits for.
+  static void pause() {
+    static thread_local unsigned spins = 0;
+    if (++spins % 64 == 0) {
+      std::this_thread::yield();
+      return;
+    }
+#ifdef CAKE_AVX2
+    _mm_pause();
+#endif
+  }
+
+  // Claim and run chunks of job `gen` until none is left.
+  void work(uint64_t gen) {
+    for (;;) {
+      uint64_t t = ticket_.load(std::memory_order_acquire);
+      if ((t >> 32) != gen) return;
+      const int64_t c = (int64_t)(t & 0xffffffffu);
+      if (c >= total_) return;
+      if (!ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel)) continue;
+      fn_(ctx_, c);
+      done_.fetch_add(1, std::memory_order_acq_rel);
+    }
+  }
+
+  void resize(int n) {
+    while ((int)workers_.size() < n) workers_.emplace_back([this] { loop(); });
+  }
+
+  void loop() {
+    in_worker_ = true;
+    uint64_t seen = 0;
+    for (;;) {
+      auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
+      uint64_t gen;
+      for (int i = 0;; ++i) {
+        gen = ticket_.load(std::memory_order_acquire) >> 32;
+        if (gen != seen || stop_) break;
+        pause();
+        if ((i & 255) == 0 && std::chrono::steady_clock::now() > spin_until) {
+          std::unique_lock<std::mutex> lock(sleep_mutex_);
+          sleepers_.fetch_add(1, std::memory_order_acq_rel);
+          wake_.wait_for(lock, std::chrono::milliseconds(100), [&] {
+            return stop_ || (ticket_.load(std::memory_order_acquire) >> 32) != seen;
+          });
+          sleepers_.fetch_sub(1, std::memory_order_acq_rel);
+          spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
+        }
+      }
+      if (stop_) return;
+      seen = gen;
+      work(gen);
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex run_mutex_, sleep_mutex_;
+  std::condition_variable wake_;
+  std::atomic<uint64_t> ticket_{0};  // job generation << 32 | next chunk
+  std::atomic<int64_t> done_{0};
+  std::atomic<int> sleepers_{0};
+  uint64_t gen_ = 0;
+  int64_t total_ = 0;
+  void (*fn_)(const void*, int64_t) = nullptr;
+  const void* ctx_ = nullptr;
+  std::atomic<bool> stop_{false};
+};
+
+template <typename F>
+void parallel(int64_t n, int64_t grain, const F& f) {
+  Pool::get().run(n, std::max<int64_t>(1, grain), f);
+}
 
 constexpr int QK = 32;  // values per block in every supported type
 constexpr int R = 8;    // weight rows per packed group: one int32 lane of a 256-bit vector each
@@ -102,7 +232,7 @@ at::Tensor repack(const at::Tensor& w_in, int64_t qtype) {
   at::Tensor out = at::zeros({G, nb * L.bytes}, w.options());
   const uint8_t* src = w.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
-  at::parallel_for(0, G, 16, [&](int64_t g0, int64_t g1) {
+  parallel(G, 16, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g)
       for (int64_t b = 0; b < nb; ++b) {
         uint8_t* gb = dst + (g * nb + b) * L.bytes;
@@ -277,8 +407,9 @@ template <int64_t QT>
 void matmul(const ActBlock* x, int64_t M, int64_t nb, const uint8_t* w, int64_t N, float* y) {
   constexpr int64_t MC = 64;  // activation rows kept in cache while the weights stream by
   const int64_t G = (N + R - 1) / R, gbytes = nb * layout(QT).bytes;
-  const int64_t grain = std::max<int64_t>(1, G / (4 * at::get_num_threads()));
-  at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
+  // Several chunks per thread: a thread that gets descheduled leaves its unclaimed share.
+  const int64_t grain = std::max<int64_t>(1, G / (8 * at::get_num_threads()));
+  parallel(G, grain, [&](int64_t g0, int64_t g1) {
     float tmp[8][R];
     for (int64_t m0 = 0; m0 < M; m0 += MC) {
       const int64_t m1 = std::min(M, m0 + MC);
@@ -330,7 +461,7 @@ void quantize_rows(const float* x, int64_t M, int64_t K, std::vector<ActBlock>& 
                    const float* norm = nullptr, float eps = 0.f) {
   const int64_t nb = K / QK;
   out.resize(M * nb);
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+  parallel(M, 16, [&](int64_t m0, int64_t m1) {
     std::vector<float> tmp(norm ? K : 0);
     for (int64_t m = m0; m < m1; ++m) {
       const float* row = x + m * K;
@@ -376,7 +507,7 @@ at::Tensor dequantize_rows(const at::Tensor& w, int64_t qtype, int64_t N, int64_
   at::Tensor out = at::empty({n, K}, at::TensorOptions().dtype(at::kFloat));
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, n, 64, [&](int64_t i0, int64_t i1) {
+  parallel(n, 64, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t g = ip[i] / R;
       const int r = ip[i] % R;
@@ -450,6 +581,20 @@ void weighted_sum(const float* w, const T* v, int64_t stride, int64_t L, int64_t
   }
 }
 
+// out[i] = silu(gu[i]) * gu[F + i]: the activation of a fused gate/up row.
+void silu_mul_row(const float* gu, int64_t F, float* out) {
+  int64_t i = 0;
+#ifdef CAKE_AVX2
+  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+  for (; i + 8 <= F; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gu + i);
+    const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_sub_ps(zero, g))));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(gu + F + i)));
+  }
+#endif
+  for (; i < F; ++i) out[i] = gu[i] / (1.f + std::exp(-gu[i])) * gu[F + i];
+}
+
 // sc[0..L) <- softmax(sc), given its maximum.
 void softmax_tail(float* sc, int64_t L, float mx) {
   float denom = 0.f;
@@ -506,7 +651,7 @@ void attend(const AttentionShape& S, const float* qkv, T* kc, T* vc, const int64
   }
   const float scale = 1.f / std::sqrt((float)D);
   // One task per (row, kv head): its `group` query heads share every key and value read.
-  at::parallel_for(0, S.B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+  parallel(S.B * Hkv, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / Hkv, g = t % Hkv;
@@ -643,10 +788,7 @@ at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& attn_norm,
   quantize_rows(xp, B, dim, xq, ffn_norm.data_ptr<float>(), eps);
   linear(xq.data(), B, dim / QK, gate_up_w, gate_up_type, 2 * hidden, gate_up_bias, gu.data());
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t i = 0; i < hidden; ++i) {
-      const float g = gu[b * 2 * hidden + i];
-      act[b * hidden + i] = g / (1.f + std::exp(-g)) * gu[b * 2 * hidden + hidden + i];
-    }
+    silu_mul_row(&gu[b * 2 * hidden], hidden, &act[b * hidden]);
   quantize_rows(act.data(), B, hidden, xq);
   linear(xq.data(), B, hidden / QK, down_w, down_type, dim, down_bias, y.data());
   for (int64_t i = 0; i < B * dim; ++i) xp[i] += y[i];
@@ -662,12 +804,8 @@ at::Tensor silu_mul(const at::Tensor& x_in) {
   at::Tensor y = at::empty(shape, x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m)
-      for (int64_t i = 0; i < F; ++i) {
-        const float g = xp[m * 2 * F + i];
-        yp[m * F + i] = g / (1.f + std::exp(-g)) * xp[m * 2 * F + F + i];
-      }
+  parallel(M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) silu_mul_row(xp + m * 2 * F, F, yp + m * F);
   });
   return y.to(x_in.scalar_type());
 }
