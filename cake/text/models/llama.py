@@ -328,7 +328,7 @@ class Model(nn.Module):
         for layer in self.model.layers.values():
             layer.self_attn.fuse()
             layer.mlp.fuse()
-            if quant.available():
+            if next(self.parameters()).device.type == "cpu" and quant.available():
                 layer.prepare_kernel()
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
