@@ -15,6 +15,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -51,7 +52,8 @@ def _compile_command(out: Path) -> list[str]:
     # torch's own layout (what torch.utils.cpp_extension reports, without importing it and
     # the setuptools it pulls in)
     root = Path(torch.__file__).parent
-    include_paths = [root / "include", root / "include" / "torch" / "csrc" / "api" / "include"]
+    include_paths = [root / "include", root / "include" / "torch" / "csrc" / "api" / "include",
+                     Path(sysconfig.get_paths()["include"])]  # Python.h, to release the GIL
     library_paths = [root / "lib"]
     cxx = os.environ.get("CXX", "c++")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)

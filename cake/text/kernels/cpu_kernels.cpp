@@ -9,6 +9,7 @@
 // vec_dot_q4_1_q8_1: int8 activations shrink the default model's top-2 logit gap on its first
 // answer token from 0.08 to 0.001; int16 keeps logits within ~1e-4 (relative) of fp32 math on
 // the dequantized weights. Products run in int32 (vpmaddwd / vpdpwssd) and are scaled per block.
+#include <Python.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -152,6 +153,19 @@ class Pool {
   std::atomic<bool> stop_{false};
 };
 
+// Let other Python threads (the HTTP server's) run while a kernel computes: ops called
+// through torch.ops hold the GIL otherwise.
+class NoGil {
+ public:
+  NoGil() : state_(Py_IsInitialized() && PyGILState_Check() ? PyEval_SaveThread() : nullptr) {}
+  ~NoGil() {
+    if (state_) PyEval_RestoreThread(state_);
+  }
+
+ private:
+  PyThreadState* state_;
+};
+
 template <typename F>
 void parallel(int64_t n, int64_t grain, const F& f) {
   Pool::get().run(n, std::max<int64_t>(1, grain), f);
@@ -223,6 +237,7 @@ inline int value_at(const uint8_t* gb, int64_t qtype, int r, int k) {
 // GGUF rows [N, nb * block] -> packed groups [ceil(N / R), nb * layout.bytes]; padding rows are
 // zero (scale 0), so they contribute nothing and are never written out.
 at::Tensor repack(const at::Tensor& w_in, int64_t qtype) {
+  NoGil no_gil;
   const at::Tensor w = w_in.contiguous();
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2, "repack takes uint8 [rows, bytes]");
   const Layout L = layout(qtype);
@@ -481,6 +496,7 @@ void quantize_rows(const float* x, int64_t M, int64_t K, std::vector<ActBlock>& 
 // y[..., N] = x[..., K] @ dequantize(w)[N, K]^T (+ bias)
 at::Tensor qlinear(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, int64_t N,
                    const std::optional<at::Tensor>& bias) {
+  NoGil no_gil;
   const int64_t K = x_in.size(-1), nb = K / QK;
   check_packed(w, qtype, N, K);
   check_bias(bias, N);
@@ -716,6 +732,7 @@ void attend_any(const AttentionShape& S, const float* qkv, at::Tensor& k_cache,
 at::Tensor decode_attention(const at::Tensor& qkv_in, at::Tensor k_cache, at::Tensor v_cache,
                             const at::Tensor& slots, const at::Tensor& positions,
                             const at::Tensor& inv_freq, int64_t n_heads, int64_t window) {
+  NoGil no_gil;
   const at::Tensor qkv = qkv_in.reshape({qkv_in.size(0), -1}).to(at::kFloat).contiguous();
   const AttentionShape S = check_attention(k_cache, v_cache, slots, positions, inv_freq,
                                            qkv.size(0), n_heads);
@@ -742,6 +759,7 @@ at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& attn_norm,
                         at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
                         const at::Tensor& positions, const at::Tensor& inv_freq,
                         int64_t n_heads, int64_t window, double eps_in) {
+  NoGil no_gil;
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "x must be float32 [B, dim]");
   at::Tensor x = x_in.clone();
   const int64_t B = x.size(0), dim = x.size(1);
