@@ -100,6 +100,7 @@ def load_text_model(path: str | Path, model_id: str, device: Optional[str] = Non
                                              quant_mode=quant)],
                                  num_slots=max_batch, max_len=ctx, checkpoint=checkpoint,
                                  quant=resolve_quant(quant, device))
+    del checkpoint  # the stages and the pipeline hold what they need; loading's memory can go
     engine = Engine(pipeline, tokenizer, vocab_size=args.vocab_size)
     engine.start()
     log.info("loaded %s: %d layers, %s on %s, context %d", model_id,
