@@ -422,8 +422,10 @@ template <int64_t QT>
 void matmul(const ActBlock* x, int64_t M, int64_t nb, const uint8_t* w, int64_t N, float* y) {
   constexpr int64_t MC = 64;  // activation rows kept in cache while the weights stream by
   const int64_t G = (N + R - 1) / R, gbytes = nb * layout(QT).bytes;
-  // Several chunks per thread: a thread that gets descheduled leaves its unclaimed share.
-  const int64_t grain = std::max<int64_t>(1, G / (8 * at::get_num_threads()));
+  // One contiguous share per thread (the prefetchers stream it best); a thread that has not
+  // woken up yet leaves its share to the others.
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t grain = (G + threads - 1) / threads;
   parallel(G, grain, [&](int64_t g0, int64_t g1) {
     float tmp[8][R];
     for (int64_t m0 = 0; m0 < M; m0 += MC) {
