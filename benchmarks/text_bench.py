@@ -183,6 +183,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 5, quick 2)")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (under 3 minutes)")
     args = ap.parse_args()
+    if importlib.util.find_spec("llama_cpp") is None:
+        sys.exit("text_bench: llama-cpp-python is missing; `make bench` installs the bench extra")
     model = args.model or default_gguf()
     reps = args.reps or (2 if args.quick else 5)
     new_tokens, streams = 128, 8
