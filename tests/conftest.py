@@ -97,6 +97,17 @@ def default_tokenizer():
     return load_tokenizer(GGUFCheckpoint(default_gguf()))
 
 
+def hf_cache_with(cache: Path, repo_id: str, folder: Path) -> None:
+    """Lay a model folder out the way huggingface_hub caches a downloaded repo."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
 def write_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
     """A tiny random model of a family, saved like a Hub checkpoint, with the default
     model's real tokenizer (so its text is real UTF-8 over a real vocabulary)."""

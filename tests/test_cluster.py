@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import ROOT, free_port, write_tiny_model
+from conftest import ROOT, free_port, hf_cache_with, write_tiny_model
 
 pytest.importorskip("ray")
 
@@ -191,17 +191,6 @@ def test_worker_killed_mid_stream_the_stream_completes(default_cluster, single_n
 
 
 # --- a tiny random model, manual topology, `cake split`, the worker's own HF cache ---------
-
-def hf_cache_with(cache, repo_id: str, model_dir) -> None:
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for f in model_dir.iterdir():
-        (snapshot / f.name).write_bytes(f.read_bytes())
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-
 
 def test_tiny_model_manual_topology_split_and_local_weights(start_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny-cluster")

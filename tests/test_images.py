@@ -17,6 +17,8 @@ import openai
 import pytest
 from PIL import Image
 
+from conftest import hf_cache_with
+
 tiny = pytest.importorskip("cake.image.tiny", reason="image models are not installed")
 
 # family -> (how the server is started, its default (width, height), its default steps)
@@ -40,17 +42,6 @@ def tiny_pipeline(tmp_path_factory, arch: str) -> Path:
     if not (folder / "model_index.json").exists():
         tiny.write_tiny_pipeline(folder, arch)
     return folder
-
-
-def hf_cache_with(cache: Path, repo_id: str, folder: Path) -> None:
-    """Lay a pipeline out the way huggingface_hub caches a downloaded repo."""
-    import shutil
-
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(folder, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
 
 
 @pytest.fixture(scope="module")

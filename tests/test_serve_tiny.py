@@ -9,23 +9,10 @@ import httpx
 import openai
 import pytest
 import safetensors.torch
-import torch
 
-from conftest import write_tiny_model
+from conftest import hf_cache_with, write_tiny_model
 
 HELLO = [{"role": "user", "content": "Hello!"}]
-
-
-def hf_cache_with(cache: "Path", repo_id: str, model_dir: "Path") -> None:
-    """Lay a model out the way huggingface_hub caches a downloaded repo."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for f in model_dir.iterdir():
-        (snapshot / f.name).write_bytes(f.read_bytes())
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,10 @@ from pydantic import ValidationError
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from cake.server import schemas
+from cake.server.disconnect import result_unless_gone
 from cake.server.errors import APIError
 from cake.text.engine import Output
 from cake.text.sampling import validate
@@ -69,11 +70,6 @@ def sampling_params(text_model, req: schemas.ChatCompletionRequest):
     return params
 
 
-async def wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 @router.post("/v1/chat/completions")
 @router.post("/api/v1/chat/completions")
 async def chat_completions(request: Request):
@@ -107,18 +103,7 @@ async def blocking(seq, outputs: OutputQueue, meta, request: Request):
             if out.finished:
                 return "".join(parts), out
 
-    result = asyncio.ensure_future(collect())
-    gone = asyncio.ensure_future(wait_disconnect(request))
-    try:
-        await asyncio.wait([result, gone], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not result.done():  # the client left: free its slot at the next step
-            seq.cancel()
-            result.cancel()
-    if not result.done() or result.cancelled():
-        return JSONResponse({"error": "client disconnected"}, status_code=499)
-    text, last = result.result()
+    text, last = await result_unless_gone(request, collect(), seq.cancel)
     if last.finish_reason == "error":
         raise APIError(500, last.error or "inference failed")
     return schemas.completion(*meta, text, last.finish_reason, last.prompt_tokens,

@@ -16,9 +16,10 @@ from typing import Optional
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import AliasChoices, Field, ValidationError
 
+from cake.server.disconnect import ClientGone, result_unless_gone
 from cake.server.errors import APIError
 from cake.server.schemas import WireModel
 
@@ -119,34 +120,20 @@ def make_job(model, **kwargs):
         raise APIError(400, str(e))
 
 
-async def wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def render(request: Request, model, job) -> Optional[list[bytes]]:
-    """The job's PNGs, or None when the client left (its job is then cancelled)."""
+async def render(request: Request, model, job) -> list[bytes]:
+    """The job's PNGs; a client that leaves drops its job from the queue or stops it at its
+    next denoising step."""
     from cake.image.generator import Cancelled
 
-    result = asyncio.wrap_future(model.submit(job))
-    gone = asyncio.ensure_future(wait_disconnect(request))
+    future = asyncio.wrap_future(model.submit(job))
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())  # read if nobody waits
     try:
-        await asyncio.wait([result, gone], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not result.done():
-            job.cancel()  # dropped from the queue, or stopped at its next step
-            result.add_done_callback(lambda f: f.cancelled() or f.exception())
-    if not result.done():
-        return None
-    try:
-        return result.result()
+        # Shielded: the job itself ends as it should (dropped from the queue, counted).
+        return await result_unless_gone(request, asyncio.shield(future), job.cancel)
     except Cancelled:
-        return None
+        raise ClientGone()
 
 
-def gone_response() -> JSONResponse:
-    return JSONResponse({"error": "client disconnected"}, status_code=499)
 
 
 def b64(png: bytes) -> str:
@@ -162,8 +149,6 @@ async def generations(request: Request):
     job = make_job(model, prompt=req.prompt, width=width, height=height, seed=req.seed,
                    count=req.n)
     pngs = await render(request, model, job)
-    if pngs is None:
-        return gone_response()
     if fmt == "png":
         return Response(pngs[0], media_type="image/png")
     return {"created": int(time.time()), "data": [{"b64_json": b64(p)} for p in pngs]}
@@ -183,8 +168,6 @@ async def legacy_image(request: Request):
                    init_image=decode_image(a.img2img) if a.img2img else None,
                    strength=a.img2img_strength)
     pngs = await render(request, model, job)
-    if pngs is None:
-        return gone_response()
     if fmt == "png":
         return Response(pngs[0], media_type="image/png")
     return {"images": [b64(p) for p in pngs]}

@@ -14,9 +14,10 @@ import json
 from typing import Literal, Optional
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
+from cake.server.disconnect import result_unless_gone
 from cake.server.errors import APIError
 from cake.server.schemas import WireModel
 
@@ -116,11 +117,6 @@ def service_encoder(fmt: str):
     return to_int16 if fmt == "wav" else to_f32le
 
 
-async def wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 async def blocking(job, chunks: ChunkQueue, fmt: str, rate: int, request: Request, headers):
     import numpy as np
 
@@ -134,18 +130,8 @@ async def blocking(job, chunks: ChunkQueue, fmt: str, rate: int, request: Reques
                 return parts, event
             parts.append(event)
 
-    result = asyncio.ensure_future(collect())
-    gone = asyncio.ensure_future(wait_disconnect(request))
-    try:
-        await asyncio.wait([result, gone], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not result.done():  # the client left: stop its synthesis at the next frame
-            job.cancel()
-            result.cancel()
-    if not result.done() or result.cancelled():
-        return JSONResponse({"error": "client disconnected"}, status_code=499)
-    parts, error = result.result()
+    # the client left: its synthesis stops at the next frame
+    parts, error = await result_unless_gone(request, collect(), job.cancel)
     if error is not None:
         raise APIError(500, f"speech synthesis failed: {error}")
     samples = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
