@@ -3,10 +3,8 @@ the API), against real `cake serve` processes; /health stays open."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import subprocess
 import sys
-import time
 
 import httpx
 import openai
@@ -31,17 +29,8 @@ def start(tmp_path_factory, *args: str, env: dict | None = None) -> Server:
     """A server whose API is locked: readiness is read from the always-open /health."""
     tmp = tmp_path_factory.mktemp("auth")
     model = write_tiny_model(tmp / "model", "llama")
-    server = Server([str(model), "--temperature", "0", *args], tmp / "server.log", env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"server exited:\n{server.output()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(server.url + "/health", timeout=2).status_code == 200:
-                return server
-        time.sleep(0.2)
-    server.stop()
-    raise TimeoutError(server.output())
+    return Server([str(model), "--temperature", "0", *args], tmp / "server.log",
+                  env).wait_ready(path="/health")
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,8 @@
 real `cake serve` of the embedded default model. Screenshots go to test-artifacts/."""
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import re
@@ -38,20 +40,28 @@ def browser():
         b.close()
 
 
-@pytest.fixture
-def page(browser, default_server, request):
-    """A fresh browser context (empty localStorage) on the UI; page errors fail the test."""
-    context = browser.new_context(viewport={"width": 1200, "height": 800})
+@contextlib.contextmanager
+def ui_page(browser, server, shot: str, width: int = 1200, height: int = 800,
+            timeout_ms: int = 60_000):
+    """A fresh browser context (empty localStorage) on the server's UI; a screenshot is kept
+    in test-artifacts/ and page errors fail the test."""
+    context = browser.new_context(viewport={"width": width, "height": height})
     page = context.new_page()
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.set_default_timeout(60_000)
-    page.goto(default_server.url + "/")
+    page.set_default_timeout(timeout_ms)
+    page.goto(server.url + "/")
     yield page
     ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"ui-{request.node.name}.png"), full_page=True)
+    page.screenshot(path=str(ARTIFACTS / f"{shot}.png"), full_page=True)
     context.close()
     assert not errors, errors
+
+
+@pytest.fixture
+def page(browser, default_server, request):
+    with ui_page(browser, default_server, f"ui-{request.node.name}") as p:
+        yield p
 
 
 def ask(page, text: str) -> None:

@@ -9,7 +9,7 @@ import wave
 
 import pytest
 
-from test_ui import ARTIFACTS, browser  # noqa: F401  (the module's one browser)
+from test_ui import browser, ui_page  # noqa: F401  (the module's one browser)
 
 
 @pytest.fixture(scope="module")
@@ -19,17 +19,8 @@ def audio_server(start_server):
 
 @pytest.fixture
 def page(browser, audio_server, request):  # noqa: F811
-    context = browser.new_context(viewport={"width": 1000, "height": 700})
-    page = context.new_page()
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.set_default_timeout(60_000)
-    page.goto(audio_server.url + "/")
-    yield page
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"ui-audio-{request.node.name}.png"), full_page=True)
-    context.close()
-    assert not errors, errors
+    with ui_page(browser, audio_server, f"ui-audio-{request.node.name}", 1000, 700) as p:
+        yield p
 
 
 def test_speech_tab_plays_what_the_server_says(page):

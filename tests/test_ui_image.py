@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_ui import ARTIFACTS, browser  # noqa: F401  (the module's one browser)
+from test_ui import browser, ui_page  # noqa: F401  (the module's one browser)
 
 tiny = pytest.importorskip("cake.image.tiny", reason="image models are not installed")
 
@@ -17,17 +17,9 @@ def image_server(start_server, tmp_path_factory):
 
 @pytest.fixture
 def page(browser, image_server, request):  # noqa: F811
-    context = browser.new_context(viewport={"width": 1000, "height": 700})
-    page = context.new_page()
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.set_default_timeout(120_000)
-    page.goto(image_server.url + "/")
-    yield page
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"ui-image-{request.node.name}.png"), full_page=True)
-    context.close()
-    assert not errors, errors
+    with ui_page(browser, image_server, f"ui-image-{request.node.name}", 1000, 700,
+                 timeout_ms=120_000) as p:
+        yield p
 
 
 def test_image_tab_draws_and_offers_download(page):
