@@ -10,83 +10,20 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import openai
 import pytest
 
+from cluster_procs import KEY, Worker, start_cluster
 from conftest import ROOT, free_port, hf_cache_with, write_tiny_model
 
 pytest.importorskip("ray")
 
-KEY = "test-cluster-key"
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to bake."}]
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-class Worker:
-    """`cake worker` (or Cake's `cake run` worker form) in its own process group, so that
-    everything it starts (Ray's processes) is stopped by that group's id."""
-
-    def __init__(self, log_path, *args: str, env: dict | None = None):
-        self.log_path = log_path
-        self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "cake", *args], cwd=ROOT,
-                                     stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})}, start_new_session=True)
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-        self.log.close()
-
-
-def start_cluster(start_server, tmp, model_args: list[str], workers: list[tuple[list, dict]],
-                  env: dict | None = None):
-    """A master plus workers joining it at an explicit 127.0.0.1 address."""
-    address = f"127.0.0.1:{free_port()}"
-    procs = []
-    master_env = {"CAKE_CACHE": str(tmp / "master-cache"), **(env or {})}
-
-    def launch():  # once the master listens for workers
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", int(address.rsplit(":", 1)[1])), 1).close()
-                break
-            except OSError:
-                time.sleep(0.3)
-        for i, (args, wenv) in enumerate(workers):
-            procs.append(Worker(tmp / f"worker{i}.log", *args, "--join", address,
-                                "--cluster-key", KEY,
-                                env={"CAKE_CACHE": str(tmp / f"cache{i}"), **(env or {}),
-                                     **wenv}))
-
-    with cf.ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(launch)
-        try:
-            master = start_server(*model_args, "--cluster-key", KEY, "--cluster-address",
-                                  address, "--min-workers", str(len(workers)),
-                                  "--discovery-timeout", "90", "--temperature", "0",
-                                  env=master_env)
-        except Exception:
-            pending.result()
-            for w in procs:
-                print(w.output())
-                w.stop()
-            raise
-        pending.result()
-    return master, procs, address
 
 
 def chat(server, messages, max_tokens, stream=False) -> str:
