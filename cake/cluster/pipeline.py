@@ -60,18 +60,26 @@ def layer_sizes(checkpoint, num_layers: int, dtype: torch.dtype, quant: Optional
 
 
 class ClusterPipeline:
+    """headless: every stage is layers only (a speech model's language model: the caller
+    feeds input embeddings [B, T, D] and gets the last layer's hidden states back, and keeps
+    the embeddings, final norm and head itself). Otherwise the master embeds token ids and
+    returns logits, as the engine expects."""
+
     def __init__(self, checkpoint, dtype: torch.dtype, device: str, num_slots: int,
                  max_len: int, opts: rc.ClusterOptions, head_node, master_ip: str,
-                 quant: Optional[str] = "auto"):
+                 quant: Optional[str] = "auto", headless: bool = False):
         from cake.text.models.llama import ModelArgs
 
         self.checkpoint, self.dtype, self.device = checkpoint, dtype, torch.device(device)
         self.num_slots, self.max_len, self.opts = num_slots, max_len, opts
-        self.quant = quant
+        self.quant, self.headless = quant, headless
         self.head_node, self.master_ip = head_node, master_ip
         self.args = ModelArgs.from_config(checkpoint.config)
         self.fingerprint = rc.model_fingerprint(checkpoint)
-        self.hf = rc.hf_origin(getattr(checkpoint, "folder", None) or checkpoint.path)
+        # Workers may reopen the same Hub snapshot themselves; a derived checkpoint (a view
+        # of part of another model) has no folder of its own, so its layers are shipped.
+        source = getattr(checkpoint, "folder", None) or getattr(checkpoint, "path", None)
+        self.hf = rc.hf_origin(source) if source else None
         self.layer_bytes, self.master_extra = layer_sizes(
             checkpoint, self.args.num_hidden_layers, dtype, quant)
         self.topology_nodes = {n.name: n for n in load_topology(opts.topology)} \
@@ -97,7 +105,7 @@ class ClusterPipeline:
     def _build(self, ray_nodes: list[dict]) -> None:
         import ray
 
-        from cake.cluster.stage import checksum, make_bundle, range_tensor_names
+        from cake.cluster.stage import build_stage, checksum, make_bundle, range_tensor_names
         from cake.text.loader import load_stage
 
         t0 = time.monotonic()
@@ -146,8 +154,9 @@ class ClusterPipeline:
             local.insert(0, Segment("master", 0, 0))
         if local[-1].end != L:
             local.append(Segment("master", L, L))
-        by_start = {s.start: load_stage(self.checkpoint, s.start, s.end, self.dtype,
-                                        str(self.device), quant_mode=self.quant) for s in local}
+        load = build_stage if self.headless else load_stage
+        by_start = {s.start: load(self.checkpoint, s.start, s.end, self.dtype, str(self.device),
+                                  self.quant) for s in local}
         for w, result in zip([self.workers[s.node] for s in remote], ray.get(loads, timeout=600)):
             w.weights_from = result["weights_from"]
             w.status = "ready"
@@ -299,9 +308,10 @@ class ClusterPipeline:
         # is reused; forgetting its tokens is all there is to free.
         self.history.pop(slot, None)
 
-    def _remember(self, tokens: torch.Tensor, batch: StepBatch) -> None:
-        for row, (slot, pos, toks) in enumerate(zip(batch.slots.tolist(),
-                                                    batch.positions.tolist(), tokens.tolist())):
+    def _remember(self, inputs: torch.Tensor, batch: StepBatch) -> None:
+        """inputs: token ids [B, T], or input embeddings [B, T, D] kept as one row per position."""
+        rows = inputs.tolist() if inputs.dtype == torch.long else list(inputs.detach().clone())
+        for slot, pos, toks in zip(batch.slots.tolist(), batch.positions.tolist(), rows):
             h = self.history.setdefault(slot, [])
             if pos[0] == 0:
                 h.clear()
@@ -377,8 +387,9 @@ class ClusterPipeline:
                 part = toks[start:start + chunk]
                 batch = StepBatch.make([list(range(start, start + len(part)))], [slot],
                                        self.device)
-                self._run(torch.tensor([part], device=self.device), batch,
-                          torch.tensor([len(part) - 1], device=self.device))
+                inputs = (torch.tensor([part], device=self.device) if isinstance(part[0], int)
+                          else torch.stack(part)[None])
+                self._run(inputs, batch, torch.tensor([len(part) - 1], device=self.device))
 
     # --- lifecycle and reporting ---------------------------------------------------
 
@@ -388,7 +399,7 @@ class ClusterPipeline:
         from cake.text.loader import resolve_quant
 
         doc = text_topology(model_id, self.stages, workers, self.checkpoint,
-                            resolve_quant(self.quant, str(self.device)))
+                            resolve_quant(self.quant, str(self.device)), self.dtype)
         doc["master"]["layers"] = ",".join(layer_range(s.start, s.end) for s in self.segments
                                            if s.node == "master" and s.end > s.start)
         doc["memory_bytes"] = sum(self.layer_bytes) + self.master_extra
@@ -419,8 +430,8 @@ class ClusterPipeline:
 
 
 def start_cluster_pipeline(checkpoint, dtype, device: str, num_slots: int, max_len: int,
-                           opts: rc.ClusterOptions, quant: Optional[str] = "auto"
-                           ) -> ClusterPipeline:
+                           opts: rc.ClusterOptions, quant: Optional[str] = "auto",
+                           headless: bool = False) -> ClusterPipeline:
     """Start the head, advertise it, wait for workers and build the pipeline."""
     host, port = rc.split_address(opts.address)
     rc.configure_ray_env(opts.key, rc.is_loopback(host))
@@ -437,4 +448,4 @@ def start_cluster_pipeline(checkpoint, dtype, device: str, num_slots: int, max_l
 
         advertise(opts.key, master_ip, port)
     return ClusterPipeline(checkpoint, dtype, device, num_slots, max_len, opts, head, master_ip,
-                           quant)
+                           quant, headless)

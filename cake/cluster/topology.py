@@ -64,6 +64,8 @@ class TensorTable:
 
 def tensor_shapes(checkpoint) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape without reading (or dequantizing) its data."""
+    if hasattr(checkpoint, "tensor_shapes"):  # a view that renames another model's tensors
+        return checkpoint.tensor_shapes()
     if hasattr(checkpoint, "_tensors"):  # GGUF: shapes are in the header, reversed
         return {n: tuple(int(d) for d in reversed(t.shape))
                 for n, t in checkpoint._tensors.items()}
@@ -125,12 +127,16 @@ def node(device: torch.device, layers: str, status: str = "ready",
 
 
 def text_topology(model_id: str, stages: list, workers: list[dict] | None = None,
-                  checkpoint=None, quant: Optional[str] = None) -> dict:
+                  checkpoint=None, quant: Optional[str] = None,
+                  dtype: Optional[torch.dtype] = None) -> dict:
     """stages: the Model modules held in this process (the master's). With the checkpoint,
-    layer_details covers every layer, wherever it runs, as the checkpoint's tensors."""
-    param = next(stages[0].parameters())
+    layer_details covers every layer, wherever it runs, as the checkpoint's tensors.
+    dtype: the serving dtype, for when the master's stages hold no parameters."""
+    params = [p for s in stages for p in s.parameters()]
+    dtype = params[0].dtype if params else dtype
+    device = params[0].device if params else stages[0].inv_freq.device
     if checkpoint is not None:
-        details = shape_layer_details(tensor_shapes(checkpoint), param.dtype,
+        details = shape_layer_details(tensor_shapes(checkpoint), dtype,
                                       packed_types(checkpoint, quant))
     else:
         details = {}
@@ -142,10 +148,10 @@ def text_topology(model_id: str, stages: list, workers: list[dict] | None = None
     local = [layer_range(s.start, s.end) for s in stages if s.end > s.start]
     return {
         "model": model_id, "model_id": model_id,
-        "dtype": DTYPE_NAMES.get(param.dtype, str(param.dtype)),
+        "dtype": DTYPE_NAMES.get(dtype, str(dtype)),
         "num_layers": args.num_hidden_layers, "memory_bytes": total,
         "layer_size_bytes": per_layer,
-        "master": node(param.device, ",".join(local), memory_used=total),
+        "master": node(device, ",".join(local), memory_used=total),
         "workers": workers or [],
         "layer_details": dict(sorted(details.items(), key=lambda kv: int(kv[0].split(".")[2]))),
     }
