@@ -27,6 +27,9 @@ def add_args(p) -> None:
                    dest="guidance_scale", type=float, help="default: the model's")
     g.add_argument("--image-seed", "--sd-seed", dest="image_seed", type=int,
                    help="default seed of every image (default: random per request)")
+    g.add_argument("--image-config", metavar="DIR_OR_REPO",
+                   help="single .safetensors checkpoint: the diffusers folder or Hub repo whose "
+                   "configs (and the models the file lacks) it uses; default: inferred")
     g.add_argument("--image-output", default="image.png",
                    help="`cake run`: where to write the PNG")
 
@@ -45,7 +48,8 @@ def load(args):
     device = args.device or best_device()
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
     try:
-        pipe = load_pipeline(ref.path, args.image_model_arch, args.sd_version, device, dtype)
+        pipe = load_pipeline(ref.path, args.image_model_arch, args.sd_version, device, dtype,
+                             image_config=args.image_config)
         arch = describe(pipe, args.sd_version, ref.model_id)
         flux = arch.is_flux
         return ImageModel(pipe, arch, ref.model_id,

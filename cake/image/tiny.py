@@ -164,3 +164,158 @@ def write_tiny_pipeline(folder: Path, arch: str, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     BUILDERS[arch]().save_pretrained(folder)
     return Path(folder)
+
+
+# -- single-file checkpoints: the inverse of diffusers' from_single_file conversion, for the
+# tiny pipelines above (any number of blocks, but only their block types)
+
+def ldm_unet_keys(unet) -> dict[str, str]:
+    """diffusers UNet2DConditionModel name -> original LDM name (model.diffusion_model.*)."""
+    cfg = unet.config
+    per = cfg.layers_per_block + 1  # input/output blocks per resolution (+ the sampler)
+    names = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+             "mid_block.attentions.0": "middle_block.1", "mid_block.resnets.0": "middle_block.0",
+             "mid_block.resnets.1": "middle_block.2"}
+    n = len(cfg.block_out_channels)
+    for i in range(n):
+        for j in range(cfg.layers_per_block):
+            names[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{per * i + j + 1}.0"
+            names[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{per * i + j + 1}.1"
+        names[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{per * (i + 1)}.0.op"
+        up_attn = "CrossAttn" in cfg.up_block_types[i]
+        for j in range(per):
+            names[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{per * i + j}.0"
+            names[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{per * i + j}.1"
+        names[f"up_blocks.{i}.upsamplers.0"] = f"output_blocks.{per * i + per - 1}.{2 if up_attn else 1}"
+    resnet = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
+              "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+              "conv_shortcut": "skip_connection"}
+    out = {}
+    for key in unet.state_dict():
+        module, leaf = key.rsplit(".", 1)
+        prefix = max((p for p in names if module == p or module.startswith(p + ".")), key=len)
+        rest = module[len(prefix) + 1:]
+        if ".resnets." in prefix or prefix.startswith("mid_block.resnets"):
+            rest = resnet.get(rest, rest)
+        out[key] = ".".join(filter(None, [names[prefix], rest, leaf]))
+    return out
+
+
+def ldm_vae_keys(vae) -> dict[str, str]:
+    """diffusers AutoencoderKL name -> original LDM name (without first_stage_model./vae.)."""
+    n = len(vae.config.block_out_channels)
+    subs = [("conv_shortcut", "nin_shortcut"), ("conv_norm_out", "norm_out"),
+            ("mid_block.attentions.0.group_norm", "mid.attn_1.norm"),
+            ("mid_block.attentions.0.to_q", "mid.attn_1.q"),
+            ("mid_block.attentions.0.to_k", "mid.attn_1.k"),
+            ("mid_block.attentions.0.to_v", "mid.attn_1.v"),
+            ("mid_block.attentions.0.to_out.0", "mid.attn_1.proj_out"),
+            ("mid_block.resnets.0", "mid.block_1"), ("mid_block.resnets.1", "mid.block_2")]
+    for i in range(n):
+        subs += [(f"down_blocks.{i}.resnets", f"down.{i}.block"),
+                 (f"down_blocks.{i}.downsamplers.0", f"down.{i}.downsample"),
+                 (f"up_blocks.{i}.resnets", f"up.{n - 1 - i}.block"),
+                 (f"up_blocks.{i}.upsamplers.0", f"up.{n - 1 - i}.upsample")]
+    out = {}
+    for key in vae.state_dict():
+        new = key
+        for old, ldm in subs:
+            new = new.replace(f".{old}.", f".{ldm}.")
+        out[key] = new
+    return out
+
+
+def ldm_vae_state(vae, prefix: str) -> dict[str, torch.Tensor]:
+    state = vae.state_dict()
+    out = {}
+    for key, ldm in ldm_vae_keys(vae).items():
+        t = state[key]
+        if ".attn_1." in ldm and ldm.endswith("weight") and t.ndim == 2:
+            t = t[:, :, None, None]  # LDM's attention projections are 1x1 convolutions
+        out[prefix + ldm] = t
+    return out
+
+
+def clip_state(encoder, prefix: str) -> dict[str, torch.Tensor]:
+    return {prefix + (k if k.startswith("text_model.") else "text_model." + k): v
+            for k, v in encoder.state_dict().items() if not k.startswith("text_projection")}
+
+
+def sd_single_file_state(pipe) -> dict[str, torch.Tensor]:
+    """A StableDiffusionPipeline as an original SD 1.x checkpoint (what civitai serves)."""
+    unet = pipe.unet.state_dict()
+    state = {"model.diffusion_model." + ldm: unet[k] for k, ldm in ldm_unet_keys(pipe.unet).items()}
+    state.update(ldm_vae_state(pipe.vae, "first_stage_model."))
+    state.update(clip_state(pipe.text_encoder, "cond_stage_model.transformer."))
+    return state
+
+
+def bfl_flux_state(transformer) -> dict[str, torch.Tensor]:
+    """A diffusers FluxTransformer2DModel in Black Forest Labs' original layout."""
+    s = transformer.state_dict()
+    out = {}
+
+    def cat(*names):
+        return torch.cat([s[n] for n in names])
+
+    def swap(t):  # BFL's final modulation is (shift, scale), diffusers' (scale, shift)
+        scale, shift = t.chunk(2)
+        return torch.cat([shift, scale])
+
+    embedders = {"time_in": "time_text_embed.timestep_embedder",
+                 "vector_in": "time_text_embed.text_embedder",
+                 "guidance_in": "time_text_embed.guidance_embedder"}
+    for bfl, ours in embedders.items():
+        for p in ("weight", "bias"):
+            if f"{ours}.linear_1.{p}" in s:
+                out[f"{bfl}.in_layer.{p}"] = s[f"{ours}.linear_1.{p}"]
+                out[f"{bfl}.out_layer.{p}"] = s[f"{ours}.linear_2.{p}"]
+    for p in ("weight", "bias"):
+        out[f"txt_in.{p}"] = s[f"context_embedder.{p}"]
+        out[f"img_in.{p}"] = s[f"x_embedder.{p}"]
+        out[f"final_layer.linear.{p}"] = s[f"proj_out.{p}"]
+        out[f"final_layer.adaLN_modulation.1.{p}"] = swap(s[f"norm_out.linear.{p}"])
+    for i in range(transformer.config.num_layers):
+        d, b = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        for p in ("weight", "bias"):
+            out[d + f"img_mod.lin.{p}"] = s[b + f"norm1.linear.{p}"]
+            out[d + f"txt_mod.lin.{p}"] = s[b + f"norm1_context.linear.{p}"]
+            out[d + f"img_attn.qkv.{p}"] = cat(*(b + f"attn.to_{x}.{p}" for x in "qkv"))
+            out[d + f"txt_attn.qkv.{p}"] = cat(*(b + f"attn.add_{x}_proj.{p}" for x in "qkv"))
+            out[d + f"img_attn.proj.{p}"] = s[b + f"attn.to_out.0.{p}"]
+            out[d + f"txt_attn.proj.{p}"] = s[b + f"attn.to_add_out.{p}"]
+            out[d + f"img_mlp.0.{p}"] = s[b + f"ff.net.0.proj.{p}"]
+            out[d + f"img_mlp.2.{p}"] = s[b + f"ff.net.2.{p}"]
+            out[d + f"txt_mlp.0.{p}"] = s[b + f"ff_context.net.0.proj.{p}"]
+            out[d + f"txt_mlp.2.{p}"] = s[b + f"ff_context.net.2.{p}"]
+        out[d + "img_attn.norm.query_norm.scale"] = s[b + "attn.norm_q.weight"]
+        out[d + "img_attn.norm.key_norm.scale"] = s[b + "attn.norm_k.weight"]
+        out[d + "txt_attn.norm.query_norm.scale"] = s[b + "attn.norm_added_q.weight"]
+        out[d + "txt_attn.norm.key_norm.scale"] = s[b + "attn.norm_added_k.weight"]
+    for i in range(transformer.config.num_single_layers):
+        d, b = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        for p in ("weight", "bias"):
+            out[d + f"modulation.lin.{p}"] = s[b + f"norm.linear.{p}"]
+            out[d + f"linear1.{p}"] = cat(*(b + f"attn.to_{x}.{p}" for x in "qkv"),
+                                          b + f"proj_mlp.{p}")
+            out[d + f"linear2.{p}"] = s[b + f"proj_out.{p}"]
+        out[d + "norm.query_norm.scale"] = s[b + "attn.norm_q.weight"]
+        out[d + "norm.key_norm.scale"] = s[b + "attn.norm_k.weight"]
+    return out
+
+
+def flux_single_file_state(pipe, comfy: bool) -> dict[str, torch.Tensor]:
+    """A FluxPipeline as one file: the bare BFL transformer (as black-forest-labs ships
+    flux1-dev.safetensors), or Comfy-Org's all-in-one layout (model.diffusion_model.*,
+    text_encoders.clip_l.*, text_encoders.t5xxl.*, vae.*)."""
+    transformer = bfl_flux_state(pipe.transformer)
+    if not comfy:
+        return transformer
+    state = {"model.diffusion_model." + k: v for k, v in transformer.items()}
+    state.update(clip_state(pipe.text_encoder, "text_encoders.clip_l.transformer."))
+    state.update({"text_encoders.t5xxl.transformer." + k: v
+                  for k, v in pipe.text_encoder_2.state_dict().items()
+                  if k != "encoder.embed_tokens.weight"})  # tied to shared.weight
+    state.update(ldm_vae_state(pipe.vae, "vae."))
+    return state
