@@ -159,6 +159,9 @@ def single_file_pipeline(names: list[str], arch_flag: Optional[str],
     if arch_flag in ("flux", "flux1", "flux2"):
         raise hub.ModelNotFound(f"cannot load a {arch_flag} model from this single file (it "
                                 "holds no FLUX.1 transformer); use its diffusers folder")
+    if not any(n.startswith("model.diffusion_model.input_blocks.") for n in names):
+        raise hub.ModelNotFound("cake reads FLUX.1 and Stable Diffusion single files; this one "
+                                "holds neither a FLUX.1 transformer nor an SD UNet (LDM names)")
     xl = sd_version in ("xl", "turbo") or any(n.startswith("conditioner.") for n in names)
     return "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline"
 
