@@ -40,6 +40,10 @@ def load(args: argparse.Namespace):
 
     voices = VoiceLibrary(args.voice_prompt, args.voice_dir)
     piper = not args.model or args.model.endswith(".onnx")
+    cluster = getattr(args, "cluster", None)
+    if piper and cluster is not None:
+        raise SystemExit("cake: --cluster-key spreads a VibeVoice model's language model over "
+                         "workers; a Piper voice is small and runs on one machine (drop the key)")
     if piper and (args.voice_prompt or args.voice_dir):
         raise SystemExit("cake: --voice-prompt and --voice-dir are voice samples to clone, "
                          "which needs a VibeVoice model; a Piper voice cannot clone")
@@ -56,7 +60,8 @@ def load(args: argparse.Namespace):
         from cake.audio.vibevoice.model import VibeVoiceSpeech
 
         ref = hub.resolve(args.model)
-        model = VibeVoiceSpeech.load(ref.path, ref.model_id, device=args.device, dtype=args.dtype)
+        model = VibeVoiceSpeech.load(ref.path, ref.model_id, device=args.device, dtype=args.dtype,
+                                     cluster=cluster)
     return SpeechService(model, voices)
 
 

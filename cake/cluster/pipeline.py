@@ -248,7 +248,7 @@ class ClusterPipeline:
 
     def _run(self, tokens, batch, logits_at):
         x = tokens
-        B, T = tokens.shape
+        B, T = tokens.shape[:2]
         for part in self.plan:
             if part[0] == "local":
                 _, stage, cache = part
@@ -288,7 +288,7 @@ class ClusterPipeline:
         with self.lock:
             while handle not in self.results:
                 rec = self.inflight[0]
-                B, T = rec["tokens"].shape
+                B, T = rec["tokens"].shape[:2]
                 try:
                     y = self.link.recv_result(self.plan[1][2], B, T)
                     for work, _ in rec["works"]:
@@ -433,19 +433,6 @@ def start_cluster_pipeline(checkpoint, dtype, device: str, num_slots: int, max_l
                            opts: rc.ClusterOptions, quant: Optional[str] = "auto",
                            headless: bool = False) -> ClusterPipeline:
     """Start the head, advertise it, wait for workers and build the pipeline."""
-    host, port = rc.split_address(opts.address)
-    rc.configure_ray_env(opts.key, rc.is_loopback(host))
-    import ray
-
-    head, gcs = rc.start_head(opts.address)
-    master_ip = gcs.rpartition(":")[0]
-    print(f"cake: cluster master listening for workers at {gcs} "
-          f"(join with: cake worker --join {gcs} --cluster-key ...)", flush=True)
-    ray.init(address=gcs, _node_ip_address=master_ip, log_to_driver=False,
-             logging_level=logging.WARNING, configure_logging=False)
-    if opts.advertise and not rc.is_loopback(host):
-        from cake.cluster.discovery import advertise
-
-        advertise(opts.key, master_ip, port)
+    head, master_ip = rc.start_master(opts)
     return ClusterPipeline(checkpoint, dtype, device, num_slots, max_len, opts, head, master_ip,
                            quant, headless)

@@ -92,42 +92,11 @@ class BundleCheckpoint:
 
 def build_stage(checkpoint, start: int, end: int, dtype: torch.dtype, device: str,
                 quant: Optional[str] = None):
-    """Layers [start, end) without embeddings, final norm or head: the model class gives a
-    range that starts at 0 the embeddings and one that ends at the last layer the head, but
-    those live on the master, so they load as zero-stride float placeholders and are dropped."""
-    from gguf import GGMLQuantizationType
-
+    """Layers [start, end) without embeddings, final norm or head (those live on the master)."""
     from cake.text.loader import load_stage
-    from cake.text.models.llama import ModelArgs
 
-    args = ModelArgs.from_config(checkpoint.config)
-    shapes = {"model.embed_tokens.weight": (args.vocab_size, args.hidden_size),
-              "lm_head.weight": (args.vocab_size, args.hidden_size),
-              "model.norm.weight": (args.hidden_size,)}
-
-    class View:
-        config = checkpoint.config
-        tensor_names = staticmethod(checkpoint.tensor_names)
-
-        @staticmethod
-        def get(name):
-            if name in shapes:
-                return torch.zeros(()).expand(shapes[name])
-            return checkpoint.get(name)
-
-    if hasattr(checkpoint, "raw"):
-        def raw(name):
-            if name in shapes:  # a float "tensor": the loader keeps it dense, then we drop it
-                return (GGMLQuantizationType.F32,
-                        np.broadcast_to(np.zeros((), np.float32), shapes[name]), shapes[name])
-            return checkpoint.raw(name)
-        View.raw = staticmethod(raw)
-    stage = load_stage(View, start, end, dtype=dtype, device=device, quant_mode=quant)
-    stage.is_first = stage.is_last = False
-    for owner, attr in ((stage.model, "embed_tokens"), (stage.model, "norm"), (stage, "lm_head")):
-        if getattr(owner, attr, None) is not None:
-            setattr(owner, attr, None)
-    return stage
+    return load_stage(checkpoint, start, end, dtype=dtype, device=device, quant_mode=quant,
+                      headless=True)
 
 
 # --- the stage actor ---------------------------------------------------------------------

@@ -36,17 +36,23 @@ def resolve_quant(mode: Optional[str], device: str) -> Optional[str]:
 
 def load_stage(checkpoint, start: int = 0, end: Optional[int] = None,
                dtype: torch.dtype = torch.float32, device: str = "cpu",
-               quant_mode: Optional[str] = None):
+               quant_mode: Optional[str] = None, headless: bool = False):
     """Instantiate layers [start, end) of the checkpoint's model and load only their tensors.
 
     quant_mode (see resolve_quant): None keeps every weight in `dtype`; "auto" keeps a GGUF's
     Q4_0/Q4_1/Q8_0 blocks as they are, stores its other quantized matrices as Q8_0 and its
-    float ones in `dtype`; "q4_0"/"q4_1"/"q8_0" stores every matrix in that type."""
+    float ones in `dtype`; "q4_0"/"q4_1"/"q8_0" stores every matrix in that type.
+    headless: the layers alone, without the embeddings, final norm and head that a range
+    starting at 0 or ending at the last layer would hold (a worker's range: those live on
+    the master)."""
     mode = resolve_quant(quant_mode, device)
     args = ModelArgs.from_config(checkpoint.config)
     cls = model_class(checkpoint.config)
     with torch.device("meta"):
         model = cls(args, start, end).to(dtype)
+    if headless:
+        model.is_first = model.is_last = False
+        model.model.embed_tokens = model.model.norm = model.lm_head = None
     materialize(model, device)
     # Buffers are left uninitialised; the rope table stays fp32 for precision.
     model.inv_freq = rope_inv_freq(args).to(device)

@@ -90,16 +90,19 @@ def fuse_linears(layers: Sequence[nn.Module]) -> Optional[nn.Module]:
     """One layer computing the concatenated outputs of `layers` (same input), or None when
     they cannot be joined (mixed quant types)."""
     if all(type(m) is nn.Linear for m in layers):
-        w = torch.cat([m.weight for m in layers])
         has_bias = [m.bias is not None for m in layers]
-        fused = nn.Linear(w.shape[1], w.shape[0], bias=any(has_bias), device=w.device,
-                          dtype=w.dtype)
+        # Made on the meta device: a real one would draw its random init from (and so shift)
+        # the global generator that seeded requests rely on, and take time for nothing.
+        fused = nn.Linear(layers[0].in_features, sum(m.out_features for m in layers),
+                          bias=any(has_bias), device="meta")
         with torch.no_grad():
-            fused.weight.copy_(w)
+            fused.weight = nn.Parameter(torch.cat([m.weight for m in layers]),
+                                        requires_grad=False)
             if any(has_bias):
-                fused.bias.copy_(torch.cat([m.bias if m.bias is not None else
-                                            m.weight.new_zeros(m.out_features) for m in layers]))
-        return fused.requires_grad_(False)
+                fused.bias = nn.Parameter(torch.cat(
+                    [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
+                     for m in layers]), requires_grad=False)
+        return fused
     if all(isinstance(m, QuantLinear) for m in layers) and len({m.qtype for m in layers}) == 1:
         # Packed groups concatenate when no layer ends in a padded (partial) group.
         first = layers[0]

@@ -52,6 +52,12 @@ class FrameGenerator:
         """prompt: input embeddings [1, L, D] ending with the speech-start token. Yields the
         audio of each frame ([hop] samples at 24 kHz) until the model ends its speech,
         max_frames, or `cancelled` is set."""
+        try:
+            yield from self._frames(prompt, cfg_scale, diffusion_steps, max_frames, cancelled)
+        finally:
+            self.lm.release()
+
+    def _frames(self, prompt, cfg_scale, diffusion_steps, max_frames, cancelled):
         lm, vv = self.lm, self.vv
         guided = cfg_scale != 1.0
         length = prompt.shape[1]

@@ -6,6 +6,9 @@ their parameters are shared with (not copied from) the transformers model that o
 A two-slot KV cache keeps both branches of classifier-free guidance: slot 0 the prompted
 sequence, slot 1 the unconditional one, so one decode step advances both as a batch of two
 rows at their own positions (transformers runs them as two separate forward passes).
+
+In a cluster the layers run in a ring of stages instead (cake/audio/vibevoice/cluster.py),
+which holds the two slots' caches on every node.
 """
 from __future__ import annotations
 
@@ -35,17 +38,20 @@ def even_split(num_layers: int, parts: int) -> list[tuple[int, int]]:
 
 class SpeechLM:
     def __init__(self, language_model: nn.Module, lm_head: nn.Module, text_config: dict,
-                 head_token_ids: list[int], layer_ranges: Optional[list[tuple[int, int]]] = None):
+                 head_token_ids: list[int], layer_ranges: Optional[list[tuple[int, int]]] = None,
+                 ring=None):
+        """ring: a headless ClusterPipeline running the decoder layers on cluster nodes
+        (language_model's own layers are then unused)."""
         args = ModelArgs.from_config(text_config)
-        self.args = args
+        self.args, self.ring = args, ring
         params = {f"model.{k}": v for k, v in language_model.named_parameters()}
         params["lm_head.weight"] = lm_head.weight
+        ref = next(language_model.parameters())
         self.stages = []
-        for start, end in layer_ranges or [(0, args.num_hidden_layers)]:
+        for start, end in [] if ring else layer_ranges or [(0, args.num_hidden_layers)]:
             with torch.device("meta"):
                 stage = Model(args, start, end)
             share_parameters(stage, params)
-            ref = next(language_model.parameters())
             stage.inv_freq = rope_inv_freq(args).to(ref.device)
             self.stages.append(stage)
         self.norm = language_model.norm
@@ -55,7 +61,9 @@ class SpeechLM:
         self.head = lm_head.weight[self.head_token_ids].detach().clone()
         self.device, self.dtype = ref.device, ref.dtype
 
-    def new_cache(self, max_len: int) -> KVCache:
+    def new_cache(self, max_len: int) -> Optional[KVCache]:
+        if self.ring is not None:  # every stage keeps its own layers' cache
+            return None
         a = self.args
         return KVCache(range(a.num_hidden_layers), 2, min(max_len, a.max_position_embeddings),
                        a.num_key_value_heads, a.head_dim, self.dtype, self.device)
@@ -66,6 +74,8 @@ class SpeechLM:
         """Input embeddings [B, T, D] at the given positions of the given cache slots ->
         the final-norm hidden state of each row's last position [B, D]."""
         batch = StepBatch.make(positions, slots, embeds.device)
+        if self.ring is not None:
+            return self.norm(self.ring.forward(embeds, batch)[:, -1])
         x = embeds
         for stage in self.stages:
             cos, sin = stage.rope(batch.positions, x.dtype)
@@ -75,6 +85,12 @@ class SpeechLM:
                     masks[layer.window] = Model.attention_mask(batch, layer.window)
                 x = layer(x, cos, sin, masks[layer.window], batch, cache, int(i))
         return self.norm(x[:, -1])
+
+    def release(self) -> None:
+        """The sequence in both slots is done (the ring forgets what it kept for replay)."""
+        if self.ring is not None:
+            self.ring.release(PROMPTED)
+            self.ring.release(UNCONDITIONAL)
 
     def choose(self, hidden: torch.Tensor) -> list[int]:
         """Greedy choice among the head tokens, per row (ties go to the lowest id, as an

@@ -46,7 +46,7 @@ class VibeVoiceSpeech:
     sample_rate = SAMPLE_RATE
 
     def __init__(self, model, tokenizer, scheduler_args: dict, model_id: str,
-                 layer_ranges: Optional[list[tuple[int, int]]] = None):
+                 layer_ranges: Optional[list[tuple[int, int]]] = None, ring=None):
         from transformers import VibeVoiceAcousticTokenizerFeatureExtractor
 
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
@@ -54,7 +54,7 @@ class VibeVoiceSpeech:
         text_config = model.config.text_config
         self.context = text_config.max_position_embeddings
         self.lm = SpeechLM(model.model.language_model, model.lm_head, text_config.to_dict(),
-                           self.tokens.ids(), layer_ranges)
+                           self.tokens.ids(), layer_ranges, ring)
         self.generator = FrameGenerator(model, self.lm, self.tokens, scheduler_args)
         self.hop = model.config.audio_config.hop_length
         self.features = VibeVoiceAcousticTokenizerFeatureExtractor(
@@ -62,7 +62,8 @@ class VibeVoiceSpeech:
 
     @classmethod
     def load(cls, folder: Path, model_id: str, device: Optional[str] = None,
-             dtype: Optional[str] = None) -> "VibeVoiceSpeech":
+             dtype: Optional[str] = None, cluster=None) -> "VibeVoiceSpeech":
+        """cluster: ClusterOptions to run the language model's layers on cluster nodes."""
         from tokenizers import Tokenizer
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -74,7 +75,16 @@ class VibeVoiceSpeech:
         log.info("loaded %s (%s layout) on %s in %.1f s", model_id,
                  "original, converted" if converted else "transformers", device,
                  time.monotonic() - started)
-        return cls(model, tokenizer, scheduler_args, model_id)
+        ring = None
+        if cluster is not None:
+            from cake.audio.vibevoice.cluster import start_language_model_ring
+
+            text_config = model.config.text_config
+            ring = start_language_model_ring(Path(folder), text_config.to_dict(), torch_dtype,
+                                             device, text_config.max_position_embeddings, cluster)
+            # The stages hold the layers now (the master's from the files): free these.
+            model.model.language_model.layers = torch.nn.ModuleList()
+        return cls(model, tokenizer, scheduler_args, model_id, ring=ring)
 
     def voice_names(self) -> list[str]:
         return []  # voices are samples from the voice library, cloned
@@ -137,5 +147,13 @@ class VibeVoiceSpeech:
                                            req.max_frames, cancelled):
             yield audio.float().cpu().numpy()
 
+    def topology(self) -> dict:
+        from cake.cluster.topology import text_topology
+
+        if self.lm.ring is not None:
+            return self.lm.ring.topology(self.model_id)
+        return text_topology(self.model_id, self.lm.stages)
+
     def close(self) -> None:
-        pass
+        if self.lm.ring is not None:
+            self.lm.ring.close()
