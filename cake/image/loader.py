@@ -207,6 +207,9 @@ def load_part(folder: Path, name: str, dtype: torch.dtype, path: Path):
 
 
 def flux_transformer(path: Path, folder: Path, dtype: torch.dtype):
+    """The file's FLUX.1 transformer. FP8 weights go straight into FP8 storage (computing in
+    `dtype`), so FLUX.1-dev never exists in full precision while it loads."""
+    from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
     from safetensors import safe_open
 
@@ -215,10 +218,18 @@ def flux_transformer(path: Path, folder: Path, dtype: torch.dtype):
     with safe_open(str(path), "pt") as f:
         state = {n: f.get_tensor(n) for n in flux_transformer_keys(f.keys())}
     config = FluxTransformer2DModel.load_config(folder, subfolder="transformer")
-    # already in diffusers' names, so from_single_file loads them as they are
-    return FluxTransformer2DModel.from_single_file(bfl_to_diffusers(state, config),
-                                                   config=str(folder), subfolder="transformer",
-                                                   dtype=dtype)
+    state = bfl_to_diffusers(state, config)
+    with init_empty_weights():
+        model = FluxTransformer2DModel.from_config(config).to(dtype)
+    if any(t.dtype == torch.float8_e4m3fn for t in state.values()):
+        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    wanted = model.state_dict()
+    if state.keys() != wanted.keys():
+        raise ValueError(f"{path.name}'s transformer does not match {folder}'s config: missing "
+                         f"{sorted(wanted.keys() - state.keys())[:5]}, unexpected "
+                         f"{sorted(state.keys() - wanted.keys())[:5]}")
+    model.load_state_dict({k: t.to(wanted[k].dtype) for k, t in state.items()}, assign=True)
+    return model.eval()
 
 
 def load_single_file(path: Path, arch_flag: Optional[str], sd_version: Optional[str],
@@ -242,16 +253,18 @@ def load_single_file(path: Path, arch_flag: Optional[str], sd_version: Optional[
               if not any(n.startswith(prefixes) for n in names)]
     folder = config_folder(image_config or default_config, path, cls, needed)
     parts = {name: load_part(folder, name, dtype, path) for name in needed}
-    if cls == "FluxPipeline":  # diffusers' converter only knows FLUX.1's width
-        parts["transformer"] = flux_transformer(path, folder, dtype)
+    flux = cls == "FluxPipeline"
+    if flux:  # loaded below, once diffusers has let go of its copy of the whole file
+        parts["transformer"] = None
     pipe = getattr(diffusers, cls).from_single_file(str(path), config=str(folder), dtype=dtype,
                                                     **parts)
+    if flux:  # diffusers' own converter only knows FLUX.1's width
+        pipe.register_modules(transformer=flux_transformer(path, folder, dtype))
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.eval()  # diffusers leaves a T5 read from the file in training mode (dropout)
             if any(p.is_meta for p in module.parameters()):
                 module.tie_weights()  # its embed_tokens is shared.weight, absent from the file
-    if stores_fp8(path):  # keep the denoiser's weights in FP8, compute in `dtype`
-        denoiser = pipe.transformer if cls == "FluxPipeline" else pipe.unet
-        denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    if not flux and stores_fp8(path):  # keep the UNet's weights in FP8, compute in `dtype`
+        pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
     return pipe
