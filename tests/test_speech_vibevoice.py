@@ -234,6 +234,38 @@ def test_original_layout_converts_on_load(tiny, original):
     assert_same_audio(a, b)  # equal weights; float rounding may differ with memory layout
 
 
+def test_cluster_stages_read_the_language_model_of_both_layouts(tiny, original):
+    """What a cluster ships and loads: the language model under a text model's names, alike in
+    both layouts, and a headless stage built from it computes what the local layers do."""
+    from cake.audio.vibevoice.cluster import LanguageModelCheckpoint
+    from cake.audio.vibevoice.model import VibeVoiceSpeech
+    from cake.cluster.stage import build_stage
+    from cake.text.kv_cache import StepBatch
+
+    folder, model = tiny
+    target, _ = original
+    config = model.config.text_config.to_dict()
+    views = [LanguageModelCheckpoint(f, config) for f in (folder, target)]
+    names = sorted(views[0].tensor_names())
+    assert names == sorted(views[1].tensor_names())
+    assert "model.layers.1.mlp.down_proj.weight" in names and "lm_head.weight" in names
+    for name in names:
+        torch.testing.assert_close(views[1].get(name), views[0].get(name), rtol=0, atol=0)
+    speech = VibeVoiceSpeech.load(folder, "hf")
+    embeds, ids = speech.prompt_embeds("Split me.")
+    positions = [list(range(len(ids)))]
+    local = speech.lm.forward(embeds, positions, [0], speech.lm.new_cache(len(ids)))
+    stages = [build_stage(views[1], 0, 1, torch.float32, "cpu"),
+              build_stage(views[1], 1, 2, torch.float32, "cpu")]
+    x = embeds
+    with torch.inference_mode():
+        for stage in stages:
+            cache = speech.lm.new_cache(len(ids))
+            x = stage(x, StepBatch.make(positions, [0], "cpu"), cache)
+        ringed = speech.lm.norm(x[:, -1])
+    torch.testing.assert_close(ringed, local, rtol=1e-5, atol=1e-5)
+
+
 def test_tied_original_checkpoint_without_a_head_loads_tied(tmp_path):
     from cake.audio.vibevoice import checkpoint, random_model
 
