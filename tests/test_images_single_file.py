@@ -32,10 +32,14 @@ def save(state: dict[str, torch.Tensor], path: Path) -> Path:
     return path
 
 
-def fp8_blocks(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The transformer blocks' matrices in FP8 (float8_e4m3fn), the rest as they are, as in
-    FP8 FLUX checkpoints."""
-    return {k: v.to(FP8) if "_blocks." in k and v.ndim == 2 else v for k, v in state.items()}
+T5 = "text_encoders.t5xxl.transformer."
+
+
+def fp8_matrices(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The transformer blocks' and T5's matrices in FP8 (float8_e4m3fn), the rest as they
+    are, as in Comfy-Org's flux1-dev fp8 file."""
+    return {k: v.to(FP8) if ("_blocks." in k or k.startswith(T5)) and v.ndim == 2 else v
+            for k, v in state.items()}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +60,7 @@ def files(tmp_path_factory):
         "sd_file": save(tiny.sd_single_file_state(sd), root / "tiny-sd15.safetensors"),
         "bfl_file": save(tiny.flux_single_file_state(flux, comfy=False),
                          root / "tiny-flux1-dev.safetensors"),
-        "comfy_file": save(fp8_blocks(tiny.flux_single_file_state(flux, comfy=True)),
+        "comfy_file": save(fp8_matrices(tiny.flux_single_file_state(flux, comfy=True)),
                            root / "comfy" / "flux1-dev-fp8.safetensors"),
         "cache": root / "hf-cache",
     }
@@ -78,14 +82,17 @@ def assert_same_weights(expected, loaded, names, fp8_file=None):
     if fp8_file is not None:
         from cake.image.flux_keys import bfl_to_diffusers
 
-        state = {k: v for k, v in stored(fp8_file).items() if k.startswith("model.diffusion_model.")}
-        rounded = bfl_to_diffusers(state, dict(expected.transformer.config))
+        state = stored(fp8_file)
+        transformer = {k: v for k, v in state.items() if k.startswith("model.diffusion_model.")}
+        rounded["transformer"] = bfl_to_diffusers(transformer, dict(expected.transformer.config))
+        t5 = {k.removeprefix(T5): v for k, v in state.items() if k.startswith(T5)}
+        rounded["text_encoder_2"] = {**t5, "encoder.embed_tokens.weight": t5["shared.weight"]}
     for name in names:
         want = getattr(expected, name).state_dict()
         got = getattr(loaded, name).state_dict()
         assert want.keys() == got.keys(), name
         for key, tensor in want.items():
-            reference = rounded.get(key, tensor) if name == "transformer" else tensor
+            reference = rounded.get(name, {}).get(key, tensor)
             assert torch.equal(reference.to(got[key].dtype), got[key]), f"{name}.{key}"
 
 
