@@ -69,10 +69,11 @@ def bfl_to_diffusers(state: dict[str, torch.Tensor], config: dict) -> dict[str, 
         if block is None:
             if module not in TOP:
                 raise ValueError(f"{key} is not a FLUX.1 transformer weight")
-            out[f"{TOP[module]}.{leaf}"] = swap_halves(t) if module.startswith("final_layer.ada") else t
+            final_modulation = module == "final_layer.adaLN_modulation.1"
+            out[f"{TOP[module]}.{leaf}"] = swap_halves(t) if final_modulation else t
             continue
         kind, i, rest = block.groups()
-        prefix = f"transformer_blocks.{i}." if kind == "double" else f"single_transformer_blocks.{i}."
+        prefix = f"{'' if kind == 'double' else 'single_'}transformer_blocks.{i}."
         if (kind, rest) in FUSED:
             names = FUSED[kind, rest]
             sizes = [inner] * 3 + [t.shape[0] - 3 * inner] * (len(names) - 3)

@@ -187,7 +187,8 @@ def ldm_unet_keys(unet) -> dict[str, str]:
         for j in range(per):
             names[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{per * i + j}.0"
             names[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{per * i + j}.1"
-        names[f"up_blocks.{i}.upsamplers.0"] = f"output_blocks.{per * i + per - 1}.{2 if up_attn else 1}"
+        last = f"output_blocks.{per * i + per - 1}"  # the resolution's last block upsamples
+        names[f"up_blocks.{i}.upsamplers.0"] = f"{last}.{2 if up_attn else 1}"
     resnet = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
               "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
               "conv_shortcut": "skip_connection"}
