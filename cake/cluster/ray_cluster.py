@@ -132,6 +132,26 @@ def start_head(address: str):
     return node, f"{node_ip}:{port}"
 
 
+def start_master(opts: ClusterOptions):
+    """Start the head node, connect this process to it and advertise it (mDNS) unless it
+    listens on loopback; returns (head node, the master's IP)."""
+    host, port = split_address(opts.address)
+    configure_ray_env(opts.key, is_loopback(host))  # before Ray is imported
+    import ray
+
+    head, gcs = start_head(opts.address)
+    master_ip = gcs.rpartition(":")[0]
+    print(f"cake: cluster master listening for workers at {gcs} "
+          f"(join with: cake worker --join {gcs} --cluster-key ...)", flush=True)
+    ray.init(address=gcs, _node_ip_address=master_ip, log_to_driver=False,
+             logging_level=logging.WARNING, configure_logging=False)
+    if opts.advertise and not is_loopback(host):
+        from cake.cluster.discovery import advertise
+
+        advertise(opts.key, master_ip, port)
+    return head, master_ip
+
+
 def check_key(gcs_address: str, timeout: float = 5.0) -> None:
     """Fail fast and clearly on a wrong key (Ray alone retries ~20 s, then says
     ConnectionError)."""

@@ -41,22 +41,27 @@ def load(args):
     from cake.text.loader import DTYPES
     from cake.text.serving import best_device, default_dtype
 
-    if getattr(args, "cluster", None):
-        log.warning("image models run whole on this node: --cluster-key spreads text models "
-                    "only (the pipeline's components are not placed on workers)")
     ref = resolve(args.model, args.sd_version)
     device = args.device or best_device()
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
     try:
+        cluster = None
+        if getattr(args, "cluster", None):  # components named in --topology go to workers
+            from cake.image.cluster import start_cluster
+            cluster = start_cluster(ref.path, args.cluster, device, dtype)
         pipe = load_pipeline(ref.path, args.image_model_arch, args.sd_version, device, dtype,
+                             components=cluster.stand_ins() if cluster else None,
                              image_config=args.image_config)
         arch = describe(pipe, args.sd_version, ref.model_id)
         flux = arch.is_flux
-        return ImageModel(pipe, arch, ref.model_id,
-                          width=args.flux_width if flux else args.sd_width,
-                          height=args.flux_height if flux else args.sd_height,
-                          steps=args.n_steps, guidance=args.guidance_scale, seed=args.image_seed)
-    except (ArchMismatch, ValueError) as e:
+        defaults = dict(width=args.flux_width if flux else args.sd_width,
+                        height=args.flux_height if flux else args.sd_height,
+                        steps=args.n_steps, guidance=args.guidance_scale, seed=args.image_seed)
+        if cluster:
+            from cake.image.cluster import ClusterImageModel
+            return ClusterImageModel(pipe, arch, ref.model_id, cluster, **defaults)
+        return ImageModel(pipe, arch, ref.model_id, **defaults)
+    except (ArchMismatch, ValueError) as e:  # (a started cluster's head ends with us)
         raise SystemExit(f"cake: {e}")
 
 

@@ -92,8 +92,10 @@ def stores_fp8(path: Path) -> bool:
 
 
 def load_pipeline(path: Path, arch_flag: Optional[str], sd_version: Optional[str],
-                  device: str, dtype: torch.dtype, image_config: Optional[str] = None):
-    """image_config: where a single file's configs come from (see load_single_file)."""
+                  device: str, dtype: torch.dtype, components: Optional[dict] = None,
+                  image_config: Optional[str] = None):
+    """components: modules to use in place of loading those (stand-ins for remote ones);
+    image_config: where a single file's configs come from (see load_single_file)."""
     import diffusers
 
     if path.is_file():
@@ -110,6 +112,7 @@ def load_pipeline(path: Path, arch_flag: Optional[str], sd_version: Optional[str
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         if fp16_only(path):
             kwargs["variant"] = "fp16"
+        kwargs.update(components or {})
         pipe = getattr(diffusers, cls).from_pretrained(path, dtype=dtype, **kwargs)
     return pipe.to(device)
 
