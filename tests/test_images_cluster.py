@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
+import pickle
 import subprocess
 import sys
 import time
@@ -181,3 +182,89 @@ def test_bad_topology_is_a_clear_startup_error(tmp_path, sd_folder, layers, mess
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert f"cake: {message}" in proc.stderr
+
+
+# --- the stand-ins and the worker's side, in this process -----------------------------------
+
+class PickledLink:
+    """ImageCluster's side of the calls, over a ComponentWorker in this process: arguments
+    and results are pickled on the way, as Ray does between machines."""
+
+    def __init__(self, worker):
+        self.worker = worker
+
+    def call(self, name, method, args, kwargs):
+        from cake.image.cluster import moved
+
+        sent = pickle.loads(pickle.dumps(moved((args, kwargs), "cpu")))
+        return pickle.loads(pickle.dumps(self.worker.call(name, method, *sent)))
+
+    def set_dtype(self, name, dtype):
+        self.worker.set_dtype(name, dtype)
+
+
+@pytest.mark.parametrize("arch", tiny.ARCHS)
+def test_stand_ins_render_what_the_components_render(tmp_path_factory, monkeypatch, arch):
+    """Every family, text-to-image and image-to-image: each component shipped to a worker
+    (here, in-process) and run there gives the same PNG bytes as the pipeline alone."""
+    import torch
+    from PIL import Image
+
+    from cake.image import cluster
+    from cake.image.arch import describe
+    from cake.image.generator import ImageModel
+    from cake.image.loader import load_pipeline, model_index
+
+    monkeypatch.setenv("CAKE_CACHE", str(tmp_path_factory.mktemp("cake-cache")))
+    folder = pipeline_folder(tmp_path_factory, arch)
+    index = model_index(folder)
+    names = [n for n in cluster.COMPONENTS if (index.get(n) or [None])[0]]
+    worker = cluster.ComponentWorker("w")
+    for name in names:
+        spec = cluster.component_spec(folder, index, name, None, torch.float32,
+                                      torch.device("cpu"))
+        assert not worker.has_weights(spec)
+        sums = cluster.ship(folder / name, spec, lambda *chunk: worker.receive(spec, *chunk))
+        assert worker.load(spec, sums)["weights_from"] == "shipped"
+    link = PickledLink(worker)
+    stand_ins = {n: cluster.stand_in(cluster.component_class(index, n), folder / n, n, link,
+                                     "cpu", torch.float32) for n in names}
+    init = Image.new("RGB", (64, 64), (120, 30, 200))
+    pngs = []
+    for components in (None, stand_ins):
+        pipe = load_pipeline(folder, None, None, "cpu", torch.float32, components=components)
+        model = ImageModel(pipe, describe(pipe, None, arch), arch, steps=2)
+        try:
+            pngs.append(model.generate(model.job("a red fox", seed=5, count=2, batch=2))
+                        + model.generate(model.job("a red fox", seed=5, init_image=init,
+                                                   strength=0.6, steps=4)))
+        finally:
+            model.close()
+    assert pngs[0] == pngs[1] and len(pngs[0]) == 3
+    assert worker.calls >= len(names)
+
+
+def test_shipped_components_are_kept_and_checked(tmp_path_factory, monkeypatch):
+    import torch
+
+    from cake.image import cluster
+    from cake.image.loader import model_index
+
+    monkeypatch.setenv("CAKE_CACHE", str(tmp_path_factory.mktemp("cake-cache")))
+    folder = pipeline_folder(tmp_path_factory, "sd")
+    spec = cluster.component_spec(folder, model_index(folder), "vae", None, torch.float32,
+                                  torch.device("cpu"))
+    first = cluster.ComponentWorker("w")
+    first.load(spec, cluster.ship(folder / "vae", spec,
+                                  lambda *chunk: first.receive(spec, *chunk)))
+    again = cluster.ComponentWorker("w")  # a restarted worker: the copy on disk serves
+    assert again.has_weights(spec) and again.load(spec)["weights_from"] == "disk-cache"
+    kept = cluster.cache_root() / spec["fingerprint"] / "vae"
+    weights = next(kept.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")  # one byte off
+    assert not cluster.ComponentWorker("w").has_weights(spec)
+    # a shipment that arrives damaged is refused
+    broken = cluster.ComponentWorker("w")
+    sums = cluster.ship(folder / "vae", spec, lambda *chunk: broken.receive(spec, *chunk))
+    with pytest.raises(RuntimeError, match="arrived corrupted"):
+        broken.load(spec, {k: "0" * 64 for k in sums})

@@ -273,6 +273,39 @@ def stand_in(cls, folder: Path, name: str, link, device, dtype: torch.dtype):
     return module
 
 
+def component_spec(folder: Path, index: dict, name: str, variant: Optional[str],
+                   dtype: torch.dtype, device: torch.device) -> dict:
+    """What a worker needs to find or receive, and load, one component (see ComponentWorker)."""
+    from cake.cluster.ray_cluster import hf_origin
+
+    sub = folder / name
+    files = component_files(sub, variant)
+    library, class_name = index[name][:2]
+    return {"name": name, "library": library, "class": class_name,
+            "fingerprint": fingerprint(sub, files), "subfolder": name,
+            "files": [str(f.relative_to(sub)) for f in files], "hf": hf_origin(folder),
+            "variant": variant, "dtype": str(dtype).split(".")[-1],
+            "device_type": device.type}
+
+
+def ship(folder: Path, spec: dict, send) -> dict:
+    """Send a component's files in chunks, send(relative name, offset, bytes); returns
+    their checksums, which the worker checks before it keeps them."""
+    sums = {}
+    for relative in spec["files"]:
+        h, offset = hashlib.sha256(), 0
+        with open(folder / relative, "rb") as f:
+            while True:  # the last chunk is short (empty for an empty file)
+                chunk = f.read(CHUNK)
+                h.update(chunk)
+                send(relative, offset, chunk)
+                offset += len(chunk)
+                if len(chunk) < CHUNK:
+                    break
+        sums[relative] = h.hexdigest()
+    return sums
+
+
 # --- the worker's actor ------------------------------------------------------------------
 
 def cache_root() -> Path:
@@ -299,11 +332,8 @@ class ComponentWorker:
     names), hf (repo and commit, or None), subfolder, variant, dtype and device type."""
 
     def __init__(self, name: str):
-        from cake.cluster.stage import _die_with_parent
         from cake.text.serving import best_device
 
-        _die_with_parent()
-        torch.set_num_threads(worker_threads())
         self.name = name
         self.device = torch.device(best_device())
         self.modules: dict[str, torch.nn.Module] = {}
@@ -414,6 +444,17 @@ class ComponentWorker:
         self.modules[name].to(self.dtypes[name][1])
 
 
+class ComponentActor(ComponentWorker):
+    """The worker as a Ray actor process: it dies with its node, and uses its threads."""
+
+    def __init__(self, name: str):
+        from cake.cluster.stage import _die_with_parent
+
+        _die_with_parent()
+        torch.set_num_threads(worker_threads())
+        super().__init__(name)
+
+
 # --- the master's side -------------------------------------------------------------------
 
 @dataclass
@@ -467,7 +508,7 @@ class ImageCluster:
 
         t0 = time.monotonic()
         nodes = {n["NodeName"]: n for n in rc.wait_for_workers(self.opts, set(placement))}
-        actor_class = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=2)(ComponentWorker)
+        actor_class = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=2)(ComponentActor)
         for name, components in placement.items():
             node = nodes.get(name)
             if node is None:
@@ -502,32 +543,13 @@ class ImageCluster:
         """Have the worker load one component, shipping its files unless it has them."""
         import ray
 
-        from cake.cluster import ray_cluster as rc
-
-        sub = self.folder / name
-        files = component_files(sub, self.variant)
-        library, class_name = self.index[name][:2]
-        spec = {"name": name, "library": library, "class": class_name,
-                "fingerprint": fingerprint(sub, files), "subfolder": name,
-                "files": [str(f.relative_to(sub)) for f in files],
-                "hf": rc.hf_origin(self.folder), "variant": self.variant,
-                "dtype": str(self.dtype).split(".")[-1], "device_type": self.device.type}
+        spec = component_spec(self.folder, self.index, name, self.variant, self.dtype,
+                              self.device)
         sums = None
         if not ray.get(holder.actor.has_weights.remote(spec), timeout=600):
             log.info("shipping %s to %s", name, holder.name)
-            sums = {}
-            for f in files:
-                relative, h, offset = str(f.relative_to(sub)), hashlib.sha256(), 0
-                with open(f, "rb") as fh:
-                    while True:  # the last chunk is short (empty for an empty file)
-                        chunk = fh.read(CHUNK)
-                        h.update(chunk)
-                        ray.get(holder.actor.receive.remote(spec, relative, offset, chunk),
-                                timeout=600)
-                        offset += len(chunk)
-                        if len(chunk) < CHUNK:
-                            break
-                sums[relative] = h.hexdigest()
+            sums = ship(self.folder / name, spec, lambda *chunk: ray.get(
+                holder.actor.receive.remote(spec, *chunk), timeout=600))
         result = ray.get(holder.actor.load.remote(spec, sums), timeout=1800)
         log.info("%s on %s (%s, %s, %.1fs)", name, holder.name, result["weights_from"],
                  result["dtype"], result["seconds"])
