@@ -19,6 +19,7 @@ import pytest
 
 from cluster_procs import KEY, start_cluster
 from conftest import ROOT, free_port, hf_cache_with
+from test_images import image_stats, send_raw, wait_stats
 
 pytest.importorskip("ray")
 tiny = pytest.importorskip("cake.image.tiny", reason="image models are not installed")
@@ -161,6 +162,18 @@ def test_flux_split(start_server, tmp_path_factory):
         doc = topology(master)
         assert doc["workers"][0]["components"] == ["transformer", "text_encoder_2"]
         assert sorted(doc["master"]["layers"].split(",")) == ["text_encoder", "vae"]
+        # the queue and cancelling between steps work as on one node
+        long = {"image_args": {"prompt": "x", "n-steps": 1000, "sd-num-samples": 10}}
+        before = image_stats(master)
+        running = send_raw(master, "/api/v1/image", long)
+        wait_stats(master, lambda s: s["running"] == 1 and s["steps"] > before["steps"])
+        queued = send_raw(master, "/api/v1/image", long)
+        wait_stats(master, lambda s: s["queued"] == 1)
+        queued.close()
+        running.close()
+        after = wait_stats(master, lambda s: s["cancelled"] == before["cancelled"] + 2)
+        assert after["completed"] == before["completed"] and after["running"] == 0
+        assert render(master, body) == render(single, body)
     finally:
         for w in workers:
             w.stop()

@@ -150,6 +150,39 @@ def load_component(cls, folder: Path, dtype: torch.dtype, device, variant: Optio
         return cls.from_pretrained(folder, dtype=dtype, **kwargs).to(device).eval()
 
 
+def component_spec(folder: Path, index: dict, name: str, variant: Optional[str],
+                   dtype: torch.dtype, device: torch.device) -> dict:
+    """What a worker needs to find or receive, and load, one component (see ComponentWorker)."""
+    from cake.cluster.ray_cluster import hf_origin
+
+    sub = folder / name
+    files = component_files(sub, variant)
+    library, class_name = index[name][:2]
+    return {"name": name, "library": library, "class": class_name,
+            "fingerprint": fingerprint(sub, files), "subfolder": name,
+            "files": [str(f.relative_to(sub)) for f in files], "hf": hf_origin(folder),
+            "variant": variant, "dtype": str(dtype).split(".")[-1],
+            "device_type": device.type}
+
+
+def ship(folder: Path, spec: dict, send) -> dict:
+    """Send a component's files in chunks, send(relative name, offset, bytes); returns
+    their checksums, which the worker checks before it keeps them."""
+    sums = {}
+    for relative in spec["files"]:
+        h, offset = hashlib.sha256(), 0
+        with open(folder / relative, "rb") as f:
+            while True:  # the last chunk is short (empty for an empty file)
+                chunk = f.read(CHUNK)
+                h.update(chunk)
+                send(relative, offset, chunk)
+                offset += len(chunk)
+                if len(chunk) < CHUNK:
+                    break
+        sums[relative] = h.hexdigest()
+    return sums
+
+
 # --- the stand-in on the master ----------------------------------------------------------
 
 def moved(obj, device, cast: Optional[tuple] = None):
@@ -271,39 +304,6 @@ def stand_in(cls, folder: Path, name: str, link, device, dtype: torch.dtype):
     module._cake_link, module._cake_name = link, name
     module._cake_device, module._cake_dtype = torch.device(device), dtype
     return module
-
-
-def component_spec(folder: Path, index: dict, name: str, variant: Optional[str],
-                   dtype: torch.dtype, device: torch.device) -> dict:
-    """What a worker needs to find or receive, and load, one component (see ComponentWorker)."""
-    from cake.cluster.ray_cluster import hf_origin
-
-    sub = folder / name
-    files = component_files(sub, variant)
-    library, class_name = index[name][:2]
-    return {"name": name, "library": library, "class": class_name,
-            "fingerprint": fingerprint(sub, files), "subfolder": name,
-            "files": [str(f.relative_to(sub)) for f in files], "hf": hf_origin(folder),
-            "variant": variant, "dtype": str(dtype).split(".")[-1],
-            "device_type": device.type}
-
-
-def ship(folder: Path, spec: dict, send) -> dict:
-    """Send a component's files in chunks, send(relative name, offset, bytes); returns
-    their checksums, which the worker checks before it keeps them."""
-    sums = {}
-    for relative in spec["files"]:
-        h, offset = hashlib.sha256(), 0
-        with open(folder / relative, "rb") as f:
-            while True:  # the last chunk is short (empty for an empty file)
-                chunk = f.read(CHUNK)
-                h.update(chunk)
-                send(relative, offset, chunk)
-                offset += len(chunk)
-                if len(chunk) < CHUNK:
-                    break
-        sums[relative] = h.hexdigest()
-    return sums
 
 
 # --- the worker's actor ------------------------------------------------------------------
