@@ -179,6 +179,22 @@ def test_flux_split(start_server, tmp_path_factory):
             w.stop()
 
 
+def test_a_worker_that_never_joins_leaves_its_components_here(start_server, sd_folder,
+                                                               sd_single, tmp_path):
+    topo = topology_file(tmp_path, "ghost:\n  layers: [unet]\n")
+    master = start_server(str(sd_folder), *SD_ARGS, "--cluster-key", KEY, "--cluster-address",
+                          f"127.0.0.1:{free_port()}", "--topology", topo,
+                          "--discovery-timeout", "1", env=ONE_THREAD)
+    body = {"prompt": "a quiet harbour", "seed": 9}
+    assert render(master, body) == render(sd_single, body)
+    doc = topology(master)
+    assert [(w["name"], w["status"], w["components"]) for w in doc["workers"]] == [
+        ("ghost", "missing", [])]
+    assert doc["layer_details"]["unet"]["node"] == "master"
+    assert doc["events"][0] == {**doc["events"][0], "event": "missing", "worker": "ghost",
+                                "components": ["unet"]}
+
+
 @pytest.mark.parametrize("layers, message", [
     ("[transformer]", "topology names 'transformer', but StableDiffusionPipeline has no "
                       "transformer"),

@@ -514,6 +514,8 @@ class ImageCluster:
             if node is None:
                 log.warning("worker %s did not join: %s stay on the master", name,
                             ", ".join(components))
+                self.holders[name] = Holder(name, "", "", None, components, status="missing",
+                                            description=descriptions.get(name, ""))
                 self.events.append({"time": time.time(), "event": "missing", "worker": name,
                                     "components": components})
                 continue
@@ -522,6 +524,8 @@ class ImageCluster:
             self.holders[name] = Holder(name, node["NodeID"], node["NodeManagerAddress"], actor,
                                         components, description=descriptions.get(name, ""))
         for h in self.holders.values():
+            if h.status == "missing":
+                continue
             try:
                 h.info = ray.get(h.actor.describe.remote(), timeout=120)
                 h.description = h.description or h.info.get("device", "")
@@ -530,6 +534,7 @@ class ImageCluster:
                 log.warning("worker %s could not load %s (%s): they stay on the master",
                             h.name, ", ".join(h.components), e)
                 h.status, h.detail = "failed", f"{type(e).__name__}: {e}"
+                ray.kill(h.actor)  # and what it did load goes with it
                 continue
             h.status, h.weights_from = "ready", ",".join(sorted(set(sources)))
             self.home.update({c: h.name for c in h.components})
@@ -670,7 +675,6 @@ class ClusterImageModel(ImageModel):
     def close(self) -> None:
         super().close()
         self.cluster.close()
-
 
 
 def start_cluster(path: Path, opts, device: str, dtype: torch.dtype) -> Optional[ImageCluster]:
