@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -432,6 +433,12 @@ class ComponentWorker:
         module = self.modules[name]
         master, ours = self.dtypes[name]
         args, kwargs = moved((args, kwargs), self.device, (master, ours))
+        if method == "forward" and "logits_to_keep" in inspect.signature(
+                module.forward).parameters:
+            # A causal LM as a text encoder (FLUX.2's Qwen3): pipelines read its hidden
+            # states, never its logits, which would be a vocabulary-wide tensor per token
+            # to send back.
+            kwargs.setdefault("logits_to_keep", 1)
         with torch.inference_mode():
             out = (module if method == "forward" else getattr(module, method))(*args, **kwargs)
         self.calls += 1
