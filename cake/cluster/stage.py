@@ -113,20 +113,40 @@ def _die_with_parent() -> None:
         pass
 
 
+def actor_threads() -> int:
+    """Ray gives an actor that reserves no CPU one OpenMP thread; a stage should use the
+    threads the worker process was given (OMP_NUM_THREADS), else every core it may run on."""
+    try:
+        import psutil
+
+        wanted = psutil.Process().parent().environ().get("OMP_NUM_THREADS")  # the raylet
+        if wanted:
+            return max(1, int(wanted))
+    except Exception:
+        pass
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def actor_setup() -> None:
+    """What every cake actor on a worker does first: die with its node, use its cores."""
+    _die_with_parent()
+    torch.set_num_threads(actor_threads())
+
+
 def node_info(device: torch.device) -> dict:
     from cake.cluster.topology import backend_name, device_memory
 
     return {"device": str(device), "backend": backend_name(device),
             "vram_bytes": device_memory(device), "hostname": socket.gethostname(),
             "os": f"{platform.system()} {platform.release()}".strip(), "pid": os.getpid(),
-            "tflops": None}
+            "threads": torch.get_num_threads(), "tflops": None}
 
 
 class StageWorker:
     """Runs in a Ray actor on a worker node (see ray_cluster.StageActor)."""
 
     def __init__(self, name: str):
-        _die_with_parent()
+        actor_setup()
         from cake.text.serving import best_device
 
         self.name = name

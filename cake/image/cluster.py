@@ -313,20 +313,6 @@ def cache_root() -> Path:
     return Path(os.environ.get("CAKE_CACHE", Path.home() / ".cache" / "cake")) / "components"
 
 
-def worker_threads() -> int:
-    """Ray gives an actor that reserves no CPU one OpenMP thread; a component should use
-    the threads the worker process was given (OMP_NUM_THREADS), else every core."""
-    try:
-        import psutil
-
-        wanted = psutil.Process().parent().environ().get("OMP_NUM_THREADS")  # the raylet
-        if wanted:
-            return max(1, int(wanted))
-    except Exception:
-        pass
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
 class ComponentWorker:
     """Runs in a Ray actor on a worker node: holds pipeline components and runs calls on
     them. spec (from the master): name, library, class, fingerprint, files (relative
@@ -455,10 +441,9 @@ class ComponentActor(ComponentWorker):
     """The worker as a Ray actor process: it dies with its node, and uses its threads."""
 
     def __init__(self, name: str):
-        from cake.cluster.stage import _die_with_parent
+        from cake.cluster.stage import actor_setup
 
-        _die_with_parent()
-        torch.set_num_threads(worker_threads())
+        actor_setup()
         super().__init__(name)
 
 
