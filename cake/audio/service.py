@@ -147,16 +147,12 @@ class SpeechService:
         return {**self.counts, "waiting": self.jobs.qsize()}
 
     def topology(self) -> dict:
-        """/api/v1/topology: where the model's layers run (a model without layers to place,
-        such as a Piper voice, is the master alone)."""
+        """/api/v1/topology: where the model's layers run (a Piper voice has no layers to
+        place: no nodes at all)."""
         if hasattr(self.model, "topology"):
             return self.model.topology()
-        import torch
-
-        from cake.cluster.topology import node
-
-        return {"model": self.model_id, "model_id": self.model_id,
-                "master": node(torch.device("cpu"), ""), "workers": [], "layer_details": {}}
+        return {"model": self.model_id, "model_id": self.model_id, "master": {}, "workers": [],
+                "layer_details": {}}
 
     def _work(self) -> None:
         while (job := self.jobs.get()) is not None:
