@@ -53,19 +53,26 @@ def start_cluster(start_server, tmp, model_args: list[str], workers: list[tuple[
                 break
             except OSError:
                 time.sleep(0.3)
+        # One at a time: Ray gives a joining node a fixed 30 s to register, which raylets
+        # starting together on a loaded 2-core machine can miss (the worker then retries).
         for i, (args, wenv) in enumerate(workers):
-            procs.append(Worker(tmp / f"worker{i}.log", *args, "--join", address,
-                                "--cluster-key", KEY,
-                                env={"CAKE_CACHE": str(tmp / f"cache{i}"), **(env or {}),
-                                     **wenv}))
+            worker = Worker(tmp / f"worker{i}.log", *args, "--join", address,
+                            "--cluster-key", KEY,
+                            env={"CAKE_CACHE": str(tmp / f"cache{i}"), **(env or {}), **wenv})
+            procs.append(worker)
+            joined_by = time.monotonic() + 150
+            while "joined the cluster" not in worker.output() and time.monotonic() < joined_by:
+                if worker.proc.poll() is not None:
+                    break
+                time.sleep(0.3)
 
     with cf.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(launch)
         try:
             master = start_server(*model_args, "--cluster-key", KEY, "--cluster-address",
                                   address, "--min-workers", str(len(workers)),
-                                  "--discovery-timeout", "90", "--temperature", "0",
-                                  env=master_env)
+                                  "--discovery-timeout", "300", "--temperature", "0",
+                                  env=master_env, timeout=420)
         except Exception:
             pending.result()
             for w in procs:

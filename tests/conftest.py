@@ -72,9 +72,9 @@ class Server:
 def start_server(tmp_path_factory):
     servers = []
 
-    def start(*args: str, env: dict | None = None) -> Server:
+    def start(*args: str, env: dict | None = None, timeout: float = 120) -> Server:
         log = tmp_path_factory.mktemp("server") / "server.log"
-        server = Server(list(args), log, env).wait_ready()
+        server = Server(list(args), log, env).wait_ready(timeout)
         servers.append(server)
         return server
 
