@@ -146,13 +146,10 @@ class SpeechService:
     def stats(self) -> dict:
         return {**self.counts, "waiting": self.jobs.qsize()}
 
-    def topology(self) -> dict:
-        """/api/v1/topology: where the model's layers run (a Piper voice has no layers to
-        place: no nodes at all)."""
-        if hasattr(self.model, "topology"):
-            return self.model.topology()
-        return {"model": self.model_id, "model_id": self.model_id, "master": {}, "workers": [],
-                "layer_details": {}}
+    def topology(self) -> Optional[dict]:
+        """/api/v1/topology: where the model's layers run; None for a model with no layers
+        to place (a Piper voice)."""
+        return self.model.topology() if hasattr(self.model, "topology") else None
 
     def _work(self) -> None:
         while (job := self.jobs.get()) is not None:

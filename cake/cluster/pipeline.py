@@ -408,8 +408,6 @@ class ClusterPipeline:
         return doc
 
     def close(self) -> None:
-        import ray
-
         with self.lock:
             for part in self.plan:
                 if part[0] == "remote":
@@ -418,15 +416,7 @@ class ClusterPipeline:
                     except Exception:
                         pass
             transport.close_group()
-            for w in self.workers.values():
-                try:
-                    ray.kill(w.actor)
-                except Exception:
-                    pass
-        try:
-            ray.shutdown()
-        finally:
-            self.head_node.kill_all_processes(check_alive=False, allow_graceful=True)
+            rc.stop_master(self.head_node, [w.actor for w in self.workers.values()])
 
 
 def start_cluster_pipeline(checkpoint, dtype, device: str, num_slots: int, max_len: int,

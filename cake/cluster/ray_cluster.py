@@ -263,13 +263,33 @@ def model_fingerprint(checkpoint) -> str:
     files = ([Path(checkpoint.path)] if hasattr(checkpoint, "path")
              else sorted(set(checkpoint._file_of.values())))
     for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            fh.seek(max(0, size - (1 << 20)))
-            h.update(fh.read(1 << 20))
+        hash_file_ends(h, f, f.name)
     return h.hexdigest()[:32]
+
+
+def hash_file_ends(h, path: Path, label: str) -> None:
+    """Feed a file's label and size, and its first and last MiB, into the hash h."""
+    size = path.stat().st_size
+    h.update(f"{label}:{size}".encode())
+    with open(path, "rb") as fh:
+        h.update(fh.read(1 << 20))
+        fh.seek(max(0, size - (1 << 20)))
+        h.update(fh.read(1 << 20))
+
+
+def stop_master(head_node, actors) -> None:
+    """End the master's actors, leave Ray and stop the head node's processes."""
+    import ray
+
+    for actor in actors:
+        try:
+            ray.kill(actor)
+        except Exception:  # already gone with its worker
+            pass
+    try:
+        ray.shutdown()
+    finally:
+        head_node.kill_all_processes(check_alive=False, allow_graceful=True)
 
 
 def hf_origin(path) -> Optional[dict]:

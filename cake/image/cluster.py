@@ -123,14 +123,11 @@ def component_files(folder: Path, variant: Optional[str]) -> list[Path]:
 def fingerprint(folder: Path, files: list[Path]) -> str:
     """Identifies a component's weights cheaply: every file's name and size, and the first
     and last MiB of each (as ray_cluster.model_fingerprint does for text models)."""
+    from cake.cluster.ray_cluster import hash_file_ends
+
     h = hashlib.sha256()
     for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.relative_to(folder)}:{size}".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            fh.seek(max(0, size - (1 << 20)))
-            h.update(fh.read(1 << 20))
+        hash_file_ends(h, f, str(f.relative_to(folder)))
     return h.hexdigest()[:32]
 
 
@@ -620,17 +617,9 @@ class ImageCluster:
         return [h.topology() for h in self.holders.values()]
 
     def close(self) -> None:
-        import ray
+        from cake.cluster.ray_cluster import stop_master
 
-        for h in self.holders.values():
-            try:
-                ray.kill(h.actor)
-            except Exception:
-                pass
-        try:
-            ray.shutdown()
-        finally:
-            self.head.kill_all_processes(check_alive=False, allow_graceful=True)
+        stop_master(self.head, [h.actor for h in self.holders.values()])
 
 
 class ClusterImageModel(ImageModel):

@@ -17,7 +17,8 @@ async def topology(request: Request):
             return pipeline.topology(state.model_id)
         return text_topology(state.model_id, pipeline.stages)
     loaded = state.image or state.audio
-    if loaded is not None and hasattr(loaded, "topology"):
-        return loaded.topology()
+    doc = loaded.topology() if hasattr(loaded, "topology") else None
+    if doc is not None:
+        return doc
     return {"model": state.model_id, "model_id": state.model_id, "master": {}, "workers": [],
             "layer_details": {}}
