@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 API    ?= 127.0.0.1:8080
 
-.PHONY: serve test install install-test clean
+.PHONY: serve test install install-test clean tsan stress
 
 EXTRAS ?= image,audio,ui,cluster
 
@@ -48,3 +48,14 @@ bench: $(VENV)/.installed-bench  # cake vs llama.cpp on text generation; see ben
 
 bench-quick: $(VENV)/.installed-bench
 	$(PY) benchmarks/text_bench.py --quick
+
+# The kernels' thread pool under ThreadSanitizer (minutes), then kernel calls from many
+# threads with busy processes on the cores; both must report nothing.
+TSAN_SECONDS ?= 120
+tsan:
+	mkdir -p build
+	c++ -std=c++17 -O1 -g -fsanitize=thread tests/native/pool_stress.cpp -o build/pool_stress -lpthread
+	TSAN_OPTIONS="halt_on_error=1 exitcode=66" build/pool_stress $(TSAN_SECONDS) 3 4
+
+stress: install
+	$(PY) benchmarks/stress_kernels.py --seconds $(TSAN_SECONDS)

@@ -27,6 +27,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+HEADERS = [Path(__file__).with_name("thread_pool.h")]
 _lock = threading.Lock()
 _ops = None
 _tried = False
@@ -68,7 +69,8 @@ def _compile_command(out: Path) -> list[str]:
 def library_path() -> Path:
     """Where this source, built for this torch and this CPU, lives in the cache."""
     key = hashlib.sha256()
-    key.update(SOURCE.read_bytes())
+    for f in [SOURCE, *HEADERS]:
+        key.update(f.read_bytes())
     key.update(" ".join(_compile_command(Path("x"))).encode())
     key.update(torch.__version__.encode())
     key.update(_cpu_flags().encode())

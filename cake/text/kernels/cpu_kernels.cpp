@@ -16,15 +16,12 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <atomic>
-#include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <mutex>
-#include <thread>
 #include <vector>
+
+#include "thread_pool.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -32,126 +29,6 @@
 #endif
 
 namespace {
-
-// Work sharing without a join barrier. at::parallel_for (OpenMP) ends every loop with a
-// barrier that waits for each thread to arrive; when another process holds one of the two
-// cores, that wait lasts a scheduler time slice, a few ms, hundreds of times per token. Here
-// threads claim chunks from a shared counter, and the caller waits only for chunks that were
-// claimed: a worker that has not woken up yet costs nothing. Idle workers spin ~0.2 ms (the
-// gaps inside a decode step), then sleep.
-class Pool {
- public:
-  static Pool& get() {
-    static Pool pool;
-    return pool;
-  }
-
-  // f(begin, end) over [0, n) in chunks of `grain`, on the caller and the workers.
-  template <typename F>
-  void run(int64_t n, int64_t grain, const F& f) {
-    const int64_t chunks = (n + grain - 1) / grain;
-    const int threads = std::max(1, at::get_num_threads());
-    if (chunks <= 1 || threads == 1 || in_worker_) {
-      if (n > 0) f(0, n);
-      return;
-    }
-    std::lock_guard<std::mutex> one_job(run_mutex_);  // callers on several threads take turns
-    resize(threads - 1);
-    auto body = [&](int64_t c) { f(c * grain, std::min(n, (c + 1) * grain)); };
-    fn_ = [](const void* ctx, int64_t c) { (*(const decltype(body)*)ctx)(c); };
-    ctx_ = &body;
-    total_ = chunks;
-    const uint64_t gen = ++gen_;
-    done_.store(0, std::memory_order_relaxed);
-    ticket_.store(gen << 32, std::memory_order_release);  // publish: chunk 0 of this job
-    if (sleepers_.load(std::memory_order_acquire) > 0) {
-      std::lock_guard<std::mutex> lock(sleep_mutex_);
-      wake_.notify_all();
-    }
-    work(gen);
-    while (done_.load(std::memory_order_acquire) < chunks) pause();
-  }
-
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lock(sleep_mutex_);
-      stop_ = true;
-      wake_.notify_all();
-    }
-    for (auto& t : workers_) t.join();
-  }
-
- private:
-  static inline thread_local bool in_worker_ = false;
-
-  // Waiting threads spin briefly, yielding now and then: on a busy machine a waiting thread
-  // may share a core with the thread it waits for.
-  static void pause() {
-    static thread_local unsigned spins = 0;
-    if (++spins % 64 == 0) {
-      std::this_thread::yield();
-      return;
-    }
-#ifdef CAKE_AVX2
-    _mm_pause();
-#endif
-  }
-
-  // Claim and run chunks of job `gen` until none is left.
-  void work(uint64_t gen) {
-    for (;;) {
-      uint64_t t = ticket_.load(std::memory_order_acquire);
-      if ((t >> 32) != gen) return;
-      const int64_t c = (int64_t)(t & 0xffffffffu);
-      if (c >= total_) return;
-      if (!ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel)) continue;
-      fn_(ctx_, c);
-      done_.fetch_add(1, std::memory_order_acq_rel);
-    }
-  }
-
-  void resize(int n) {
-    while ((int)workers_.size() < n) workers_.emplace_back([this] { loop(); });
-  }
-
-  void loop() {
-    in_worker_ = true;
-    uint64_t seen = 0;
-    for (;;) {
-      auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
-      uint64_t gen;
-      for (int i = 0;; ++i) {
-        gen = ticket_.load(std::memory_order_acquire) >> 32;
-        if (gen != seen || stop_) break;
-        pause();
-        if ((i & 255) == 0 && std::chrono::steady_clock::now() > spin_until) {
-          std::unique_lock<std::mutex> lock(sleep_mutex_);
-          sleepers_.fetch_add(1, std::memory_order_acq_rel);
-          wake_.wait_for(lock, std::chrono::milliseconds(100), [&] {
-            return stop_ || (ticket_.load(std::memory_order_acquire) >> 32) != seen;
-          });
-          sleepers_.fetch_sub(1, std::memory_order_acq_rel);
-          spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
-        }
-      }
-      if (stop_) return;
-      seen = gen;
-      work(gen);
-    }
-  }
-
-  std::vector<std::thread> workers_;
-  std::mutex run_mutex_, sleep_mutex_;
-  std::condition_variable wake_;
-  std::atomic<uint64_t> ticket_{0};  // job generation << 32 | next chunk
-  std::atomic<int64_t> done_{0};
-  std::atomic<int> sleepers_{0};
-  uint64_t gen_ = 0;
-  int64_t total_ = 0;
-  void (*fn_)(const void*, int64_t) = nullptr;
-  const void* ctx_ = nullptr;
-  std::atomic<bool> stop_{false};
-};
 
 // Let other Python threads (the HTTP server's) run while a kernel computes: ops called
 // through torch.ops hold the GIL otherwise.
@@ -168,7 +45,7 @@ class NoGil {
 
 template <typename F>
 void parallel(int64_t n, int64_t grain, const F& f) {
-  Pool::get().run(n, std::max<int64_t>(1, grain), f);
+  cake::Pool::get().run(n, grain, at::get_num_threads(), f);
 }
 
 constexpr int QK = 32;  // values per block in every supported type
