@@ -44,21 +44,24 @@ def _bouncer(rank: int, port: int, hidden: int, steps: int, out) -> None:
     from cake.text.kv_cache import StepBatch
 
     torch.set_num_threads(1)
-    transport.init_group(rank, 2, "127.0.0.1", port, "127.0.0.1", 60)
-    link = transport.Link(hidden, torch.float32, "cpu")
+    group = transport.Group(rank, 2, "127.0.0.1", port, "127.0.0.1", 60)
+    link = transport.Link(group, hidden, torch.float32, "cpu")
+    waiter = transport.Waiter()
     x = torch.randn(1, 1, hidden)
     batch = StepBatch.make([[100]], [0], "cpu")
     times = []
     for i in range(steps):
-        if rank == 0:
+        if rank == 0:  # as the master sends a step and waits for its result
             t = time.perf_counter()
-            link.send(1, x, batch)           # master -> stage: header + hidden
-            x = link.recv_result(1, 1, 1)    # stage -> master: hidden
+            result = link.frame_work(1)
+            works = link.send(1, x, batch)
+            waiter.wait([w for w, _ in works] + [result], lambda waited: None)
+            x = link.take(1)[1]
             times.append(time.perf_counter() - t)
-        else:
+        else:  # as a stage does
             _, y, b = link.recv(0)
-            link._send(y, 0)
-    transport.close_group()
+            for w, _ in link.send(0, y, b):
+                w.wait()
     if rank == 0:
         out.put(times[steps // 10:])
 

@@ -12,34 +12,16 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 import openai
 import pytest
 
-from cluster_procs import KEY, Worker, start_cluster
+from cluster_procs import FRANCE, KEY, STORY, Worker, chat, start_cluster, topology
 from conftest import ROOT, free_port, hf_cache_with, write_tiny_model
 
 pytest.importorskip("ray")
-
-STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to bake."}]
-FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def chat(server, messages, max_tokens, stream=False) -> str:
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0,
-                           timeout=300)
-    if not stream:
-        r = client.chat.completions.create(model="x", messages=messages, max_tokens=max_tokens,
-                                           temperature=0)
-        return r.choices[0].message.content
-    return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="x", messages=messages, max_tokens=max_tokens, temperature=0, stream=True))
-
-
-def topology(server) -> dict:
-    return httpx.get(server.url + "/api/v1/topology", timeout=30).json()
-
 
 @pytest.fixture(scope="module")
 def default_cluster(start_server, tmp_path_factory):
@@ -164,8 +146,14 @@ def test_tiny_model_manual_topology_split_and_local_weights(start_server, tmp_pa
         for stream in (False, True):
             assert chat(master, FRANCE, 40, stream) == chat(single, FRANCE, 40, stream)
 
-        # A stage that stops making progress (frozen, not dead) is replaced after
-        # --worker-timeout, and the stream goes on with the same text.
+        # Idle for longer than --worker-timeout: the stages wait for work as long as the
+        # master lives, so the next request finds the ring as it was.
+        time.sleep(8)
+        assert chat(master, FRANCE, 40) == chat(single, FRANCE, 40)
+        assert not [e for e in topology(master)["events"] if e["event"] == "recovered"]
+
+        # A stage that stops (frozen, not dead: no connection reset) misses its heartbeat
+        # and is replaced, and the stream goes on with the same text.
         frozen = next(w["stage_pid"] for w in doc["workers"] if w["name"] == "w2")
         want = chat(single, STORY, 300)
         client = openai.OpenAI(base_url=master.url + "/v1", api_key="x", max_retries=0,
@@ -181,6 +169,9 @@ def test_tiny_model_manual_topology_split_and_local_weights(start_server, tmp_pa
         w2 = next(w for w in doc["workers"] if w["name"] == "w2")
         assert w2["status"] == "lost" and w2["layers"] == ""
         assert {w["name"]: w["status"] for w in doc["workers"]} == {"w1": "ready", "w2": "lost"}
+        recovered = [e for e in doc["events"] if e["event"] == "recovered"]
+        assert [e["lost"] for e in recovered] == [["w2"]]
+        assert "stopped answering" in recovered[0]["error"]
     finally:
         for w in workers:
             w.stop()

@@ -33,10 +33,17 @@ def options(args):
         if getattr(args, "topology", None):
             raise SystemExit("cake: --topology needs --cluster-key (or CAKE_CLUSTER_KEY)")
         return None
-    from cake.cluster.ray_cluster import is_loopback, share_cores_politely, split_address
+    from cake.cluster.ray_cluster import (ClusterError, is_loopback, lan_ip,
+                                          share_cores_politely, split_address)
 
-    if is_loopback(split_address(args.cluster_address)[0]):  # workers share this machine
+    host = split_address(args.cluster_address)[0]
+    if is_loopback(host):  # workers share this machine
         share_cores_politely()
+    elif host in ("", "0.0.0.0"):
+        try:
+            lan_ip()  # the address workers are told; fail now, and clearly, if there is none
+        except ClusterError as e:
+            raise SystemExit(f"cake: {e}") from e
     return ClusterOptions(key=key, address=args.cluster_address, min_workers=args.min_workers,
                           discovery_timeout=args.discovery_timeout,
                           worker_timeout=args.worker_timeout, topology=args.topology,

@@ -32,7 +32,14 @@ DTYPE_SIZES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
 
 class StageLost(RuntimeError):
-    pass
+    """A step could not go around the ring; lost: the workers found at fault, when known."""
+
+    def __init__(self, message: str, lost: Optional[list] = None):
+        super().__init__(message)
+        self.lost = lost
+
+
+PING_TIMEOUT_S = 2.0  # a stage's Ray actor answers a ping in ~3 ms; one stopped never does
 
 
 def layer_sizes(checkpoint, num_layers: int, dtype: torch.dtype, quant: Optional[str]
@@ -85,7 +92,8 @@ class ClusterPipeline:
         self.topology_nodes = {n.name: n for n in load_topology(opts.topology)} \
             if opts.topology else {}
         self.backend = "gloo"
-        self.link = transport.Link(self.args.hidden_size, dtype, self.device, self.backend)
+        self.link: Optional[transport.Link] = None
+        self.waiter: Optional[transport.Waiter] = None
         self.workers: dict[str, rc.WorkerRecord] = {}
         self.lost: dict[str, rc.WorkerRecord] = {}  # by Ray node id
         self.history: dict[int, list[int]] = {}  # slot -> token at each cached position
@@ -208,9 +216,8 @@ class ClusterPipeline:
         devices = [str(self.device)] + [w.info.get("device", "cpu") for w in self.workers.values()
                                         if w.status == "ready"]
         self.backend = "nccl" if all(d.startswith("cuda") for d in devices) else "gloo"
-        self.link = transport.Link(self.args.hidden_size, self.dtype, self.device, self.backend)
         world = 1 + len(ranks)
-        transport.close_group()
+        self.link = None  # any old group is dropped, with waits still stuck on a lost peer
         self.steps_sent = 0
         if world == 1:
             return
@@ -226,8 +233,10 @@ class ClusterPipeline:
                 w.rank, world, self.master_ip, port, w.host, ranks.get(prev, 0),
                 ranks.get(nxt, 0), self.num_slots, self.max_len, self.opts.worker_timeout,
                 self.backend))
-        transport.init_group(0, world, self.master_ip, port, self.master_ip,
-                             self.opts.worker_timeout, self.backend)
+        group = transport.Group(0, world, self.master_ip, port, self.master_ip,
+                                self.opts.worker_timeout, self.backend)
+        self.link = transport.Link(group, self.args.hidden_size, self.dtype, self.device)
+        self.waiter = transport.Waiter()
         ray.get(starts, timeout=180)
 
     # --- the Pipeline protocol -----------------------------------------------------
@@ -242,7 +251,7 @@ class ClusterPipeline:
                     out = self._run(tokens, batch, logits_at)
                     break
                 except StageLost as e:
-                    self._recover(str(e))
+                    self._recover(str(e), e.lost)
             self._remember(tokens, batch)
             return out
 
@@ -255,13 +264,61 @@ class ClusterPipeline:
                 x = stage(x, batch, cache, logits_at=logits_at if stage.is_last else None)
             else:
                 _, first, last = part
-                try:
-                    self.link.send(first, x, batch)
-                    x = self.link.recv_result(last, B, T)
-                except Exception as e:
-                    raise StageLost(f"{type(e).__name__}: {e}") from e
-                self.steps_sent += 1
+                self._wait(self._send(first, last, x, batch) + [self.link.frame_work(last)])
+                x = self._take(last)
         return x
+
+    def _send(self, first: int, last: int, x, batch) -> list:
+        """Send a step into a chain (its result's receive posted first); returns the sends'
+        works. A work is waited on once: a second wait on a gloo receive waits for another
+        message."""
+        try:
+            self.link.frame_work(last)
+            works = [w for w, _ in self.link.send(first, x, batch)]
+        except Exception as e:  # a peer's connection is gone already
+            raise StageLost(f"{type(e).__name__}: {e}") from e
+        self.steps_sent += 1
+        return works
+
+    # --- waiting on the ring: heartbeats while a step is in flight ------------------
+
+    def _wait(self, works: list) -> None:
+        try:
+            self.waiter.wait(works, self._watch)
+        except StageLost:
+            raise
+        except Exception as e:  # a peer's connection broke
+            raise StageLost(f"{type(e).__name__}: {e}") from e
+
+    def _take(self, src: int) -> torch.Tensor:
+        try:
+            return self.link.take(src, wait=self._wait)[1]
+        except StageLost:
+            raise
+        except Exception as e:
+            raise StageLost(f"{type(e).__name__}: {e}") from e
+
+    def _watch(self, waited: float) -> None:
+        """Called every second a step is out: a stage that does not answer its heartbeat
+        within PING_TIMEOUT_S is lost (stopped, hung, or cut off); one that answers but has
+        held the step for worker_timeout is stalled."""
+        import ray
+
+        ready = [w for w in self.workers.values() if w.status == "ready"]
+        pings = {w.actor.ping.remote(): w for w in ready}
+        answered, _ = ray.wait(list(pings), num_returns=len(pings), timeout=PING_TIMEOUT_S)
+        silent = [w for ref, w in pings.items() if ref not in answered]
+        for w in silent:
+            w.detail = f"no heartbeat for {PING_TIMEOUT_S:.0f}s"
+        if silent:
+            raise StageLost(f"{', '.join(w.name for w in silent)} stopped answering", silent)
+        if waited >= self.opts.worker_timeout:
+            done = {w.name: ray.get(ref)["steps_done"] for ref, w in pings.items()}
+            behind = [w for w in sorted(ready, key=lambda w: w.rank)
+                      if done[w.name] < self.steps_sent][:1]
+            for w in behind:
+                w.detail = f"no progress for {self.opts.worker_timeout:.0f}s"
+            raise StageLost(f"a step made no progress for {waited:.0f}s", behind)
 
     # Steps in flight: with the ring one chain (master -> W1 -> ... -> Wn -> master), the
     # engine submits a group of sequences and, before its logits are back, the next group,
@@ -276,10 +333,9 @@ class ClusterPipeline:
             _, stage, cache = self.plan[0]
             x = stage(tokens, batch, cache)
             try:
-                rec["works"] = self.link.isend(self.plan[1][1], x, batch)
-                self.steps_sent += 1
-            except Exception as e:
-                self._recover(f"{type(e).__name__}: {e}")  # also runs what is in flight
+                rec["works"] = self._send(self.plan[1][1], self.plan[1][2], x, batch)
+            except StageLost as e:
+                self._recover(str(e), e.lost)  # also runs what is in flight
             return rec["handle"]
 
     @torch.inference_mode()
@@ -288,13 +344,13 @@ class ClusterPipeline:
         with self.lock:
             while handle not in self.results:
                 rec = self.inflight[0]
-                B, T = rec["tokens"].shape[:2]
+                last = self.plan[1][2]
                 try:
-                    y = self.link.recv_result(self.plan[1][2], B, T)
-                    for work, _ in rec["works"]:
-                        work.wait()
-                except Exception as e:
-                    self._recover(f"{type(e).__name__}: {e}")
+                    # results come back in order: the frame posted now is this step's
+                    self._wait(rec["works"] + [self.link.frame_work(last)])
+                    y = self._take(last)
+                except StageLost as e:
+                    self._recover(str(e), e.lost)  # also runs what is in flight
                     continue
                 self.inflight.popleft()
                 _, stage, cache = self.plan[2]
@@ -324,26 +380,25 @@ class ClusterPipeline:
     # --- failures ------------------------------------------------------------------
 
     def _find_lost(self) -> list[rc.WorkerRecord]:
+        """The workers at fault after a broken connection: those whose actor is gone."""
         import ray
 
-        ready = sorted((w for w in self.workers.values() if w.status == "ready"),
-                       key=lambda w: w.rank)
-        pings = {w.name: w.actor.ping.remote() for w in ready}
-        lost, progress = [], {}
-        for w in ready:
+        ready = [w for w in self.workers.values() if w.status == "ready"]
+        pings = {w.actor.ping.remote(): w for w in ready}
+        answered, _ = ray.wait(list(pings), num_returns=len(pings), timeout=PING_TIMEOUT_S)
+        lost = []
+        for ref, w in pings.items():
             try:
-                progress[w.name] = ray.get(pings[w.name], timeout=5)["steps_done"]
+                if ref in answered:
+                    ray.get(ref)
+                    continue
+                w.detail = f"no heartbeat for {PING_TIMEOUT_S:.0f}s"
             except Exception as e:
                 w.detail = f"unreachable ({type(e).__name__})"
-                lost.append(w)
-        if not lost:  # everyone answers: the first stage that fell behind is the stuck one
-            behind = [w for w in ready if progress[w.name] < self.steps_sent]
-            for w in behind[:1]:
-                w.detail = f"no progress for {self.opts.worker_timeout:.0f}s"
-                lost.append(w)
+            lost.append(w)
         return lost
 
-    def _recover(self, error: str, attempts: int = 3) -> None:
+    def _recover(self, error: str, lost: Optional[list] = None, attempts: int = 3) -> None:
         """Re-place the layers without the lost worker, refill every cache and run the steps
         that were in flight; a failure on the way starts over, up to attempts times."""
         import ray
@@ -351,16 +406,16 @@ class ClusterPipeline:
         for attempt in range(attempts):
             t0 = time.monotonic()
             log.warning("a stage failed (%s); re-placing layers", error)
-            lost = self._find_lost()
+            lost = lost if lost is not None else self._find_lost()
             for w in lost:
                 w.status = "lost"
                 self.lost[w.node_id] = w
             for w in self.workers.values():
                 try:
                     ray.kill(w.actor)
-                except Exception:
-                    pass
-            transport.close_group()
+                except Exception:  # its node is gone already
+                    log.debug("actor of %s already gone", w.name)
+            self.link = None
             try:
                 self._build([n for n in rc.alive_workers() if n["NodeID"] not in self.lost])
                 self._replay()
@@ -370,13 +425,13 @@ class ClusterPipeline:
                     self._remember(rec["tokens"], rec["batch"])
                 self.inflight.clear()
             except StageLost as e:
-                error = str(e)
+                error, lost = str(e), e.lost
                 continue
             self.events.append({"time": time.time(), "event": "recovered", "error": error,
                                 "lost": [w.name for w in lost],
                                 "seconds": round(time.monotonic() - t0, 2)})
             log.warning("recovered in %.1fs without %s", time.monotonic() - t0,
-                        ", ".join(w.name for w in lost) or "no one")
+                        ", ".join(w.name for w in lost) or "a lost worker")
             return
         raise RuntimeError(f"the cluster could not recover: {error}")
 
@@ -392,6 +447,11 @@ class ClusterPipeline:
                 self._run(inputs, batch, torch.tensor([len(part) - 1], device=self.device))
 
     # --- lifecycle and reporting ---------------------------------------------------
+
+    @staticmethod
+    def _give_up(waited: float) -> None:
+        if waited >= 2:
+            raise TimeoutError("no answer in 2 s")
 
     def topology(self, model_id: str) -> dict:
         workers = [w.topology() for w in self.workers.values()]
@@ -410,12 +470,13 @@ class ClusterPipeline:
     def close(self) -> None:
         with self.lock:
             for part in self.plan:
-                if part[0] == "remote":
-                    try:
-                        self.link.send_stop(part[1])
-                    except Exception:
-                        pass
-            transport.close_group()
+                if part[0] == "remote" and self.link is not None:
+                    try:  # stages end their loops; one that hangs is killed below anyway
+                        works = self.link.send_stop(part[1])
+                        self.waiter.wait([w for w, _ in works], self._give_up)
+                    except Exception as e:
+                        log.info("stage %d did not take the stop: %s", part[1], e)
+            self.link = None
             rc.stop_master(self.head_node, [w.actor for w in self.workers.values()])
 
 

@@ -88,19 +88,43 @@ def share_cores_politely() -> None:
 def local_ip_for(host: str) -> str:
     """This machine's address as seen on the route to host."""
     if is_loopback(host) or host in ("", "0.0.0.0"):
-        return "127.0.0.1" if is_loopback(host) else _default_ip()
+        return "127.0.0.1" if is_loopback(host) else lan_ip()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.connect((host, 9))  # UDP connect sends nothing; it only picks the route
         return s.getsockname()[0]
 
 
-def _default_ip() -> str:
+def lan_ip() -> str:
+    """The address other machines reach this one at, for a master listening on every
+    interface: the one on the default route, else the only non-loopback IPv4 address. Never
+    127.0.0.1: advertised to other machines, it would send their workers to themselves."""
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("10.255.255.255", 9))
-            return s.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
+            s.connect(("10.255.255.255", 9))  # picks the default route; sends nothing
+            ip = s.getsockname()[0]
+            if not is_loopback(ip):
+                return ip
+    except OSError:  # no default route
+        pass
+    import ifaddr
+
+    found = sorted({a.ip for adapter in ifaddr.get_adapters() for a in adapter.ips
+                    if a.is_IPv4 and not is_loopback(a.ip) and not a.ip.startswith("169.254.")})
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ClusterError("this machine has no network address but loopback: pass "
+                           "--cluster-address HOST:PORT (127.0.0.1:PORT for workers on this "
+                           "machine only)")
+    raise ClusterError(f"no default route, and several addresses ({', '.join(found)}): pass "
+                       "--cluster-address with the one the workers can reach")
+
+
+def default_worker_name() -> str:
+    """The hostname plus a short id: workers in containers on one host share a hostname."""
+    import uuid
+
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:4]}"
 
 
 def split_address(address: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -121,7 +145,7 @@ def start_head(address: str):
     import ray._private.parameter
 
     host, port = split_address(address)
-    node_ip = "127.0.0.1" if is_loopback(host) else (host if host != "0.0.0.0" else _default_ip())
+    node_ip = "127.0.0.1" if is_loopback(host) else (host if host != "0.0.0.0" else lan_ip())
     params = ray._private.parameter.RayParams(
         node_ip_address=node_ip, node_name="master", gcs_server_port=port, num_cpus=1,
         include_dashboard=False, resources={"cake_master": 1})

@@ -154,6 +154,7 @@ class StageWorker:
         self.model = self.cache = self.link = None
         self.thread: Optional[threading.Thread] = None
         self.steps_done = 0
+        self.busy_since: Optional[float] = None
         self.error: Optional[str] = None
         self.weights_from = None
 
@@ -161,8 +162,11 @@ class StageWorker:
         return {"name": self.name, **node_info(self.device)}
 
     def ping(self) -> dict:
+        """The heartbeat the master asks for while a step is in flight."""
+        busy = self.busy_since
         return {"steps_done": self.steps_done, "error": self.error,
-                "running": bool(self.thread and self.thread.is_alive())}
+                "running": bool(self.thread and self.thread.is_alive()),
+                "busy_s": None if busy is None else time.monotonic() - busy}
 
     # weights
 
@@ -225,25 +229,29 @@ class StageWorker:
     # data plane
 
     def start(self, rank: int, world: int, master_addr: str, port: int, local_ip: str,
-              prev: int, next_: int, num_slots: int, max_len: int, timeout_s: float,
+              prev: int, next_: int, num_slots: int, max_len: int, join_timeout_s: float,
               backend: str) -> bool:
         """Join the process group and run the receive loop in a thread."""
         from cake.cluster import transport
         from cake.text.kv_cache import KVCache, serving_dtype
 
         args, dtype = self.model.args, self.dtype
-        transport.init_group(rank, world, master_addr, port, local_ip, timeout_s, backend)
+        group = transport.Group(rank, world, master_addr, port, local_ip, join_timeout_s,
+                                backend)
         self.cache = KVCache(range(self.model.start, self.model.end), num_slots, max_len,
                              args.num_key_value_heads, args.head_dim,
                              serving_dtype(dtype, self.device), self.device)
-        self.link = transport.Link(args.hidden_size, dtype, self.device, backend)
+        self.link = transport.Link(group, args.hidden_size, dtype, self.device)
         self.prev, self.next = prev, next_
+        self.link.post(prev)  # the first frame's receive, before the master can send it
         self.thread = threading.Thread(target=self._loop, name="cake-stage", daemon=True)
         self.thread.start()
         return True
 
     @torch.inference_mode()
     def _loop(self) -> None:
+        """Waits for the next step as long as the master lives (a lost master resets the
+        connection); the master watches for a stage that hangs."""
         from cake.cluster.transport import OP_STOP
 
         try:
@@ -251,14 +259,15 @@ class StageWorker:
                 op, x, batch = self.link.recv(self.prev)
                 if op == OP_STOP:
                     if self.next != 0:
-                        self.link.send_stop(self.next)
+                        for work, _ in self.link.send_stop(self.next):
+                            work.wait()
                     return
+                self.busy_since = time.monotonic()
                 y = self.model(x, batch, self.cache)
-                if self.next == 0:
-                    self.link._send(y, 0)
-                else:
-                    self.link.send(self.next, y, batch)
+                for work, _ in self.link.send(self.next, y, batch):
+                    work.wait()
+                self.busy_since = None
                 self.steps_done += 1
-        except Exception as e:  # a peer died or the group was torn down
+        except Exception as e:  # a peer died
             self.error = f"{type(e).__name__}: {e}"
             log.warning("stage loop ended: %s", self.error)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 import time
 
@@ -15,7 +14,9 @@ def add_worker_args(p, name_flag: bool = True) -> None:
     p.add_argument("--cluster-key", default=os.environ.get("CAKE_CLUSTER_KEY"),
                    help="the master's cluster key (default: $CAKE_CLUSTER_KEY)")
     if name_flag:
-        p.add_argument("--name", default=socket.gethostname(), help="this worker's name")
+        p.add_argument("--name", default=None,
+                       help="this worker's name, as a --topology file names it (default: "
+                            "the hostname plus a short id)")
     p.add_argument("--join", metavar="HOST:PORT",
                    help="the master's cluster address (default: find it over mDNS)")
 
@@ -31,6 +32,7 @@ def run(args) -> int:
 
     if not args.cluster_key:
         raise SystemExit("cake: a worker needs --cluster-key (or CAKE_CLUSTER_KEY)")
+    args.name = args.name or rc.default_worker_name()
     while True:
         address = args.join or _discover(args.cluster_key)
         host, port = rc.split_address(address)

@@ -1,0 +1,70 @@
+"""A cluster across two network namespaces joined by a veth pair, as two machines would be:
+the master (and the test's HTTP client, on 127.0.0.1) in this namespace, a worker in its
+own, reaching the master only through the veth link. Skipped where namespaces cannot be
+made (no root, no `ip`)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from cluster_procs import FRANCE, STORY, chat, start_cluster, topology
+from conftest import write_tiny_model
+
+pytest.importorskip("ray")
+
+
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+@pytest.fixture(scope="module")
+def netns():
+    """(namespace, this side's address, the namespace's address); removed afterwards."""
+    if shutil.which("ip") is None or os.geteuid() != 0:
+        pytest.skip("network namespaces need root and iproute2's `ip`")
+    tag = os.getpid() % 10000
+    ns, here, there = f"cake-t{tag}", f"ckh{tag}", f"ckn{tag}"
+    subnet = f"10.213.{tag % 250}"
+    if ip("netns", "add", ns, check=False).returncode != 0:
+        pytest.skip("cannot make a network namespace here")
+    try:
+        ip("link", "add", here, "type", "veth", "peer", "name", there)
+        ip("link", "set", there, "netns", ns)
+        ip("addr", "add", f"{subnet}.1/24", "dev", here)
+        ip("link", "set", here, "up")
+        for cmd in (["addr", "add", f"{subnet}.2/24", "dev", there], ["link", "set", there, "up"],
+                    ["link", "set", "lo", "up"]):
+            ip("netns", "exec", ns, "ip", *cmd)
+        yield ns, f"{subnet}.1", f"{subnet}.2"
+    finally:
+        ip("netns", "del", ns, check=False)  # takes the veth pair with it
+        ip("link", "del", here, check=False)
+
+
+def test_worker_in_another_namespace(start_server, tmp_path_factory, netns):
+    ns, master_ip, worker_ip = netns
+    tmp = tmp_path_factory.mktemp("netns-cluster")
+    model = write_tiny_model(tmp / "model", "llama", num_hidden_layers=4,
+                             max_position_embeddings=4096)
+    single = start_server(str(model), "--temperature", "0")
+    master, workers, _ = start_cluster(
+        start_server, tmp, [str(model), "--worker-timeout", "3"],
+        [(["worker"], {})], host=master_ip, wrap=["ip", "netns", "exec", ns])
+    try:
+        doc = topology(master)
+        (worker,) = doc["workers"]
+        assert worker["host"] == worker_ip and worker["status"] == "ready"
+        assert worker["name"].startswith(worker["hostname"] + "-")  # unique default name
+        for stream in (False, True):
+            assert chat(master, STORY, 60, stream) == chat(single, STORY, 60, stream)
+        time.sleep(8)  # idle past --worker-timeout: nothing is rebuilt
+        assert chat(master, FRANCE, 30) == chat(single, FRANCE, 30)
+        assert not [e for e in topology(master)["events"] if e["event"] == "recovered"]
+    finally:
+        for w in workers:
+            w.stop()
+        master.stop()
