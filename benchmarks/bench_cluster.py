@@ -1,17 +1,20 @@
-"""Cluster overheads on one machine (loopback), measured in the same run as their anchors.
+"""Cluster overheads on one machine, measured in the same run as their anchors.
 
     python benchmarks/bench_cluster.py            # both parts
     python benchmarks/bench_cluster.py --hops-only
+    python benchmarks/bench_cluster.py --one-core --delay-ms 0.5 --delay-ms 2   # (root)
 
 1. Per-hop cost of a decode step: the step message (header + a 1 x hidden fp32 tensor)
    bounced between two processes over gloo, exactly as stages send it; per hop = round trip/2.
 2. Single-stream decode tok/s of the embedded default model: one `cake serve` alone, and a
-   2-stage cluster (a master and one `cake worker`, layers split in two) on 127.0.0.1,
+   2-stage cluster (a master and one `cake worker`, layers split in two) on 127.0.0.1, or
+   with the worker in another network namespace behind a delayed link (--delay-ms),
    alternated, median of --repeats. Both are real processes driven over HTTP.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -22,11 +25,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def free_port() -> int:
@@ -84,9 +89,9 @@ def bench_hops(hidden: int = 576, steps: int = 2000) -> dict:
 # --- 2. 2-stage cluster vs one machine ---------------------------------------------------
 
 class Proc:
-    def __init__(self, args, log, env=None, new_group=False):
+    def __init__(self, args, log, env=None, new_group=False, wrap=()):
         self.log = open(log, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "cake", *args], cwd=ROOT,
+        self.proc = subprocess.Popen([*wrap, sys.executable, "-m", "cake", *args], cwd=ROOT,
                                      stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})},
                                      start_new_session=new_group)
@@ -163,27 +168,41 @@ def concurrent_rate(url: str, tokens: int, streams: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def bench_cluster(tokens: int, repeats: int, streams: int = 4, depth: int = 0) -> dict:
+def bench_cluster(tokens: int, repeats: int, streams: int = 4, depth: int = 0,
+                  delay_ms: Optional[float] = None, one_core: bool = False) -> dict:
+    """delay_ms: the worker in another network namespace behind a link with this one-way
+    delay (benchmarks/netdelay.py); one_core: the single node and the master on core 0, the
+    worker on core 1, one thread each."""
+    from netdelay import DelayedHost
+
     tmp = Path(tempfile.mkdtemp(prefix="cake-bench-"))
     single_url = f"http://127.0.0.1:{free_port()}"
     master_url = f"http://127.0.0.1:{free_port()}"
-    address = f"127.0.0.1:{free_port()}"
+    remote = DelayedHost("cake-bench", delay_ms) if delay_ms is not None else None
+    address = f"{remote.here if remote else '127.0.0.1'}:{free_port()}"
+    pin = (lambda core: ["taskset", "-c", str(core)]) if one_core else (lambda core: [])
+    threads = {"OMP_NUM_THREADS": "1"} if one_core else {}
     procs = []
-    try:
+    with contextlib.ExitStack() as stack:
+        if remote:
+            stack.enter_context(remote)
+        stack.callback(lambda: [p.stop() for p in reversed(procs)])
         single = Proc(["serve", "--api", single_url[7:], "--max-batch", str(streams)],
-                      tmp / "single.log")
+                      tmp / "single.log", env=threads, wrap=pin(0))
         procs.append(single)
         wait_ready(single_url, single)
-        master = Proc(["serve", "--api", master_url[7:], "--max-batch", str(streams), "--cluster-key",
-                       "bench", "--cluster-address", address, "--min-workers", "1",
-                       "--discovery-timeout", "120", "--pipeline-depth", str(depth)],
-                      tmp / "master.log",
-                      env={"CAKE_CACHE": str(tmp / "m")})
+        master = Proc(["serve", "--api", master_url[7:], "--max-batch", str(streams),
+                       "--cluster-key", "bench", "--cluster-address", address,
+                       "--min-workers", "1", "--discovery-timeout", "120",
+                       "--pipeline-depth", str(depth)],
+                      tmp / "master.log", env={"CAKE_CACHE": str(tmp / "m"), **threads},
+                      wrap=pin(0))
         procs.append(master)
         time.sleep(3)
         procs.append(Proc(["worker", "--join", address, "--cluster-key", "bench", "--name",
-                           "w1"], tmp / "worker.log", env={"CAKE_CACHE": str(tmp / "w")},
-                          new_group=True))
+                           "w1"], tmp / "worker.log",
+                          env={"CAKE_CACHE": str(tmp / "w"), **threads}, new_group=True,
+                          wrap=(remote.wrap if remote else []) + pin(1)))
         wait_ready(master_url, master)
         decode_rate(single_url, 8), decode_rate(master_url, 8)  # warm-up
         rates = {"single": [], "cluster": []}
@@ -196,13 +215,55 @@ def bench_cluster(tokens: int, repeats: int, streams: int = 4, depth: int = 0) -
             many["cluster"].append(concurrent_rate(master_url, tokens, streams))
         s, c = (statistics.median(rates[k]) for k in ("single", "cluster"))
         ms, mc = (statistics.median(many[k]) for k in ("single", "cluster"))
-        return {"bench": "2-stage loopback", "tokens": tokens, "repeats": repeats,
-                "pipeline_depth": depth or "auto",
+        link = f"{remote.delay_ms} ms one-way" if remote else "loopback"
+        return {"bench": f"2-stage, {link}", "one_core_each": one_core,
+                "tokens": tokens, "repeats": repeats, "pipeline_depth": depth or "auto",
                 "single_tok_s": round(s, 2), "cluster_tok_s": round(c, 2),
                 "ratio": round(c / s, 3),
                 f"{streams}_streams_single_tok_s": round(ms, 2),
                 f"{streams}_streams_cluster_tok_s": round(mc, 2),
                 "runs": {k: [round(v, 2) for v in r] for k, r in rates.items()}}
+
+
+def bench_stopped_worker(tokens: int = 120) -> dict:
+    """The pause a stream sees when its worker stops silently (SIGSTOP: no connection reset)
+    mid-stream, and whether the text is what one machine writes."""
+    import httpx
+
+    tmp = Path(tempfile.mkdtemp(prefix="cake-bench-"))
+    single_url, master_url = (f"http://127.0.0.1:{free_port()}" for _ in range(2))
+    address = f"127.0.0.1:{free_port()}"
+    procs = []
+    body = {"messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+            "max_tokens": tokens, "temperature": 0, "stream": True}
+    try:
+        procs.append(Proc(["serve", "--api", single_url[7:]], tmp / "single.log"))
+        wait_ready(single_url, procs[0])
+        procs.append(Proc(["serve", "--api", master_url[7:], "--cluster-key", "bench",
+                           "--cluster-address", address, "--min-workers", "1",
+                           "--discovery-timeout", "120"], tmp / "master.log",
+                          env={"CAKE_CACHE": str(tmp / "m")}))
+        time.sleep(3)
+        procs.append(Proc(["worker", "--join", address, "--cluster-key", "bench", "--name",
+                           "w1"], tmp / "worker.log", env={"CAKE_CACHE": str(tmp / "w")},
+                          new_group=True))
+        wait_ready(master_url, procs[1])
+        want = httpx.post(single_url + "/v1/chat/completions", timeout=600,
+                          json={**body, "stream": False}).json()["choices"][0]["message"]
+        doc = httpx.get(master_url + "/api/v1/topology", timeout=30).json()
+        stage = doc["workers"][0]["stage_pid"]
+        pieces, times = [], []
+        with httpx.stream("POST", master_url + "/v1/chat/completions", json=body,
+                          timeout=600) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {") and '"content"' in line:
+                    pieces.append(json.loads(line[6:])["choices"][0]["delta"]["content"])
+                    times.append(time.perf_counter())
+                    if len(pieces) == 10:
+                        os.kill(stage, signal.SIGSTOP)
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        return {"bench": "worker stopped mid-stream", "pause_s": round(max(gaps), 2),
+                "same_text": "".join(pieces) == want["content"]}
     finally:
         for p in reversed(procs):
             p.stop()
@@ -214,11 +275,21 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--pipeline-depth", type=int, default=0, help="0: the cluster's default")
+    ap.add_argument("--delay-ms", type=float, action="append",
+                    help="worker behind a link with this one-way delay (repeatable; needs root)")
+    ap.add_argument("--stopped-worker", action="store_true",
+                    help="only: the pause when a worker is SIGSTOPped mid-stream")
+    ap.add_argument("--one-core", action="store_true",
+                    help="each node on one core with one thread (master and single node: 0)")
     args = ap.parse_args()
+    if args.stopped_worker:
+        print(json.dumps(bench_stopped_worker()), flush=True)
+        return
     print(json.dumps(bench_hops()), flush=True)
     if not args.hops_only:
-        print(json.dumps(bench_cluster(args.tokens, args.repeats, depth=args.pipeline_depth)),
-              flush=True)
+        for delay in args.delay_ms or [None]:
+            print(json.dumps(bench_cluster(args.tokens, args.repeats, depth=args.pipeline_depth,
+                                           delay_ms=delay, one_core=args.one_core)), flush=True)
 
 
 if __name__ == "__main__":

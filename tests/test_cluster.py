@@ -14,11 +14,10 @@ import subprocess
 import sys
 import time
 
-import httpx
 import openai
 import pytest
 
-from cluster_procs import FRANCE, KEY, STORY, Worker, chat, start_cluster, topology
+from cluster_procs import FRANCE, KEY, STORY, chat, start_cluster, topology
 from conftest import ROOT, free_port, hf_cache_with, write_tiny_model
 
 pytest.importorskip("ray")

@@ -257,7 +257,6 @@ class ClusterPipeline:
 
     def _run(self, tokens, batch, logits_at):
         x = tokens
-        B, T = tokens.shape[:2]
         for part in self.plan:
             if part[0] == "local":
                 _, stage, cache = part

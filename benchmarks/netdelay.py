@@ -1,0 +1,136 @@
+"""A second "machine" behind a link with a one-way delay, for cluster benchmarks.
+
+This kernel has no netem, so the delay is made in user space: a network namespace whose only
+link to this one is a pair of TUN devices, and a forwarder that copies each packet from one
+to the other after `delay` (both directions). Everything stays inside this sandbox.
+
+    python benchmarks/netdelay.py --name cake-d --delay-ms 0.5   # until Ctrl+C
+    # this side: 10.214.0.1, the namespace's: 10.214.0.2; run there with
+    # `ip netns exec cake-d COMMAND`
+
+As a library: `with DelayedHost("cake-d", 0.5) as host: ... host.wrap ... host.ip`.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import fcntl
+import heapq
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454CA, 0x0001, 0x1000
+CLONE_NEWNET = 0x40000000
+HERE, THERE = "10.214.0.1", "10.214.0.2"
+
+
+def ip(*args: str, check: bool = True) -> None:
+    subprocess.run(["ip", *args], check=check, capture_output=True)
+
+
+def open_tun(name: str) -> int:
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+    return fd
+
+
+def open_tun_in(ns: str, name: str) -> int:
+    """A TUN device created inside namespace ns (setns for the call, then back)."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    own = os.open("/proc/self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        if libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns into the namespace failed")
+        return open_tun(name)
+    finally:
+        libc.setns(own, CLONE_NEWNET)
+        os.close(own)
+        os.close(target)
+
+
+def forward(a: int, b: int, delay_s: float, stop_at: float = float("inf")) -> None:
+    """Copy packets a -> b and b -> a, each after delay_s, in arrival order."""
+    due: list = []  # (time, sequence, fd, packet)
+    seq = 0
+    peer = {a: b, b: a}
+    while time.monotonic() < stop_at:
+        now = time.monotonic()
+        while due and due[0][0] <= now:
+            _, _, fd, packet = heapq.heappop(due)
+            try:
+                os.write(fd, packet)
+            except BlockingIOError:  # the device's queue is full: drop, as a link would
+                pass
+        timeout = max(0.0, due[0][0] - now) if due else 0.05
+        ready, _, _ = select.select([a, b], [], [], timeout)
+        for fd in ready:
+            while True:
+                try:
+                    packet = os.read(fd, 65536)
+                except BlockingIOError:
+                    break
+                seq += 1
+                heapq.heappush(due, (time.monotonic() + delay_s, seq, peer[fd], packet))
+
+
+class DelayedHost:
+    """A namespace `name` reached at 10.214.0.2 through a delayed link; the forwarder runs
+    in a child process. wrap: the command prefix that runs a program there."""
+
+    def __init__(self, name: str, delay_ms: float):
+        self.name, self.delay_ms = name, delay_ms
+        self.ip, self.here = THERE, HERE
+        self.wrap = ["ip", "netns", "exec", name]
+        self.proc = None
+
+    def __enter__(self) -> "DelayedHost":
+        self.proc = subprocess.Popen([sys.executable, __file__, "--name", self.name,
+                                      "--delay-ms", str(self.delay_ms)],
+                                     stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if "ready" not in line:
+            raise RuntimeError(f"delayed link did not come up: {line!r}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--name", default="cake-d")
+    ap.add_argument("--delay-ms", type=float, default=0.5)
+    args = ap.parse_args()
+    ns, near, far = args.name, f"{args.name[:10]}-a", f"{args.name[:10]}-b"
+    ip("netns", "add", ns)
+    try:
+        a = open_tun(near)
+        b = open_tun_in(ns, far)
+        ip("addr", "add", HERE, "peer", THERE, "dev", near)
+        ip("link", "set", near, "up")
+        for cmd in (["addr", "add", THERE, "peer", HERE, "dev", far], ["link", "set", far, "up"],
+                    ["link", "set", "lo", "up"]):
+            ip("netns", "exec", ns, "ip", *cmd)
+        print("ready", flush=True)
+        signal.signal(signal.SIGINT, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+        try:
+            forward(a, b, args.delay_ms / 1000)
+        except KeyboardInterrupt:
+            pass
+    finally:
+        ip("netns", "del", ns, check=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
