@@ -42,14 +42,20 @@ def free_port() -> int:
 
 # --- 1. per hop --------------------------------------------------------------------------
 
-def _bouncer(rank: int, port: int, hidden: int, steps: int, out) -> None:
+def _bouncer(rank: int, port: int, hidden: int, steps: int, secure: bool, out) -> None:
+    import datetime
+
     import torch
+    import torch.distributed as dist
 
     from cake.cluster import transport
     from cake.text.kv_cache import StepBatch
 
     torch.set_num_threads(1)
-    group = transport.Group(rank, 2, "127.0.0.1", port, "127.0.0.1", 60)
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0,
+                          timeout=datetime.timedelta(seconds=60))
+    group = transport.Group(rank, 2, "00" * 16, "127.0.0.1", 60,
+                            secret=b"k" * 32 if secure else None, store=store)
     link = transport.Link(group, hidden, torch.float32, "cpu")
     waiter = transport.Waiter()
     x = torch.randn(1, 1, hidden)
@@ -71,17 +77,18 @@ def _bouncer(rank: int, port: int, hidden: int, steps: int, out) -> None:
         out.put(times[steps // 10:])
 
 
-def bench_hops(hidden: int = 576, steps: int = 2000) -> dict:
+def bench_hops(hidden: int = 576, steps: int = 2000, secure: bool = True) -> dict:
     ctx = mp.get_context("spawn")
     port, q = free_port(), ctx.Queue()
-    procs = [ctx.Process(target=_bouncer, args=(r, port, hidden, steps, q)) for r in (0, 1)]
+    procs = [ctx.Process(target=_bouncer, args=(r, port, hidden, steps, secure, q))
+             for r in (0, 1)]
     for p in procs:
         p.start()
     times = q.get(timeout=300)
     for p in procs:
         p.join(60)
     per_hop = [t / 2 * 1000 for t in times]
-    return {"bench": "hop", "hidden": hidden, "steps": len(times),
+    return {"bench": "hop", "sealed": secure, "hidden": hidden, "steps": len(times),
             "per_hop_ms_median": round(statistics.median(per_hop), 4),
             "per_hop_ms_p90": round(sorted(per_hop)[int(0.9 * len(per_hop))], 4)}
 
@@ -285,7 +292,8 @@ def main() -> None:
     if args.stopped_worker:
         print(json.dumps(bench_stopped_worker()), flush=True)
         return
-    print(json.dumps(bench_hops()), flush=True)
+    for secure in (False, True):
+        print(json.dumps(bench_hops(secure=secure)), flush=True)
     if not args.hops_only:
         for delay in args.delay_ms or [None]:
             print(json.dumps(bench_cluster(args.tokens, args.repeats, depth=args.pipeline_depth,

@@ -5,7 +5,9 @@ made (no root, no `ip`)."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
+import socket
 import subprocess
 import time
 
@@ -64,7 +66,54 @@ def test_worker_in_another_namespace(start_server, tmp_path_factory, netns):
         time.sleep(8)  # idle past --worker-timeout: nothing is rebuilt
         assert chat(master, FRANCE, 30) == chat(single, FRANCE, 30)
         assert not [e for e in topology(master)["events"] if e["event"] == "recovered"]
+
+        # A rogue on the network, without the key: garbage and frame-shaped junk at every
+        # port the master and the worker listen on, from outside. The cluster goes on.
+        ports = listening(master.proc.pid, master_ip) + listening(workers[0].proc.pid,
+                                                                  worker_ip)
+        assert ports
+        for address in ports:
+            pester(address)
+        assert master.proc.poll() is None and workers[0].proc.poll() is None
+        assert chat(master, STORY, 60, True) == chat(single, STORY, 60, True)
+        assert topology(master)["workers"][0]["status"] == "ready"
     finally:
         for w in workers:
             w.stop()
         master.stop()
+
+
+def listening(pid: int, reachable_ip: str) -> list[tuple[str, int]]:
+    """The TCP ports a process tree listens on that another machine could reach."""
+    import psutil
+
+    found = set()
+    root = psutil.Process(pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            conns = p.net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        for c in conns:
+            if c.status == psutil.CONN_LISTEN and c.laddr.ip in ("0.0.0.0", "::", reachable_ip):
+                found.add((reachable_ip, c.laddr.port))
+    return sorted(found)
+
+
+def pester(address: tuple[str, int]) -> None:
+    rng = random.Random(address[1])
+    junk = [rng.randbytes(4096),
+            # a frame's prefix (sealed length, next frame size), then noise
+            (4096).to_bytes(8, "little") + (2400).to_bytes(8, "little") + rng.randbytes(4096),
+            b"\x00" * 64]
+    for payload in junk:
+        try:
+            with socket.create_connection(address, timeout=2) as s:
+                s.sendall(payload)
+                s.settimeout(0.5)
+                try:
+                    s.recv(1024)
+                except OSError:
+                    pass
+        except OSError:  # refused or reset: fine
+            pass

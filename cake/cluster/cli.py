@@ -22,6 +22,9 @@ def add_args(p) -> None:
     g.add_argument("--pipeline-depth", type=int, default=0,
                    help="groups of requests in flight through the stages at once "
                         "(default: one per machine)")
+    g.add_argument("--cluster-insecure", action="store_true",
+                   help="send hidden states between machines unencrypted (only over links "
+                        "you trust: anyone on the network could read or alter them)")
 
 
 def options(args):
@@ -36,6 +39,12 @@ def options(args):
     from cake.cluster.ray_cluster import (ClusterError, is_loopback, lan_ip,
                                           share_cores_politely, split_address)
 
+    if args.cluster_insecure:
+        import logging
+
+        logging.getLogger("cake").warning(
+            "--cluster-insecure: the cluster's hidden states and token ids cross the network "
+            "in plaintext; anyone on it can read or alter them")
     host = split_address(args.cluster_address)[0]
     if is_loopback(host):  # workers share this machine
         share_cores_politely()
@@ -47,4 +56,5 @@ def options(args):
     return ClusterOptions(key=key, address=args.cluster_address, min_workers=args.min_workers,
                           discovery_timeout=args.discovery_timeout,
                           worker_timeout=args.worker_timeout, topology=args.topology,
-                          pipeline_depth=args.pipeline_depth)
+                          pipeline_depth=args.pipeline_depth,
+                          insecure=args.cluster_insecure)

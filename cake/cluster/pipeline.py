@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -221,7 +222,8 @@ class ClusterPipeline:
         self.steps_sent = 0
         if world == 1:
             return
-        port = rc.free_port(self.master_ip)
+        name = os.urandom(16).hex()  # the rendezvous' namespace and the links' key salt
+        secure = not self.opts.insecure and self.backend != "nccl"
         starts = []
         for k, seg in enumerate(order):
             if seg.node == "master":
@@ -230,11 +232,10 @@ class ClusterPipeline:
             nxt = order[k + 1].node if k + 1 < len(order) else "master"
             w = self.workers[seg.node]
             starts.append(w.actor.start.remote(
-                w.rank, world, self.master_ip, port, w.host, ranks.get(prev, 0),
-                ranks.get(nxt, 0), self.num_slots, self.max_len, self.opts.worker_timeout,
-                self.backend))
-        group = transport.Group(0, world, self.master_ip, port, self.master_ip,
-                                self.opts.worker_timeout, self.backend)
+                w.rank, world, name, w.host, ranks.get(prev, 0), ranks.get(nxt, 0),
+                self.num_slots, self.max_len, self.opts.worker_timeout, self.backend, secure))
+        group = transport.Group(0, world, name, self.master_ip, self.opts.worker_timeout,
+                                self.backend, rc.link_secret(self.opts.key) if secure else None)
         self.link = transport.Link(group, self.args.hidden_size, self.dtype, self.device)
         self.waiter = transport.Waiter()
         ray.get(starts, timeout=180)
@@ -294,6 +295,9 @@ class ClusterPipeline:
             return self.link.take(src, wait=self._wait)[1]
         except StageLost:
             raise
+        except transport.FrameRejected as e:
+            log.error("rejected the result from rank %d: %s; rebuilding the ring", src, e)
+            raise StageLost(f"rejected a frame from rank {src}: {e}") from e
         except Exception as e:
             raise StageLost(f"{type(e).__name__}: {e}") from e
 
@@ -311,10 +315,15 @@ class ClusterPipeline:
             w.detail = f"no heartbeat for {PING_TIMEOUT_S:.0f}s"
         if silent:
             raise StageLost(f"{', '.join(w.name for w in silent)} stopped answering", silent)
+        beats = {w.name: ray.get(ref) for ref, w in pings.items()}
+        ended = [w for w in ready if not beats[w.name]["running"]]
+        for w in ended:  # its loop gave up: a peer's connection broke or a frame was rejected
+            w.detail = beats[w.name]["error"] or "stage loop ended"
+        if ended:
+            raise StageLost(f"{', '.join(w.name for w in ended)}: {ended[0].detail}", ended)
         if waited >= self.opts.worker_timeout:
-            done = {w.name: ray.get(ref)["steps_done"] for ref, w in pings.items()}
             behind = [w for w in sorted(ready, key=lambda w: w.rank)
-                      if done[w.name] < self.steps_sent][:1]
+                      if beats[w.name]["steps_done"] < self.steps_sent][:1]
             for w in behind:
                 w.detail = f"no progress for {self.opts.worker_timeout:.0f}s"
             raise StageLost(f"a step made no progress for {waited:.0f}s", behind)

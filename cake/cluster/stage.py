@@ -228,16 +228,17 @@ class StageWorker:
 
     # data plane
 
-    def start(self, rank: int, world: int, master_addr: str, port: int, local_ip: str,
-              prev: int, next_: int, num_slots: int, max_len: int, join_timeout_s: float,
-              backend: str) -> bool:
+    def start(self, rank: int, world: int, name: str, local_ip: str, prev: int, next_: int,
+              num_slots: int, max_len: int, join_timeout_s: float, backend: str,
+              secure: bool) -> bool:
         """Join the process group and run the receive loop in a thread."""
         from cake.cluster import transport
+        from cake.cluster.ray_cluster import own_link_secret
         from cake.text.kv_cache import KVCache, serving_dtype
 
         args, dtype = self.model.args, self.dtype
-        group = transport.Group(rank, world, master_addr, port, local_ip, join_timeout_s,
-                                backend)
+        group = transport.Group(rank, world, name, local_ip, join_timeout_s, backend,
+                                own_link_secret() if secure else None)
         self.cache = KVCache(range(self.model.start, self.model.end), num_slots, max_len,
                              args.num_key_value_heads, args.head_dim,
                              serving_dtype(dtype, self.device), self.device)
@@ -252,12 +253,12 @@ class StageWorker:
     def _loop(self) -> None:
         """Waits for the next step as long as the master lives (a lost master resets the
         connection); the master watches for a stage that hangs."""
-        from cake.cluster.transport import OP_STOP
+        from cake.cluster import transport
 
         try:
             while True:
                 op, x, batch = self.link.recv(self.prev)
-                if op == OP_STOP:
+                if op == transport.OP_STOP:
                     if self.next != 0:
                         for work, _ in self.link.send_stop(self.next):
                             work.wait()
@@ -268,6 +269,9 @@ class StageWorker:
                     work.wait()
                 self.busy_since = None
                 self.steps_done += 1
+        except transport.FrameRejected as e:  # tampered with, replayed, or another cluster's
+            self.error = f"rejected a frame from rank {self.prev}: {e}"
+            log.error("stage loop ended: %s", self.error)
         except Exception as e:  # a peer died
             self.error = f"{type(e).__name__}: {e}"
             log.warning("stage loop ended: %s", self.error)

@@ -11,6 +11,13 @@ a size both ends agreed on in the previous frame, and the receiver posts the nex
 receive as soon as a frame arrives, before it computes: the sender then never waits for it.
 A step bigger than the agreed frame (a prefill chunk) sends its rest as a second message.
 
+Every message is sealed with AES-256-GCM under a key per direction of each link, derived
+from the cluster key and a fresh salt per group (see Sealer): nobody without the key can read
+the prompts' tokens or hidden states off the wire, alter them, or replay them. The group's
+rendezvous goes through Ray's key-value store, which the cluster token guards, so no
+unauthenticated store listens either. NCCL (CUDA stages) is not sealed: use it between GPUs
+of one machine or over links you trust.
+
 A wait on a peer that hangs cannot be cancelled (gloo's only timeout closes every pair), so
 the group's timeout is effectively infinite: stages wait for work as long as the master
 lives, and the master waits in a helper thread while it checks the stages' heartbeats (see
@@ -19,9 +26,12 @@ Waiter), abandoning the group when a stage is lost.
 from __future__ import annotations
 
 import datetime
+import hashlib
+import hmac
 import os
 import queue
 import threading
+import time
 from typing import Callable, Optional
 
 import torch
@@ -29,10 +39,15 @@ import torch.distributed as dist
 
 from cake.text.kv_cache import StepBatch
 
-# header (int64): op, rows, tokens per row, kv_len, span slot (-1: none), span first position,
-# payload dtype, step number, message bytes, next frame's bytes
-HEADER = 10
+# On the wire: a prefix (int64: sealed bytes, the next frame's bytes; authenticated as the
+# seal's associated data), then the sealed message: a header (int64: op, rows, tokens per row,
+# kv_len, span slot (-1: none), span first position, payload dtype, step number), the batch's
+# positions and slots unless it is one span, and the payload.
+PREFIX_BYTES = 16
+HEADER = 8
 HEADER_BYTES = HEADER * 8
+TAG_BYTES = 16  # AES-GCM's authentication tag
+MAX_MESSAGE = 1 << 31
 OP_FORWARD, OP_STOP = 1, 2
 FRAME_TAG, REST_TAG = 0, 1
 MAX_FRAME = 1 << 18  # steps up to 256 KiB (decode batches) travel in one message
@@ -52,18 +67,131 @@ def interface_of(ip: str) -> Optional[str]:
     return None
 
 
+class FrameRejected(RuntimeError):
+    """A message that fails to open: altered, replayed, reordered, or sealed with another key."""
+
+
+def link_key(secret: bytes, salt: bytes, src: int, dst: int) -> bytes:
+    """The key of the direction src -> dst of one group's links."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(hashes.SHA256(), 32, salt, f"cake/link/{src}->{dst}".encode()).derive(secret)
+
+
+class Sealer:
+    """AES-256-GCM for one direction of a link. The nonce is the message's number on that
+    direction, never sent: the receiver opens message n with nonce n, so a replayed, dropped,
+    reordered or altered message fails to open. key None: plaintext (--cluster-insecure)."""
+
+    def __init__(self, key: Optional[bytes]):
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self.aead = AESGCM(key) if key else None
+        self.tag = TAG_BYTES if key else 0
+        self.count = 0
+
+    def _nonce(self) -> bytes:
+        self.count += 1
+        return self.count.to_bytes(12, "little")
+
+    def seal(self, data: torch.Tensor, ad: bytes) -> torch.Tensor:
+        if self.aead is None:
+            return data
+        out = self.aead.encrypt(self._nonce(), data.numpy(), ad)
+        return torch.frombuffer(bytearray(out), dtype=torch.uint8)
+
+    def open(self, data: torch.Tensor, ad: bytes) -> torch.Tensor:
+        if self.aead is None:
+            return data
+        from cryptography.exceptions import InvalidTag
+
+        try:
+            out = self.aead.decrypt(self._nonce(), data.numpy(), ad)
+        except InvalidTag as e:
+            raise FrameRejected("a message failed authentication (altered, replayed, or not "
+                                "from this cluster)") from e
+        return torch.frombuffer(bytearray(out), dtype=torch.uint8)
+
+
+def message_mac(secret: bytes, data: bytes) -> str:
+    """Authenticates shipped weights: only a holder of the cluster key can make it."""
+    return hmac.new(secret, data, hashlib.sha256).hexdigest()
+
+
+class RayStore(dist.Store):
+    """The group's rendezvous in Ray's key-value store (behind the cluster token), so that no
+    unauthenticated TCPStore listens. Keys live in a namespace per group."""
+
+    def __init__(self, namespace: str, timeout_s: float):
+        super().__init__()
+        self.namespace, self.timeout_s = namespace, timeout_s
+
+    def _kv(self):
+        from ray.experimental import internal_kv
+
+        return internal_kv
+
+    def set(self, key: str, value) -> None:
+        value = value if isinstance(value, bytes) else bytes(value, "utf-8") \
+            if isinstance(value, str) else bytes(value)
+        self._kv()._internal_kv_put(key.encode(), value, overwrite=True,
+                                    namespace=self.namespace)
+
+    def get(self, key: str) -> bytes:
+        self.wait([key])
+        return self._kv()._internal_kv_get(key.encode(), namespace=self.namespace)
+
+    def check(self, keys: list) -> bool:
+        kv = self._kv()
+        return all(kv._internal_kv_exists(k.encode(), namespace=self.namespace) for k in keys)
+
+    def wait(self, keys: list, timeout=None) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while not self.check(keys):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"rendezvous timed out waiting for {keys}")
+            time.sleep(0.01)
+
+    def add(self, key: str, amount: int) -> int:
+        # Only the rendezvous' own counters use this, one rank at a time per key.
+        value = int(self._kv()._internal_kv_get(key.encode(), namespace=self.namespace) or 0)
+        self.set(key, str(value + amount))
+        return value + amount
+
+    def compare_set(self, key: str, expected, desired) -> bytes:
+        current = self._kv()._internal_kv_get(key.encode(), namespace=self.namespace)
+        if current == expected or (current is None and not expected):
+            self.set(key, desired)
+            return desired if isinstance(desired, bytes) else bytes(desired, "utf-8")
+        return current
+
+    def delete_key(self, key: str) -> bool:
+        return bool(self._kv()._internal_kv_del(key.encode(), namespace=self.namespace))
+
+    def num_keys(self) -> int:
+        return len(self._kv()._internal_kv_list(b"", namespace=self.namespace))
+
+    def set_timeout(self, timeout) -> None:
+        self.timeout_s = timeout.total_seconds()
+
+
 class Group:
     """The ring's process group, an object of its own rather than torch's global default
     group: when a stage is lost the master drops it (with any wait still stuck on the lost
-    peer) and builds a new one."""
+    peer) and builds a new one. name: 32 hex digits unique per group (the rendezvous'
+    namespace, the keys' salt); secret: the cluster's link secret, None to send plaintext;
+    store: the rendezvous (default: Ray's key-value store)."""
 
-    def __init__(self, rank: int, world_size: int, master_addr: str, port: int, local_ip: str,
-                 join_timeout_s: float, backend: str = "gloo"):
+    def __init__(self, rank: int, world_size: int, name: str, local_ip: str,
+                 join_timeout_s: float, backend: str = "gloo", secret: Optional[bytes] = None,
+                 store: Optional[dist.Store] = None):
         self.rank, self.world_size, self.backend = rank, world_size, backend
+        self.secret = secret if backend != "nccl" else None  # see the module doc
+        self.salt = bytes.fromhex(name)
         iface = interface_of(local_ip)
         # Joining may take a while on a busy machine.
-        self.store = dist.TCPStore(master_addr, port, world_size, is_master=rank == 0,
-                                   timeout=datetime.timedelta(seconds=max(join_timeout_s, 120)))
+        self.store = store or RayStore(f"cake-ring-{name}", max(join_timeout_s, 120))
         if backend == "nccl":
             if iface:
                 os.environ["NCCL_SOCKET_IFNAME"] = iface
@@ -76,6 +204,9 @@ class Group:
             opts._devices = [dist.ProcessGroupGloo.create_device(interface=iface) if iface
                              else dist.ProcessGroupGloo.create_default_device()]
             self.pg = dist.ProcessGroupGloo(self.store, rank, world_size, opts)
+
+    def sealer(self, src: int, dst: int) -> Sealer:
+        return Sealer(link_key(self.secret, self.salt, src, dst) if self.secret else None)
 
     def isend(self, t: torch.Tensor, dst: int, tag: int):
         return self.pg.send([t], dst, tag)
@@ -102,41 +233,52 @@ class Link:
         self.device = torch.device(device)
         self.wire = self.device if group.backend == "nccl" else torch.device("cpu")
         self.step = 0
+        self.sealers: dict[tuple[int, int], Sealer] = {}
         # Both ends start from the size of a one-token step and follow each frame's
         # announcement of the next one's size.
-        self.first_frame = HEADER_BYTES + hidden_size * dtype.itemsize
+        self.first_frame = PREFIX_BYTES + HEADER_BYTES + hidden_size * dtype.itemsize + \
+            (TAG_BYTES if group.secret else 0)
         self.frame_out: dict[int, int] = {}
         self.pending: dict[int, Received] = {}
+
+    def _sealer(self, src: int, dst: int) -> Sealer:
+        if (src, dst) not in self.sealers:
+            self.sealers[src, dst] = self.group.sealer(src, dst)
+        return self.sealers[src, dst]
 
     # sending
 
     def _message(self, op: int, x: Optional[torch.Tensor], batch: Optional[StepBatch]
-                 ) -> tuple[list[int], list[torch.Tensor]]:
+                 ) -> torch.Tensor:
+        """The message in plain bytes: header, index, payload."""
         if x is None:
-            return [op] + [0] * 7, []
+            return torch.tensor([op] + [0] * (HEADER - 1), dtype=torch.long).view(torch.uint8)
         B, T = batch.positions.shape
         span = batch.span or (-1, 0)
-        parts = []
+        head = [op, B, T, batch.kv_len, span[0], span[1], DTYPES.index(x.dtype), self.step]
+        parts = [torch.tensor(head, dtype=torch.long)]
         if batch.span is None:
-            parts.append(torch.cat([batch.positions.flatten(), batch.slots]).to(self.wire))
-        parts.append(x.to(self.wire).contiguous())
-        return [op, B, T, batch.kv_len, span[0], span[1], DTYPES.index(x.dtype), self.step], parts
+            parts.append(torch.cat([batch.positions.flatten(), batch.slots]).cpu())
+        parts.append(x.detach().cpu().contiguous())
+        return torch.cat([p.reshape(-1).view(torch.uint8) for p in parts])
 
     def send(self, dst: int, x: Optional[torch.Tensor], batch: Optional[StepBatch],
              op: int = OP_FORWARD) -> list:
         """Start sending a step (x [B, T] token ids or [B, T, D] hidden states) to dst; returns
-        the works to wait on (each holds its buffer alive until then)."""
+        (work, buffer) pairs to wait on (the buffer must live until then)."""
         if op == OP_FORWARD:
             self.step += 1
-        head, parts = self._message(op, x, batch)
-        body = [p.reshape(-1).view(torch.uint8) for p in parts]
-        size = HEADER_BYTES + sum(b.numel() for b in body)
+        message = self._message(op, x, batch)
+        sealer = self._sealer(self.group.rank, dst)
+        sealed_len = message.numel() + sealer.tag
+        size = PREFIX_BYTES + sealed_len
         frame = self.frame_out.get(dst, self.first_frame)
         following = size if size <= MAX_FRAME else frame
-        header = torch.tensor(head + [size, following], dtype=torch.long, device=self.wire)
-        data = torch.cat([header.view(torch.uint8), *body])
+        prefix = torch.tensor([sealed_len, following], dtype=torch.long).view(torch.uint8)
+        parts = [prefix, sealer.seal(message, prefix.numpy().tobytes())]
         if size < frame:
-            data = torch.cat([data, data.new_zeros(frame - size)])
+            parts.append(torch.zeros(frame - size, dtype=torch.uint8))
+        data = torch.cat(parts).to(self.wire)
         self.frame_out[dst] = following
         works = [(self.group.isend(data[:frame], dst, FRAME_TAG), data)]
         if size > frame:
@@ -162,34 +304,49 @@ class Link:
              ) -> tuple[int, Optional[torch.Tensor], Optional[StepBatch]]:
         """(op, payload, batch) of the frame from src, once its receive has completed; posts
         the next frame's receive before anything else. wait(works): how to wait for the rest
-        of a big step (default: block)."""
+        of a big step (default: block). Raises FrameRejected for a message that fails to
+        open or makes no sense."""
         r = self.pending.pop(src)
-        h = r.buf[:HEADER_BYTES].view(torch.long).tolist()
-        op, B, T, kv_len, span_slot, span_p0, kind, step, size, following = h
-        if op == OP_FORWARD:
-            self.post(src, following)
+        buf = r.buf.cpu()
+        prefix = buf[:PREFIX_BYTES]
+        sealed_len, following = prefix.view(torch.long).tolist()
+        size = PREFIX_BYTES + sealed_len
+        if not (0 < sealed_len < MAX_MESSAGE and PREFIX_BYTES < following <= MAX_FRAME + 64):
+            raise FrameRejected(f"a frame from rank {src} has an impossible size")
+        self.post(src, following)  # unverified until the message opens, which is harmless
+        data = buf
+        if size > buf.numel():  # the rest of a big step follows as a second message
+            rest = torch.empty(size - buf.numel(), dtype=torch.uint8, device=self.wire)
+            work = self.group.irecv(rest, src, REST_TAG)
+            (wait or _block)([work])
+            data = torch.cat([buf, rest.cpu()])
+        message = self._sealer(src, self.group.rank).open(data[PREFIX_BYTES:size],
+                                                         prefix.numpy().tobytes())
+        return self._parse(message, src)
+
+    def _parse(self, message: torch.Tensor, src: int):
+        if message.numel() < HEADER_BYTES:
+            raise FrameRejected(f"a message from rank {src} is too short")
+        h = message[:HEADER_BYTES].view(torch.long).tolist()
+        op, B, T, kv_len, span_slot, span_p0, kind, step = h
         if op != OP_FORWARD:
             return op, None, None
         self.step = step
-        data = r.buf
-        if size > r.buf.numel():  # the rest of a big step follows as a second message
-            rest = torch.empty(size - r.buf.numel(), dtype=torch.uint8, device=self.wire)
-            work = self.group.irecv(rest, src, REST_TAG)
-            (wait or _block)([work])
-            data = torch.cat([r.buf, rest])
         at = HEADER_BYTES
         if span_slot >= 0:
             positions = torch.arange(span_p0, span_p0 + T, device=self.device)[None]
             slots = torch.tensor([span_slot], device=self.device)
             batch = StepBatch(positions, slots, kv_len, (span_slot, span_p0))
         else:
-            index = data[at:at + (B * T + B) * 8].view(torch.long).to(self.device)
+            index = message[at:at + (B * T + B) * 8].view(torch.long).to(self.device)
             at += (B * T + B) * 8
             batch = StepBatch(index[:B * T].view(B, T), index[B * T:], kv_len, None)
         dtype = DTYPES[kind]
         shape = (B, T) if dtype == torch.long else (B, T, self.hidden_size)
         n = B * T * (1 if dtype == torch.long else self.hidden_size) * dtype.itemsize
-        x = data[at:at + n].view(dtype).view(shape).to(self.device)
+        if message.numel() != at + n:
+            raise FrameRejected(f"a message from rank {src} does not match its header")
+        x = message[at:at + n].view(dtype).view(shape).to(self.device)
         return op, x, batch
 
     def recv(self, src: int) -> tuple[int, Optional[torch.Tensor], Optional[StepBatch]]:
