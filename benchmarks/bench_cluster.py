@@ -176,10 +176,11 @@ def concurrent_rate(url: str, tokens: int, streams: int) -> float:
 
 
 def bench_cluster(tokens: int, repeats: int, streams: int = 4, depth: int = 0,
-                  delay_ms: Optional[float] = None, one_core: bool = False) -> dict:
+                  delay_ms: Optional[float] = None, one_core: bool = False,
+                  insecure: bool = False) -> dict:
     """delay_ms: the worker in another network namespace behind a link with this one-way
     delay (benchmarks/netdelay.py); one_core: the single node and the master on core 0, the
-    worker on core 1, one thread each."""
+    worker on core 1, one thread each; insecure: the data plane unsealed."""
     from netdelay import DelayedHost
 
     tmp = Path(tempfile.mkdtemp(prefix="cake-bench-"))
@@ -201,7 +202,8 @@ def bench_cluster(tokens: int, repeats: int, streams: int = 4, depth: int = 0,
         master = Proc(["serve", "--api", master_url[7:], "--max-batch", str(streams),
                        "--cluster-key", "bench", "--cluster-address", address,
                        "--min-workers", "1", "--discovery-timeout", "120",
-                       "--pipeline-depth", str(depth)],
+                       "--pipeline-depth", str(depth),
+                       *(["--cluster-insecure"] if insecure else [])],
                       tmp / "master.log", env={"CAKE_CACHE": str(tmp / "m"), **threads},
                       wrap=pin(0))
         procs.append(master)
@@ -223,7 +225,7 @@ def bench_cluster(tokens: int, repeats: int, streams: int = 4, depth: int = 0,
         s, c = (statistics.median(rates[k]) for k in ("single", "cluster"))
         ms, mc = (statistics.median(many[k]) for k in ("single", "cluster"))
         link = f"{remote.delay_ms} ms one-way" if remote else "loopback"
-        return {"bench": f"2-stage, {link}", "one_core_each": one_core,
+        return {"bench": f"2-stage, {link}", "one_core_each": one_core, "sealed": not insecure,
                 "tokens": tokens, "repeats": repeats, "pipeline_depth": depth or "auto",
                 "single_tok_s": round(s, 2), "cluster_tok_s": round(c, 2),
                 "ratio": round(c / s, 3),
@@ -286,6 +288,8 @@ def main() -> None:
                     help="worker behind a link with this one-way delay (repeatable; needs root)")
     ap.add_argument("--stopped-worker", action="store_true",
                     help="only: the pause when a worker is SIGSTOPped mid-stream")
+    ap.add_argument("--seal-cost", action="store_true",
+                    help="each cluster run twice, sealed and --cluster-insecure: their ratio")
     ap.add_argument("--one-core", action="store_true",
                     help="each node on one core with one thread (master and single node: 0)")
     args = ap.parse_args()
@@ -296,8 +300,16 @@ def main() -> None:
         print(json.dumps(bench_hops(secure=secure)), flush=True)
     if not args.hops_only:
         for delay in args.delay_ms or [None]:
-            print(json.dumps(bench_cluster(args.tokens, args.repeats, depth=args.pipeline_depth,
-                                           delay_ms=delay, one_core=args.one_core)), flush=True)
+            runs = {}
+            for insecure in ((False, True) if args.seal_cost else (False,)):
+                runs[insecure] = bench_cluster(args.tokens, args.repeats,
+                                               depth=args.pipeline_depth, delay_ms=delay,
+                                               one_core=args.one_core, insecure=insecure)
+                print(json.dumps(runs[insecure]), flush=True)
+            if args.seal_cost:
+                print(json.dumps({"bench": "seal cost", "delay_ms": delay,
+                                  "sealed_vs_insecure": round(runs[False]["cluster_tok_s"] /
+                                                              runs[True]["cluster_tok_s"], 3)}))
 
 
 if __name__ == "__main__":

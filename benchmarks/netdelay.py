@@ -8,7 +8,8 @@ to the other after `delay` (both directions). Everything stays inside this sandb
     # this side: 10.214.0.1, the namespace's: 10.214.0.2; run there with
     # `ip netns exec cake-d COMMAND`
 
-As a library: `with DelayedHost("cake-d", 0.5) as host: ... host.wrap ... host.ip`.
+As a library: `with DelayedHost("cake-d", 0.5) as host: ... host.wrap ... host.ip`. With
+--flip-file it also plays an attacker on the path who alters one frame on demand.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import struct
 import subprocess
 import sys
 import time
+from typing import Optional
 
 TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454CA, 0x0001, 0x1000
 CLONE_NEWNET = 0x40000000
@@ -54,8 +56,35 @@ def open_tun_in(ns: str, name: str) -> int:
         os.close(target)
 
 
-def forward(a: int, b: int, delay_s: float, stop_at: float = float("inf")) -> None:
-    """Copy packets a -> b and b -> a, each after delay_s, in arrival order."""
+def tamper(packet: bytes) -> Optional[bytes]:
+    """The packet with two bytes of a cake frame's sealed part changed, +1 and -1 two bytes
+    apart so that the TCP checksum still holds (the kernel delivers it, as an attacker on the
+    path would make it); None unless it is an IPv4 TCP segment that starts a frame (after
+    gloo's preamble of six 8-byte words)."""
+    if len(packet) < 20 or packet[0] >> 4 != 4 or packet[9] != 6:
+        return None
+    ihl = (packet[0] & 15) * 4
+    start = ihl + (packet[ihl + 12] >> 4) * 4
+    at = start + 48
+    if len(packet) < at + 64:
+        return None
+    sealed_len, following = struct.unpack_from("<qq", packet, at)
+    if not (64 < sealed_len < 1 << 31 and 64 < following <= (1 << 18) + 64):
+        return None
+    out = bytearray(packet)
+    i = at + 40  # inside the sealed bytes
+    if out[i] == 0xFF or out[i + 2] == 0x00:
+        out[i], out[i + 2] = out[i + 2], out[i]  # swapping keeps the sum too
+    else:
+        out[i] += 1
+        out[i + 2] -= 1
+    return bytes(out)
+
+
+def forward(a: int, b: int, delay_s: float, stop_at: float = float("inf"),
+            flip_file: Optional[str] = None) -> None:
+    """Copy packets a -> b and b -> a, each after delay_s, in arrival order. While flip_file
+    exists, the next frame-starting packet is tampered with and the file removed."""
     due: list = []  # (time, sequence, fd, packet)
     seq = 0
     peer = {a: b, b: a}
@@ -76,6 +105,11 @@ def forward(a: int, b: int, delay_s: float, stop_at: float = float("inf")) -> No
                 except BlockingIOError:
                     break
                 seq += 1
+                if flip_file and os.path.exists(flip_file):
+                    changed = tamper(packet)
+                    if changed is not None and changed != packet:
+                        packet = changed
+                        os.unlink(flip_file)
                 heapq.heappush(due, (time.monotonic() + delay_s, seq, peer[fd], packet))
 
 
@@ -83,15 +117,16 @@ class DelayedHost:
     """A namespace `name` reached at 10.214.0.2 through a delayed link; the forwarder runs
     in a child process. wrap: the command prefix that runs a program there."""
 
-    def __init__(self, name: str, delay_ms: float):
-        self.name, self.delay_ms = name, delay_ms
+    def __init__(self, name: str, delay_ms: float, flip_file: Optional[str] = None):
+        self.name, self.delay_ms, self.flip_file = name, delay_ms, flip_file
         self.ip, self.here = THERE, HERE
         self.wrap = ["ip", "netns", "exec", name]
         self.proc = None
 
     def __enter__(self) -> "DelayedHost":
+        flip = ["--flip-file", self.flip_file] if self.flip_file else []
         self.proc = subprocess.Popen([sys.executable, __file__, "--name", self.name,
-                                      "--delay-ms", str(self.delay_ms)],
+                                      "--delay-ms", str(self.delay_ms), *flip],
                                      stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if "ready" not in line:
@@ -110,6 +145,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--name", default="cake-d")
     ap.add_argument("--delay-ms", type=float, default=0.5)
+    ap.add_argument("--flip-file", help="while this file exists, tamper with the next frame "
+                                        "(see tamper()) and remove it")
     args = ap.parse_args()
     ns, near, far = args.name, f"{args.name[:10]}-a", f"{args.name[:10]}-b"
     ip("netns", "add", ns)
@@ -124,7 +161,7 @@ def main() -> int:
         print("ready", flush=True)
         signal.signal(signal.SIGINT, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
         try:
-            forward(a, b, args.delay_ms / 1000)
+            forward(a, b, args.delay_ms / 1000, flip_file=args.flip_file)
         except KeyboardInterrupt:
             pass
     finally:

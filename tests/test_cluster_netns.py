@@ -9,12 +9,15 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
 
 from cluster_procs import FRANCE, STORY, chat, start_cluster, topology
-from conftest import write_tiny_model
+from conftest import ROOT, write_tiny_model
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 pytest.importorskip("ray")
 
@@ -81,6 +84,37 @@ def test_worker_in_another_namespace(start_server, tmp_path_factory, netns):
         for w in workers:
             w.stop()
         master.stop()
+
+
+def test_a_frame_altered_on_the_way_is_rejected_and_the_stream_completes(
+        start_server, tmp_path_factory):
+    """The worker's only link runs through a forwarder that, on demand, alters one frame
+    (keeping the TCP checksum right, as an attacker on the path would)."""
+    if shutil.which("ip") is None or os.geteuid() != 0:
+        pytest.skip("network namespaces need root and iproute2's `ip`")
+    from netdelay import DelayedHost
+
+    tmp = tmp_path_factory.mktemp("tampered-cluster")
+    model = write_tiny_model(tmp / "model", "llama", num_hidden_layers=4,
+                             max_position_embeddings=4096)
+    single = start_server(str(model), "--temperature", "0")
+    flip = tmp / "flip-next-frame"
+    with DelayedHost(f"cake-f{os.getpid() % 10000}", 0.0, str(flip)) as host:
+        master, workers, _ = start_cluster(start_server, tmp, [str(model)], [(["worker"], {})],
+                                           host=host.here, wrap=host.wrap)
+        try:
+            want = chat(single, STORY, 60, True)
+            assert chat(master, FRANCE, 10) == chat(single, FRANCE, 10)
+            flip.touch()
+            assert chat(master, STORY, 60, True) == want
+            assert not flip.exists()  # a frame was altered on the way
+            recovered = [e for e in topology(master)["events"] if e["event"] == "recovered"]
+            assert len(recovered) == 1 and "rejected a frame" in recovered[0]["error"]
+            assert chat(master, FRANCE, 10) == chat(single, FRANCE, 10)
+        finally:
+            for w in workers:
+                w.stop()
+            master.stop()
 
 
 def listening(pid: int, reachable_ip: str) -> list[tuple[str, int]]:

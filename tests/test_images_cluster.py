@@ -17,9 +17,12 @@ import time
 import httpx
 import pytest
 
+from cake.cluster import keys
 from cluster_procs import KEY, start_cluster
 from conftest import ROOT, free_port, hf_cache_with
 from test_images import image_stats, send_raw, wait_stats
+
+SECRET = keys.link_secret("in-process test cluster")
 
 pytest.importorskip("ray")
 tiny = pytest.importorskip("cake.image.tiny", reason="image models are not installed")
@@ -245,6 +248,7 @@ def test_stand_ins_render_what_the_components_render(tmp_path_factory, monkeypat
     from cake.image.loader import load_pipeline, model_index
 
     monkeypatch.setenv("CAKE_CACHE", str(tmp_path_factory.mktemp("cake-cache")))
+    monkeypatch.setenv(keys.LINK_SECRET_ENV, SECRET.hex())  # as a worker node's
     folder = pipeline_folder(tmp_path_factory, arch)
     index = model_index(folder)
     names = [n for n in cluster.COMPONENTS if (index.get(n) or [None])[0]]
@@ -253,7 +257,8 @@ def test_stand_ins_render_what_the_components_render(tmp_path_factory, monkeypat
         spec = cluster.component_spec(folder, index, name, None, torch.float32,
                                       torch.device("cpu"))
         assert not worker.has_weights(spec)
-        sums = cluster.ship(folder / name, spec, lambda *chunk: worker.receive(spec, *chunk))
+        sums = cluster.ship(folder / name, spec, lambda *chunk: worker.receive(spec, *chunk),
+                            SECRET)
         assert worker.load(spec, sums)["weights_from"] == "shipped"
     link = PickledLink(worker)
     stand_ins = {n: cluster.stand_in(cluster.component_class(index, n), folder / n, n, link,
@@ -280,12 +285,13 @@ def test_shipped_components_are_kept_and_checked(tmp_path_factory, monkeypatch):
     from cake.image.loader import model_index
 
     monkeypatch.setenv("CAKE_CACHE", str(tmp_path_factory.mktemp("cake-cache")))
+    monkeypatch.setenv(keys.LINK_SECRET_ENV, SECRET.hex())
     folder = pipeline_folder(tmp_path_factory, "sd")
     spec = cluster.component_spec(folder, model_index(folder), "vae", None, torch.float32,
                                   torch.device("cpu"))
     first = cluster.ComponentWorker("w")
     first.load(spec, cluster.ship(folder / "vae", spec,
-                                  lambda *chunk: first.receive(spec, *chunk)))
+                                  lambda *chunk: first.receive(spec, *chunk), SECRET))
     again = cluster.ComponentWorker("w")  # a restarted worker: the copy on disk serves
     assert again.has_weights(spec) and again.load(spec)["weights_from"] == "disk-cache"
     kept = cluster.cache_root() / spec["fingerprint"] / "vae"
@@ -294,6 +300,11 @@ def test_shipped_components_are_kept_and_checked(tmp_path_factory, monkeypatch):
     assert not cluster.ComponentWorker("w").has_weights(spec)
     # a shipment that arrives damaged is refused
     broken = cluster.ComponentWorker("w")
-    sums = cluster.ship(folder / "vae", spec, lambda *chunk: broken.receive(spec, *chunk))
+    sums = cluster.ship(folder / "vae", spec, lambda *chunk: broken.receive(spec, *chunk),
+                        SECRET)
     with pytest.raises(RuntimeError, match="arrived corrupted"):
         broken.load(spec, {k: "0" * 64 for k in sums})
+    # and one whose MAC was not made with the cluster's key
+    forged = dict(spec, mac=keys.message_mac(b"not the key" * 3, cluster.manifest(sums)))
+    with pytest.raises(RuntimeError, match="fail their MAC"):
+        broken.load(forged, sums)

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from cake.cluster import keys
 from cake.cluster import ray_cluster as rc
 from cake.cluster import transport
 from cake.cluster.placement import NodeSpec, Segment, load_topology, place, usable_memory
@@ -155,6 +156,7 @@ class ClusterPipeline:
                 bundle = make_bundle(self.checkpoint,
                                      range_tensor_names(self.checkpoint, seg.start, seg.end))
                 spec["checksum"] = checksum(bundle)
+                spec["mac"] = keys.message_mac(keys.link_secret(self.opts.key), bundle)
                 loads.append(w.actor.load.remote(spec, ray.put(bundle)))
         # Meanwhile, the master's own ranges (plus embeddings first and head last).
         local = [s for s in self.segments if s.node == "master"]
@@ -235,7 +237,7 @@ class ClusterPipeline:
                 w.rank, world, name, w.host, ranks.get(prev, 0), ranks.get(nxt, 0),
                 self.num_slots, self.max_len, self.opts.worker_timeout, self.backend, secure))
         group = transport.Group(0, world, name, self.master_ip, self.opts.worker_timeout,
-                                self.backend, rc.link_secret(self.opts.key) if secure else None)
+                                self.backend, keys.link_secret(self.opts.key) if secure else None)
         self.link = transport.Link(group, self.args.hidden_size, self.dtype, self.device)
         self.waiter = transport.Waiter()
         ray.get(starts, timeout=180)

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from cake.cluster import keys
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 10128
-LINK_SECRET_ENV = "CAKE_LINK_SECRET"
 WORKER_RESOURCE = "cake_worker"
 
 
@@ -61,25 +62,6 @@ def cluster_id(key: str) -> str:
     return hashlib.sha256(b"cake/cluster-id/" + key.encode()).hexdigest()[:12]
 
 
-def link_secret(key: str) -> bytes:
-    """The root of the data plane's keys (transport.link_key), derived from the key so that
-    the key itself never leaves the process."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-    return HKDF(hashes.SHA256(), 32, b"cake/link-secret", b"").derive(key.encode())
-
-
-def own_link_secret() -> bytes:
-    """The link secret in a Ray actor on this node: configure_ray_env put it in the node's
-    environment, which its worker processes inherit."""
-    value = os.environ.get(LINK_SECRET_ENV)
-    if not value:
-        raise ClusterError("this node's environment holds no link secret (was it started by "
-                           "`cake worker`?)")
-    return bytes.fromhex(value)
-
-
 def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
@@ -94,7 +76,7 @@ def configure_ray_env(key: str, loopback: bool) -> None:
     os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": ray_token(key),
                        "RAY_AUTH_TOKEN_PATH": str(token_dir / "auth_token"),
                        "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0",
-                       LINK_SECRET_ENV: link_secret(key).hex()})
+                       keys.LINK_SECRET_ENV: keys.link_secret(key).hex()})
     if loopback:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         share_cores_politely()

@@ -210,6 +210,11 @@ class StageWorker:
                 raise RuntimeError("no local weights and none shipped")
             if checksum(bundle) != spec["checksum"]:
                 raise RuntimeError("shipped layers arrived corrupted (checksum mismatch)")
+            from cake.cluster.keys import shipped_by_master
+
+            if not shipped_by_master(bundle, spec.get("mac")):
+                raise RuntimeError("shipped layers fail their MAC: not sent by this cluster's "
+                                   "master")
             path = self._bundle_path(spec)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
@@ -233,7 +238,7 @@ class StageWorker:
               secure: bool) -> bool:
         """Join the process group and run the receive loop in a thread."""
         from cake.cluster import transport
-        from cake.cluster.ray_cluster import own_link_secret
+        from cake.cluster.keys import own_link_secret
         from cake.text.kv_cache import KVCache, serving_dtype
 
         args, dtype = self.model.args, self.dtype

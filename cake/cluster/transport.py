@@ -26,8 +26,6 @@ Waiter), abandoning the group when a stage is lost.
 from __future__ import annotations
 
 import datetime
-import hashlib
-import hmac
 import os
 import queue
 import threading
@@ -37,6 +35,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from cake.cluster import keys
 from cake.text.kv_cache import StepBatch
 
 # On the wire: a prefix (int64: sealed bytes, the next frame's bytes; authenticated as the
@@ -69,14 +68,6 @@ def interface_of(ip: str) -> Optional[str]:
 
 class FrameRejected(RuntimeError):
     """A message that fails to open: altered, replayed, reordered, or sealed with another key."""
-
-
-def link_key(secret: bytes, salt: bytes, src: int, dst: int) -> bytes:
-    """The key of the direction src -> dst of one group's links."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-    return HKDF(hashes.SHA256(), 32, salt, f"cake/link/{src}->{dst}".encode()).derive(secret)
 
 
 class Sealer:
@@ -112,11 +103,6 @@ class Sealer:
             raise FrameRejected("a message failed authentication (altered, replayed, or not "
                                 "from this cluster)") from e
         return torch.frombuffer(bytearray(out), dtype=torch.uint8)
-
-
-def message_mac(secret: bytes, data: bytes) -> str:
-    """Authenticates shipped weights: only a holder of the cluster key can make it."""
-    return hmac.new(secret, data, hashlib.sha256).hexdigest()
 
 
 class RayStore(dist.Store):
@@ -206,7 +192,7 @@ class Group:
             self.pg = dist.ProcessGroupGloo(self.store, rank, world_size, opts)
 
     def sealer(self, src: int, dst: int) -> Sealer:
-        return Sealer(link_key(self.secret, self.salt, src, dst) if self.secret else None)
+        return Sealer(keys.link_key(self.secret, self.salt, src, dst) if self.secret else None)
 
     def isend(self, t: torch.Tensor, dst: int, tag: int):
         return self.pg.send([t], dst, tag)

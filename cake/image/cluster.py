@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from cake.cluster import keys
 from cake.image.generator import ImageModel
 
 log = logging.getLogger(__name__)
@@ -163,9 +164,15 @@ def component_spec(folder: Path, index: dict, name: str, variant: Optional[str],
             "device_type": device.type}
 
 
-def ship(folder: Path, spec: dict, send) -> dict:
+def manifest(sums: dict) -> bytes:
+    """What the master's MAC covers: every shipped file's checksum."""
+    return json.dumps(sums, sort_keys=True).encode()
+
+
+def ship(folder: Path, spec: dict, send, secret: bytes) -> dict:
     """Send a component's files in chunks, send(relative name, offset, bytes); returns
-    their checksums, which the worker checks before it keeps them."""
+    their checksums, which the worker checks before it keeps them, and puts in spec the MAC
+    over them that only the cluster's master (secret: its link secret) can make."""
     sums = {}
     for relative in spec["files"]:
         h, offset = hashlib.sha256(), 0
@@ -178,6 +185,7 @@ def ship(folder: Path, spec: dict, send) -> dict:
                 if len(chunk) < CHUNK:
                     break
         sums[relative] = h.hexdigest()
+    spec["mac"] = keys.message_mac(secret, manifest(sums))
     return sums
 
 
@@ -384,6 +392,9 @@ class ComponentWorker:
             bad = [f for f, h in sums.items() if file_sha256(partial / f) != h]
             if bad:
                 raise RuntimeError(f"shipped files arrived corrupted: {', '.join(bad)}")
+            if not keys.shipped_by_master(manifest(sums), spec.get("mac")):
+                raise RuntimeError("shipped files fail their MAC: not sent by this cluster's "
+                                   "master")
             (partial / "manifest.json").write_text(json.dumps(sums))
             shutil.rmtree(folder, ignore_errors=True)
             partial.replace(folder)
@@ -543,7 +554,8 @@ class ImageCluster:
         if not ray.get(holder.actor.has_weights.remote(spec), timeout=600):
             log.info("shipping %s to %s", name, holder.name)
             sums = ship(self.folder / name, spec, lambda *chunk: ray.get(
-                holder.actor.receive.remote(spec, *chunk), timeout=600))
+                holder.actor.receive.remote(spec, *chunk), timeout=600),
+                keys.link_secret(self.opts.key))
         result = ray.get(holder.actor.load.remote(spec, sums), timeout=1800)
         log.info("%s on %s (%s, %s, %.1fs)", name, holder.name, result["weights_from"],
                  result["dtype"], result["seconds"])
