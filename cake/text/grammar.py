@@ -24,8 +24,22 @@ _masks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cake-grammar")
 _BITS = torch.arange(32, dtype=torch.int32)
 
 
+def closed(schema):
+    """Objects that list their properties get no others unless the schema says so: any
+    output is still valid, and a small model cannot pad an answer with keys of its own."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed(v) if k not in ("const", "enum", "default", "examples") else v
+           for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def styled(schema: dict) -> dict:
-    return {**schema, "x-guidance": {**JSON_STYLE, **schema.get("x-guidance", {})}}
+    return {**closed(schema), "x-guidance": {**JSON_STYLE, **schema.get("x-guidance", {})}}
 
 
 def json_schema_grammar(schema: dict) -> str:
