@@ -452,3 +452,100 @@ def test_other_endpoints_400(default_server, path, body, fragment):
     r = post(default_server, path, body)
     assert r.status_code == 400, r.text
     assert fragment in r.json()["error"]
+
+
+# -- a Hermes-style checkpoint (Qwen's template) end to end ----------------------------------
+
+HERMES_TEMPLATE = """{%- if tools %}<|im_start|>system
+# Tools
+
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools>
+
+For each function call, return a json object with function name and arguments within \
+<tool_call></tool_call> XML tags:
+<tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call><|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == "assistant" and message.tool_calls %}<|im_start|>assistant
+{%- for tool_call in message.tool_calls %}
+<tool_call>
+{"name": "{{ tool_call.function.name }}", "arguments": {{ tool_call.function.arguments | tojson }}}
+</tool_call>
+{%- endfor %}<|im_end|>
+{% elif message.role == "tool" %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+FORECAST = {"type": "function", "function": {"name": "forecast", "parameters": {
+    "type": "object", "properties": {
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 9}},
+    "required": ["unit", "days"]}}}
+ALARM = {"type": "function", "function": {"name": "alarm", "parameters": {
+    "type": "object", "properties": {"hour": {"type": "integer", "minimum": 0, "maximum": 23}},
+    "required": ["hour"]}}}
+
+
+@pytest.fixture(scope="module")
+def hermes(start_server, tmp_path_factory):
+    from conftest import write_tiny_model
+
+    folder = write_tiny_model(tmp_path_factory.mktemp("hermes") / "model", "qwen2")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = HERMES_TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    server = start_server(str(folder), "--max-batch", "2", "--temperature", "0")
+    return server, folder
+
+
+def test_hermes_checkpoint_gets_tools_and_its_calls_parsed(hermes):
+    from cake.text.tokenizer import Tokenizer
+
+    server, folder = hermes
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    messages = [{"role": "user", "content": "Forecast, then wake me."}]
+    # One call: random weights would go on adding calls when several are allowed.
+    r = client.chat.completions.create(model="m", messages=messages, tools=[FORECAST, ALARM],
+                                       tool_choice="required", parallel_tool_calls=False,
+                                       max_tokens=200)
+    # The tools reached the checkpoint's template: the prompt is its rendering with them.
+    want = Tokenizer.from_dir(folder).encode_chat(messages, tools=[FORECAST, ALARM])
+    assert r.usage.prompt_tokens == len(want)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1
+    call = c.message.tool_calls[0]
+    assert call.function.name in ("forecast", "alarm")
+    args = json.loads(call.function.arguments)
+    assert set(args) == ({"unit", "days"} if call.function.name == "forecast" else {"hour"})
+    # Named, streamed, then the result fed back in the template's own format.
+    chunks = list(client.chat.completions.create(
+        model="m", messages=messages, tools=[FORECAST, ALARM], max_tokens=200, stream=True,
+        tool_choice={"type": "function", "function": {"name": "forecast"}}))
+    deltas = [d for ch in chunks for d in ch.choices[0].delta.tool_calls or []]
+    args = json.loads("".join(d.function.arguments or "" for d in deltas))
+    assert deltas[0].function.name == "forecast" and 1 <= args["days"] <= 9
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    history = [*messages, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": deltas[0].id, "type": "function",
+         "function": {"name": "forecast", "arguments": json.dumps(args)}}]},
+        {"role": "tool", "tool_call_id": deltas[0].id, "content": "sunny"}]
+    after = client.chat.completions.create(model="m", messages=history, tools=[FORECAST],
+                                           max_tokens=5)
+    rendered = Tokenizer.from_dir(folder).apply_chat_template(
+        tools.template_messages(history, knows_tools=True), tools=[FORECAST])
+    assert '<tool_call>\n{"name": "forecast", "arguments": ' + json.dumps(args) in rendered
+    assert after.usage.prompt_tokens == len(Tokenizer.from_dir(folder).encode_chat(
+        tools.template_messages(history, knows_tools=True), tools=[FORECAST]))

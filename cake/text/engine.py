@@ -245,7 +245,10 @@ class Engine:
         seq.num_cached = end
         if done:
             self.prefilling.popleft()
-            forks, seq.forks = [s for s in seq.forks if not s.cancelled], []
+            forks, seq.forks = seq.forks, []
+            for f in [f for f in forks if f.cancelled]:
+                self._finish(f, "cancelled")
+            forks = [f for f in forks if not f.done]
             for f in forks:
                 self.pipeline.fork(seq.slot, f.slot, end)
                 f.num_cached = end
