@@ -425,6 +425,7 @@ def test_openapi_documents_request_bodies(default_server):
         "type": "integer", "minimum": 5, "maximum": 1}}}}, "response_format"),
     ({"response_format": {"type": "yaml"}}, "response_format"),
     ({"functions": [{"name": "f"}]}, "functions"),
+    ({"modalities": ["text", "audio"]}, "modalities"),
     ({"top_logprobs": 2}, "logprobs"),
     ({"logprobs": True, "top_logprobs": 50}, "top_logprobs"),
     ({"logit_bias": {"99999999": 5}}, "logit_bias"),

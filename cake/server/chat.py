@@ -47,6 +47,8 @@ def parse_body(request_model, body: bytes, kind: str):
     for name in schemas.UNSUPPORTED.get(kind, ()):
         if raw.get(name) is not None:
             raise APIError(400, f"{name} is not supported by this server")
+    if raw.get("modalities") not in (None, ["text"]):
+        raise APIError(400, "modalities: this server answers text only")
     return req
 
 

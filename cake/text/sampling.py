@@ -143,7 +143,8 @@ class Sampler:
         if self.bias is not None:
             x += self.bias
         if self.constraint is not None:
-            x.masked_fill_(~self.constraint.allowed(), float("-inf"))
+            allowed = self.constraint.allowed().to(x.device, non_blocking=True)
+            x.masked_fill_(~allowed, float("-inf"))
         return x
 
     def _choose(self, logits: torch.Tensor) -> int:
