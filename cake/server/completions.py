@@ -15,17 +15,20 @@ from cake.server.errors import APIError
 router = APIRouter()
 
 
-def prompts(text_model, prompt) -> list[list[int]]:
-    """The request's prompts as token lists: a string, a list of strings or of token ids."""
-    if isinstance(prompt, str):
-        prompt = [prompt]
-    elif prompt and isinstance(prompt[0], int):
-        prompt = [prompt]
+def prompt_list(prompt) -> list:
+    """A string, token ids, or a list of either -> a list of prompts."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
     if not prompt:
         raise APIError(400, "prompt must not be empty")
+    return prompt
+
+
+def prompts(text_model, prompt) -> list[list[int]]:
+    """The request's prompts as token lists."""
     vocab = text_model.engine.vocab_size
     out = []
-    for p in prompt:
+    for p in prompt_list(prompt):
         ids = text_model.tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else p
         if not ids:
             raise APIError(400, "a prompt has no tokens")
@@ -96,10 +99,9 @@ async def completions(request: Request):
     except ValueError as e:
         cancel_all(seqs)()
         raise APIError(400, str(e))
-    texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-    echoes = [(t if isinstance(t, str) else text_model.tokenizer.decode(ids)) if req.echo
-              else "" for t, ids in zip(texts if isinstance(texts[0], (str, list)) else [texts],
-                                        batch) for _ in range(req.n)]
+    # echo gives a text prompt back as sent, token ids as their text
+    echoes = [(p if isinstance(p, str) else text_model.tokenizer.decode(ids)) if req.echo
+              else "" for p, ids in zip(prompt_list(req.prompt), batch) for _ in range(req.n)]
     run = Run(text_model, seqs, req.n, [ids for ids in batch for _ in range(req.n)], echoes,
               req.logprobs is not None, outputs,
               metrics.RequestTimer(metrics.of(request), text_model.model_id))
