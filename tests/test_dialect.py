@@ -550,3 +550,17 @@ def test_hermes_checkpoint_gets_tools_and_its_calls_parsed(hermes):
     assert '<tool_call>\n{"name": "forecast", "arguments": ' + json.dumps(args) in rendered
     assert after.usage.prompt_tokens == len(Tokenizer.from_dir(folder).encode_chat(
         tools.template_messages(history, knows_tools=True), tools=[FORECAST]))
+
+
+@pytest.mark.parametrize("text", ["  Paris is the capital.", "[a link](http://x) and more text "
+                                  "that goes on for long enough to be plainly prose, not JSON",
+                                  "{ braces in prose, and no function name anywhere in the first "
+                                  "eighty characters of it at all }"])
+def test_streamed_text_that_only_looks_like_a_call_flows(text):
+    parser = tools.StreamParser("hermes", NAMES, forced=False)
+    sent = ""
+    for i in range(0, len(text), 4):
+        sent += "".join(d.get("content", "") for d in parser.feed(text[i:i + 4]))
+    assert len(sent) >= len(text) - 4 - len("<tool_call>")  # not held until the end
+    last, called = parser.finish()
+    assert not called and sent + "".join(d["content"] for d in last) == text

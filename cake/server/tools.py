@@ -223,45 +223,59 @@ class StreamParser:
     """Turns streamed text into content deltas and OpenAI tool_calls deltas: a call's id and
     name once its name is complete, then its arguments as the model writes them.
 
-    Text that starts like a call (a marker, a JSON object or list) is held back; if the
-    answer ends without a valid call it is sent as content after all."""
+    Text that starts like a call (a marker, a JSON object or list) is held back until it is
+    one, or plainly is not; an answer that ends without a valid call is sent as content."""
+
+    UNDECIDED_CHARS = 80  # JSON that names no function this far in is not a call
 
     def __init__(self, fam: str, names: set[str], forced: bool):
-        self.fam, self.names, self.forced = fam, names, forced
+        self.fam, self.names = fam, names
         self.text = ""
         self.content_sent = 0  # characters of text sent as content
-        self.holding = forced  # text from `hold_from` on may be a call
-        self.hold_from = 0
+        self.state = "calls" if forced else "content"  # or "maybe": held, undecided
+        self.hold_from = 0  # where the held text starts
         self.sent: list[list] = []  # per call: [id, name, argument characters sent]
 
-    def _could_start_call(self, rest: str) -> bool:
+    def _looks_like_call(self, rest: str) -> Optional[bool]:
+        """True: a call starts here; None: cannot tell yet; False: it is text."""
         rest = rest.lstrip()
         if not rest:
-            return True
-        prefixes = [*MARKERS.values(), "{", "[", "```"]
-        return any(rest.startswith(p) or p.startswith(rest) for p in prefixes)
+            return None
+        for marker in MARKERS.values():
+            if rest.startswith(marker):
+                return True
+            if marker.startswith(rest):
+                return None
+        if rest[0] in "{[" or rest.startswith("```") or "```".startswith(rest):
+            if CALL_START.search(rest):
+                return True
+            return None if len(rest) < self.UNDECIDED_CHARS else False
+        return False
 
     def feed(self, text: str) -> list[dict]:
         self.text += text
         deltas = []
-        if not self.holding:
+        if self.state == "maybe":
+            verdict = self._looks_like_call(self.text[self.hold_from:])
+            if verdict is not None:
+                self.state = "calls" if verdict else "content"
+        elif self.state == "content" and self.content_sent == 0:
+            if self._looks_like_call(self.text) is not False:
+                self.state = "maybe"
+        if self.state == "content":
             marker = MARKERS.get(self.fam)
             at = self.text.find(marker, self.content_sent) if marker else -1
-            if self.content_sent == 0 and self._could_start_call(self.text):
-                self.holding = True
-            elif at >= 0:
-                self.holding, self.hold_from = True, at
-            if not self.holding:
-                # keep back a tail that may be the start of the marker
+            if at >= 0:
+                self.state, self.hold_from = "calls", at
+                upto = at
+            else:  # keep back a tail that may be the start of the marker
                 keep = next((n for n in range(len(marker or ""), 0, -1)
                              if self.text.endswith(marker[:n])), 0) if marker else 0
                 upto = len(self.text) - keep
-            else:
-                upto = self.hold_from
             if upto > self.content_sent:
                 deltas.append({"content": self.text[self.content_sent:upto]})
                 self.content_sent = upto
-        if self.holding:
+        if self.state == "calls":
             deltas += self._call_deltas()
         return deltas
 
