@@ -142,6 +142,8 @@ NAMES = {"get_weather", "get_time"}
                 '"celsius"}}, {"name": "get_time", "arguments": {"zone": "CET"}}]', None),
     ("mistral", ' [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}, '
                 '{"name": "get_time", "arguments": {"zone": "CET"}}]', None),  # marker decoded away
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "celsius"}'
+                '[TOOL_CALLS]get_time[ARGS]{"zone": "CET"}', None),  # v11 tokenizers
     ("llama3", '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}; '
                '{"name": "get_time", "parameters": {"zone": "CET"}}', None),
     ("llama3", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", "unit": '

@@ -217,6 +217,8 @@ async def chat_completions(request: Request):
     prompt = build_prompt(text_model, req, listed, setup)
     params = sampling_params(text_model, req, req.max_completion_tokens or req.max_tokens,
                              (req.top_logprobs or 0) if req.logprobs else None, gram or fmt)
+    if setup is not None and setup.family in tools.SPECIAL_MARKERS:
+        params.skip_special_tokens = False  # the parser reads the family's marker token
     outputs = OutputQueue()
     seqs = submit(text_model, prompt, params, req.n, outputs)
     meta = (schemas.completion_id(), schemas.now(), text_model.model_id)

@@ -20,6 +20,8 @@ from typing import Optional
 from cake.text import grammar
 
 MARKERS = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]", "llama3": "<|python_tag|>"}
+# Families whose marker is a special token: their answers are decoded with special tokens.
+SPECIAL_MARKERS = ("mistral", "llama3")
 ARGUMENTS_KEY = {"llama3": "parameters"}  # the others say "arguments"
 
 
@@ -163,6 +165,24 @@ def _json_values(text: str) -> list:
 
 FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.S)
 HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+# Mistral's newer tokenizers (v11+): [TOOL_CALLS]name[ARGS]{...}, once per call
+MISTRAL_NAMED = re.compile(r"\s*(?:\[TOOL_CALLS\])?\s*([A-Za-z0-9_.\-]+)\s*(?:\[ARGS\])?\s*(?=\{)")
+
+
+def _mistral_named(text: str, names: set[str]) -> Optional[list[Call]]:
+    decoder, calls, i = json.JSONDecoder(), [], 0
+    while i < len(text.rstrip()):
+        m = MISTRAL_NAMED.match(text, i)
+        if not m or m.group(1) not in names:
+            return None
+        try:
+            args, i = decoder.raw_decode(text, m.end())
+        except ValueError:
+            return None
+        if not isinstance(args, dict):
+            return None
+        calls.append(Call(m.group(1), json.dumps(args, ensure_ascii=False)))
+    return calls or None
 
 
 def parse(text: str, fam: str, names: set[str]) -> tuple[Optional[str], list[Call]]:
@@ -177,6 +197,8 @@ def parse(text: str, fam: str, names: set[str]) -> tuple[Optional[str], list[Cal
         else:
             content = text[:text.index("<tool_call>")].strip()
             return content or None, calls
+    if fam == "mistral" and (calls := _mistral_named(text, names)):
+        return None, calls
     body = text.strip()
     for marker in MARKERS.values():
         if body.startswith(marker):

@@ -151,7 +151,7 @@ class Engine:
             id=next(self._ids), prompt_ids=list(prompt_ids), params=params, on_output=on_output,
             sampler=Sampler(params, prompt_ids, self.vocab_size, device=self.pipeline.device,
                             constraint=constraint),
-            detok=IncrementalDetokenizer(self.tokenizer, prompt_ids),
+            detok=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
             stops=StopMatcher(params.stop),
             max_new=min(params.max_tokens, self.max_len - len(prompt_ids)))
 

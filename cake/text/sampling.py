@@ -31,6 +31,7 @@ class SamplingParams:
     logprobs: Optional[int] = None  # None: off; k: the chosen token's and the k most likely
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to logit
     grammar: Optional[str] = None  # llguidance grammar the output must match
+    skip_special_tokens: bool = True  # False: special tokens (tool-call markers) in the text
 
     @property
     def greedy(self) -> bool:

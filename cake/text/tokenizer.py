@@ -225,28 +225,33 @@ class IncrementalDetokenizer:
     would drop SentencePiece's leading spaces and split multi-byte characters.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Optional[Iterable[int]] = None):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Optional[Iterable[int]] = None,
+                 skip_special_tokens: bool = True):
         # prompt_ids is accepted but not decoded as context: with SentencePiece it would put a
         # leading space on the first word, and the output must equal decode(generated ids).
         self.tokenizer = tokenizer
+        self.skip_special = skip_special_tokens  # False: markers such as [TOOL_CALLS] stay
         self.ids: list[int] = []
         self.prefix_offset = 0  # window start: context only, already emitted
         self.read_offset = 0  # everything before this has been emitted
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
-        text = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset:])
         # A trailing U+FFFD is a character whose bytes have not all arrived yet.
         if len(text) <= len(prefix) or text.endswith("\ufffd"):
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return text[len(prefix):]
 
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
+
     def flush(self) -> str:
         """Text still held at the end: an unfinished character becomes U+FFFD, as in decode."""
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
-        text = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset:])
         self.prefix_offset = self.read_offset = len(self.ids)
         return text[len(prefix):]
 
