@@ -172,6 +172,18 @@ def test_parse_each_family(fam, text, content):
     assert "".join(d.get("content", "") for d in deltas + last).strip() == (content or "")
 
 
+def test_parallel_tool_calls_false_keeps_the_first_call():
+    text = ('<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>')
+    parser = tools.StreamParser("hermes", NAMES, forced=False, parallel=False)
+    deltas = [d for i in range(0, len(text), 5) for d in parser.feed(text[i:i + 5])]
+    last, called = parser.finish()
+    calls = [tc for d in deltas + last for tc in d.get("tool_calls", [])]
+    assert called and {tc["index"] for tc in calls} == {0}
+    assert json.loads("".join(tc["function"].get("arguments", "") for tc in calls)) == {
+        "zone": "CET"}
+
+
 def test_parse_leaves_text_and_unknown_tools_alone():
     assert tools.parse("Paris is the capital.", "hermes", NAMES) == ("Paris is the capital.", [])
     odd = '{"name": "launch_rockets", "arguments": {}}'

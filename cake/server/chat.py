@@ -260,7 +260,8 @@ class Answer:
     def stream_parser(self) -> tools.StreamParser | None:
         if self.setup is None:
             return None
-        return tools.StreamParser(self.setup.family, self.setup.names, self.setup.forced)
+        return tools.StreamParser(self.setup.family, self.setup.names, self.setup.forced,
+                                  self.setup.parallel)
 
 
 async def blocking(seqs, outputs: OutputQueue, meta, request: Request, answer: Answer, timer):

@@ -250,8 +250,8 @@ class StreamParser:
 
     UNDECIDED_CHARS = 80  # JSON that names no function this far in is not a call
 
-    def __init__(self, fam: str, names: set[str], forced: bool):
-        self.fam, self.names = fam, names
+    def __init__(self, fam: str, names: set[str], forced: bool, parallel: bool = True):
+        self.fam, self.names, self.parallel = fam, names, parallel
         self.text = ""
         self.content_sent = 0  # characters of text sent as content
         self.state = "calls" if forced else "content"  # or "maybe": held, undecided
@@ -305,7 +305,7 @@ class StreamParser:
         out = []
         for i, m in enumerate(CALL_START.finditer(self.text, self.hold_from)):
             name = json.loads(f'"{m.group(1)}"')
-            if name not in self.names:
+            if name not in self.names or (i and not self.parallel):
                 break
             if i == len(self.sent):
                 self.sent.append([call_id(), name, 0])
@@ -324,6 +324,7 @@ class StreamParser:
     def finish(self) -> tuple[list[dict], bool]:
         """The last deltas, and whether the answer was tool calls."""
         content, calls = parse(self.text, self.fam, self.names)
+        calls = calls if self.parallel else calls[:1]
         deltas = []
         if not calls:  # what was held back was text after all
             if len(self.text) > self.content_sent:
