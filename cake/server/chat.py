@@ -95,8 +95,12 @@ def tool_setup(text_model, req) -> tuple[ToolSetup | None, list[dict], str | Non
 
 
 def check_grammar(text_model, gram: str, field: str) -> None:
-    problem = grammar.check(gram, grammar.guidance_tokenizer(text_model.tokenizer,
-                                                             text_model.engine.vocab_size))
+    try:
+        tokenizer = grammar.guidance_tokenizer(text_model.tokenizer, text_model.engine.vocab_size)
+    except Exception as e:  # a tokenizer llguidance cannot read: no constrained decoding
+        raise APIError(400, f"{field}: constrained decoding is not available for this "
+                            f"model's tokenizer: {e}")
+    problem = grammar.check(gram, tokenizer)
     if problem:
         raise APIError(400, f"{field}: cannot be enforced: {problem}")
 
