@@ -578,3 +578,49 @@ def test_streamed_text_that_only_looks_like_a_call_flows(text):
     assert len(sent) >= len(text) - 4 - len("<tool_call>")  # not held until the end
     last, called = parser.finish()
     assert not called and sent + "".join(d["content"] for d in last) == text
+
+
+MISTRAL_TEMPLATE = """{{ bos_token }}{%- for message in messages %}
+{%- if message.role == "user" %}
+{%- if loop.last and tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}
+[INST]{{ message.content }}[/INST]
+{%- elif message.tool_calls %}[TOOL_CALLS]{{ message.tool_calls | map(attribute="function") | list | tojson }}{{ eos_token }}
+{%- elif message.role == "tool" %}[TOOL_RESULTS]{{ message.content }}[/TOOL_RESULTS]
+{%- else %}{{ message.content }}{{ eos_token }}
+{%- endif %}
+{%- endfor %}"""
+
+
+def test_mistral_marker_token_forced_and_parsed(start_server, tmp_path_factory):
+    """[TOOL_CALLS] is one special token: the grammar writes it as that token, and the
+    answer keeps it in its text for the parser."""
+    from conftest import write_tiny_model
+    import tokenizers
+
+    folder = write_tiny_model(tmp_path_factory.mktemp("mistral") / "model", "mistral",
+                              vocab_size=49160)
+    tok = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.add_special_tokens(["[TOOL_CALLS]"])
+    tok.save(str(folder / "tokenizer.json"))
+    marker = tok.token_to_id("[TOOL_CALLS]")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = MISTRAL_TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    server = start_server(str(folder), "--max-batch", "2", "--temperature", "0")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    body = dict(model="m", messages=[{"role": "user", "content": "Wake me."}], tools=[ALARM],
+                tool_choice="required", parallel_tool_calls=False, max_tokens=60)
+    r = client.chat.completions.create(**body, logprobs=True)
+    assert r.choices[0].finish_reason == "tool_calls"
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "alarm" and 0 <= json.loads(call.function.arguments)["hour"] <= 23
+    # The marker came as the single special token, not spelled out in ordinary tokens.
+    first = r.choices[0].logprobs.content[0]
+    assert first.token == "[TOOL_CALLS]" and len(tok.encode("[TOOL_CALLS]").ids) == 1
+    assert marker >= 49152
+    chunks = list(client.chat.completions.create(**body, stream=True))
+    deltas = [d for ch in chunks for d in ch.choices[0].delta.tool_calls or []]
+    assert deltas[0].function.name == "alarm"
+    assert json.loads("".join(d.function.arguments or "" for d in deltas)) == json.loads(
+        call.function.arguments)
+    assert all(not ch.choices[0].delta.content for ch in chunks)
