@@ -3,11 +3,13 @@
 Each family writes calls its own way; the chat template tells which one a checkpoint uses:
   hermes   (Qwen2/2.5/3, Hermes)  <tool_call>{"name": ..., "arguments": {...}}</tool_call>
   mistral                          [TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]
+                                   (v11 tokenizers: [TOOL_CALLS]name[ARGS]{...} per call)
   llama3   (Llama 3.1-3.3)         {"name": ..., "parameters": {...}}  (after <|python_tag|>)
   json     (any other template)    {"name": ..., "arguments": {...}} or a list of them
-Parsing tries the family's syntax, then bare JSON (what small models and Mistral, with its
-special marker token decoded away, leave). Forced calls (tool_choice "required" or a named
-function) are the family's syntax as a grammar, so any model emits a valid call.
+Parsing tries the family's syntax, then bare JSON (what small models write). Answers of the
+families whose marker is a special token keep special tokens in their text. Forced calls
+(tool_choice "required" or a named function) are the family's syntax as a grammar, so any
+model emits a valid call.
 """
 from __future__ import annotations
 
