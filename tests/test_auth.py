@@ -57,6 +57,17 @@ def test_health_always_open(locked, key_only):
     for server in (locked, key_only):
         r = get(server, "/health")
         assert r.status_code == 200 and r.json()["status"] == "ok"
+        # So are the metrics (Prometheus scrapers carry no credentials) and the API document.
+        r = get(server, "/metrics")
+        assert r.status_code == 200 and "vllm:num_requests_running" in r.text
+        assert get(server, "/openapi.json").status_code == 200
+
+
+def test_tokenize_needs_the_key(locked):
+    for path in ("/tokenize", "/detokenize"):
+        body = {"content": "hi"} if path == "/tokenize" else {"tokens": [1]}
+        assert httpx.post(locked.url + path, json=body).status_code == 401
+        assert httpx.post(locked.url + path, json=body, headers=BEARER).status_code == 200
 
 
 def test_ui_needs_basic_auth(locked):

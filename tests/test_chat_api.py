@@ -229,7 +229,10 @@ def test_topology_single_machine(default_server):
     doc = httpx.get(default_server.url + "/api/v1/topology").json()
     assert doc["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert doc["num_layers"] == 30 and doc["workers"] == []
-    assert doc["master"]["layers"] == "model.layers.0-29"
+    # Cake's shape: layers a list of layer names, tflops a number (measured on this machine).
+    assert doc["master"]["layers"] == [f"model.layers.{i}" for i in range(30)]
+    assert doc["master"]["layer_range"] == "model.layers.0-29"
+    assert isinstance(doc["master"]["tflops"], float) and doc["master"]["tflops"] > 0
     assert doc["master"]["backend"] == "cpu" and doc["master"]["vram_bytes"] > 0
     assert sorted(doc["layer_details"], key=lambda k: int(k.split(".")[2])) == [
         f"model.layers.{i}" for i in range(30)]

@@ -53,11 +53,14 @@ def test_topology_document(default_cluster):
     assert doc["num_layers"] == 30 and doc["dtype"] == "F32"
     assert doc["master"]["status"] == "ready" and doc["master"]["backend"] == "cpu"
     assert [w["name"] for w in doc["workers"]] == ["w1", "w2"]
-    ranges = [doc["master"]["layers"]] + [w["layers"] for w in doc["workers"]]
+    ranges = [doc["master"]["layer_range"]] + [w["layer_range"] for w in doc["workers"]]
     # Equal memory on one machine: ten contiguous layers each, the master first.
     assert ranges == ["model.layers.0-9", "model.layers.10-19", "model.layers.20-29"]
     for w in doc["workers"]:
         assert w["status"] == "ready" and w["weights_from"] == "shipped"
+        # Cake's shape: a list of layer names and a number for each worker too.
+        assert w["layers"][0] == "model.layers." + w["layer_range"].split(".")[2].split("-")[0]
+        assert isinstance(w["tflops"], float) and w["tflops"] > 0
         assert w["host"] == "127.0.0.1" and w["vram_bytes"] > 0 and w["os"]
     assert sorted(doc["layer_details"], key=lambda k: int(k.split(".")[2])) == [
         f"model.layers.{i}" for i in range(30)]
@@ -101,7 +104,7 @@ def test_worker_killed_mid_stream_the_stream_completes(default_cluster, single_n
     doc = topology(master)
     status = {w["name"]: w["status"] for w in doc["workers"]}
     assert status == {"w1": "ready", "w2": "lost"}
-    held = [doc["master"]["layers"]] + [w["layers"] for w in doc["workers"] if w["layers"]]
+    held = [doc["master"]["layer_range"]] + [w["layer_range"] for w in doc["workers"] if w["layers"]]
     assert held == ["model.layers.0-14", "model.layers.15-29"]
     assert any(e["event"] == "recovered" and e["lost"] == ["w2"] for e in doc["events"])
     # And the cluster goes on serving.
@@ -136,12 +139,12 @@ def test_tiny_model_manual_topology_split_and_local_weights(start_server, tmp_pa
          (["worker", "--name", "w2"], {})], env=hub)
     try:
         doc = topology(master)
-        got = {w["name"]: (w["layers"], w["weights_from"], w["description"])
+        got = {w["name"]: (w["layer_range"], w["weights_from"], w["description"])
                for w in doc["workers"]}
         assert got["w1"] == ("model.layers.1-2", "disk-cache", "first box")
         assert got["w2"][1] == "hf-cache" and got["w2"][0].startswith("model.layers.")
         # The master holds the rest: layer 0 before w1, and what w2 leaves after it.
-        assert doc["master"]["layers"].startswith("model.layers.0-0")
+        assert doc["master"]["layer_range"].startswith("model.layers.0-0")
         for stream in (False, True):
             assert chat(master, FRANCE, 40, stream) == chat(single, FRANCE, 40, stream)
 
@@ -166,7 +169,7 @@ def test_tiny_model_manual_topology_split_and_local_weights(start_server, tmp_pa
         assert "".join(pieces) == want
         doc = topology(master)
         w2 = next(w for w in doc["workers"] if w["name"] == "w2")
-        assert w2["status"] == "lost" and w2["layers"] == ""
+        assert w2["status"] == "lost" and w2["layers"] == []
         assert {w["name"]: w["status"] for w in doc["workers"]} == {"w1": "ready", "w2": "lost"}
         recovered = [e for e in doc["events"] if e["event"] == "recovered"]
         assert [e["lost"] for e in recovered] == [["w2"]]
@@ -185,7 +188,7 @@ def test_no_worker_by_the_timeout_serves_alone(start_server, tmp_path):
                           env={"CAKE_CLUSTER_KEY": KEY, "CAKE_CACHE": str(tmp_path / "cache")})
     try:
         doc = topology(server)
-        assert doc["workers"] == [] and doc["master"]["layers"] == "model.layers.0-1"
+        assert doc["workers"] == [] and doc["master"]["layer_range"] == "model.layers.0-1"
         assert "cluster master listening for workers at 127.0.0.1:" in server.output()
         assert chat(server, FRANCE, 5)
     finally:

@@ -280,7 +280,7 @@ def test_chat_and_speech_are_404_while_an_image_model_is_loaded(flux_server):
 def test_topology_lists_the_pipeline_components(flux_server):
     topo = httpx.get(flux_server.url + "/api/v1/topology", timeout=10).json()
     assert set(topo["layer_details"]) == {"text_encoder", "text_encoder_2", "transformer", "vae"}
-    assert topo["master"]["layers"].split(",") == list(topo["layer_details"])
+    assert topo["master"]["layers"] == list(topo["layer_details"])
     assert topo["memory_bytes"] == sum(d["total_bytes"] for d in topo["layer_details"].values())
 
 

@@ -109,14 +109,14 @@ def test_sd_topology_shows_the_placement(sd_cluster):
     master, _ = sd_cluster
     doc = topology(master)
     workers = {w["name"]: w for w in doc["workers"]}
-    assert workers["w1"]["components"] == ["unet"] and workers["w1"]["layers"] == "unet"
+    assert workers["w1"]["components"] == ["unet"] and workers["w1"]["layers"] == ["unet"]
     assert workers["w1"]["description"] == "the UNet box"
     assert workers["w2"]["components"] == ["text_encoder", "vae"]
     assert {w["status"] for w in workers.values()} == {"ready"}
     # w1 had the snapshot in its own HF cache; w2 was sent the files
     assert workers["w1"]["weights_from"] == "hf-cache"
     assert workers["w2"]["weights_from"] == "shipped"
-    assert doc["master"]["layers"] == "" and doc["master"]["memory_used_bytes"] == 0
+    assert doc["master"]["layers"] == [] and doc["master"]["memory_used_bytes"] == 0
     nodes = {name: entry["node"] for name, entry in doc["layer_details"].items()}
     assert nodes == {"unet": "w1", "text_encoder": "w2", "vae": "w2"}
     assert doc["layer_details"]["unet"]["total_bytes"] > 0
@@ -143,7 +143,7 @@ def test_worker_killed_mid_render_still_gives_the_image(sd_cluster, sd_single):
     doc = topology(master)
     w1 = next(w for w in doc["workers"] if w["name"] == "w1")
     assert w1["status"] == "lost" and w1["components"] == []
-    assert doc["master"]["layers"] == "unet"
+    assert doc["master"]["layers"] == ["unet"]
     assert doc["layer_details"]["unet"]["node"] == "master"
     assert [e for e in doc["events"] if e["event"] == "taken back"][0]["components"] == ["unet"]
     # and the next request is served with the UNet here, the rest still on w2
@@ -164,7 +164,7 @@ def test_flux_split(start_server, tmp_path_factory):
         assert render(master, body) == render(single, body)
         doc = topology(master)
         assert doc["workers"][0]["components"] == ["transformer", "text_encoder_2"]
-        assert sorted(doc["master"]["layers"].split(",")) == ["text_encoder", "vae"]
+        assert sorted(doc["master"]["layers"]) == ["text_encoder", "vae"]
         # the queue and cancelling between steps work as on one node
         long = {"image_args": {"prompt": "x", "n-steps": 1000, "sd-num-samples": 10}}
         before = image_stats(master)

@@ -137,3 +137,43 @@ def test_validate_accepts_edges():
                             frequency_penalty=2, repetition_penalty=1.3, max_tokens=1, seed=0,
                             stop=["\n"]))
     assert SamplingParams(temperature=0).greedy and not SamplingParams().greedy
+
+
+def test_logit_bias_moves_the_choice():
+    logits = _logits(3)
+    low = int(logits.argmin())
+    s = Sampler(SamplingParams(temperature=0, logit_bias={low: 100.0}), [], V)
+    assert s.sample(logits) == low
+
+
+def test_logprobs_are_the_raw_distribution():
+    logits = _logits(4)
+    s = Sampler(SamplingParams(temperature=0, logprobs=3, frequency_penalty=2.0), [], V)
+    token = s.sample(logits)
+    (got, lp, top), = s.logprobs
+    ref = logits.log_softmax(-1)
+    assert got == token and lp == pytest.approx(float(ref[token]))
+    assert [t for t, _ in top] == ref.topk(3).indices.tolist()
+    assert [v for _, v in top] == pytest.approx(ref.topk(3).values.tolist())
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_grammar_mask_allows_only_its_language(default_tokenizer, temperature):
+    from cake.text import grammar
+
+    tok = default_tokenizer
+    lark = grammar.lark_grammar('start: ("yes" | "no") " " %json {"type": "integer"}')
+    vocab = tok.vocab_size
+    for seed in range(3):
+        constraint = grammar.Constraint(lark, grammar.guidance_tokenizer(tok, vocab))
+        s = Sampler(SamplingParams(temperature=temperature, seed=seed), [], vocab,
+                    constraint=constraint)
+        ids = []
+        for step in range(12):
+            token = s.sample(torch.randn(vocab, generator=torch.Generator().manual_seed(step)))
+            if token in tok.stop_ids:
+                break
+            ids.append(token)
+        text = tok.decode(ids)
+        word, number = text.split(" ")
+        assert word in ("yes", "no") and number.lstrip("-").isdigit(), text

@@ -59,8 +59,8 @@ def test_layers_are_split_and_the_audio_is_one_machines(cluster, single):
     master, _ = cluster
     doc = httpx.get(master.url + "/api/v1/topology", timeout=30).json()
     assert doc["num_layers"] == 2
-    assert doc["master"]["layers"] == "model.layers.0-0"
-    assert [(w["name"], w["layers"], w["status"]) for w in doc["workers"]] == [
+    assert doc["master"]["layer_range"] == "model.layers.0-0"
+    assert [(w["name"], w["layer_range"], w["status"]) for w in doc["workers"]] == [
         ("w1", "model.layers.1-1", "ready")]
     assert sorted(doc["layer_details"]) == ["model.layers.0", "model.layers.1"]
     assert_same_audio(speech(master), speech(single))
@@ -85,6 +85,6 @@ def test_worker_killed_speech_goes_on(cluster, single):
     # The master finds the worker gone, takes its layers back, and synthesizes all the same.
     assert_same_audio(speech(master, max_frames=8), reference)
     doc = httpx.get(master.url + "/api/v1/topology", timeout=30).json()
-    assert doc["master"]["layers"] == "model.layers.0-1"
+    assert doc["master"]["layer_range"] == "model.layers.0-1"
     assert [(w["name"], w["status"]) for w in doc["workers"]] == [("w1", "lost")]
     assert any(e["event"] == "recovered" for e in doc["events"])

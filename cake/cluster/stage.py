@@ -134,12 +134,12 @@ def actor_setup() -> None:
 
 
 def node_info(device: torch.device) -> dict:
-    from cake.cluster.topology import backend_name, device_memory
+    from cake.cluster.topology import backend_name, device_memory, measured_tflops
 
     return {"device": str(device), "backend": backend_name(device),
             "vram_bytes": device_memory(device), "hostname": socket.gethostname(),
             "os": f"{platform.system()} {platform.release()}".strip(), "pid": os.getpid(),
-            "threads": torch.get_num_threads(), "tflops": None}
+            "threads": torch.get_num_threads(), "tflops": measured_tflops(str(device))}
 
 
 class StageWorker:

@@ -2,9 +2,11 @@
 and every tensor of every layer. Single-machine serving reports the master alone."""
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import socket
+import time
 from types import SimpleNamespace
 from typing import Optional
 
@@ -30,6 +32,53 @@ def backend_name(device: torch.device) -> str:
 
 def layer_range(start: int, end: int) -> str:
     return f"model.layers.{start}-{end - 1}" if end > start else ""
+
+
+def layer_names(ranges: str) -> list[str]:
+    """'model.layers.0-2,vae' -> ['model.layers.0', 'model.layers.1', 'model.layers.2', 'vae']."""
+    names = []
+    for item in filter(None, (r.strip() for r in ranges.split(","))):
+        head, _, span = item.rpartition(".")
+        first, dash, last = span.partition("-")
+        if head and dash and first.isdigit() and last.isdigit():
+            names += [f"{head}.{i}" for i in range(int(first), int(last) + 1)]
+        else:
+            names.append(item)
+    return names
+
+
+@functools.lru_cache(maxsize=None)
+def measured_tflops(device: str) -> float:
+    """Dense matmul throughput of a device in TFLOPS (best of a few timed products: ~50 ms on
+    a CPU, once per process), as the number Cake reports for a node's compute."""
+    dev = torch.device(device)
+    n, dtype = (4096, torch.bfloat16) if dev.type == "cuda" else (512, torch.float32)
+    a = torch.randn(n, n, dtype=dtype, device=dev)
+    best = float("inf")
+    for _ in range(4):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t = time.perf_counter()
+        a @ a
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        best = min(best, time.perf_counter() - t)
+    return round(2 * n ** 3 / best / 1e12, 4)
+
+
+def cake_shape(doc: dict) -> dict:
+    """The document as Cake's clients read it: each node's `layers` a list of layer names
+    and `tflops` a number (the master's measured here). `layer_range` keeps the compact
+    'model.layers.0-13' form."""
+    for i, node in enumerate([doc.get("master") or {}, *doc.get("workers", [])]):
+        if not node:
+            continue
+        layers = node.get("layers") or ""
+        if isinstance(layers, str):
+            node["layer_range"], node["layers"] = layers, layer_names(layers)
+        if node.get("tflops") is None and i == 0 and node.get("device"):
+            node["tflops"] = measured_tflops(node["device"])
+    return doc
 
 
 def layer_details(stage) -> dict:

@@ -5,7 +5,9 @@ Each path is guarded by the checks that cover it and any one of them admits a re
   /, /static/*          Basic (the page itself)
   /api/v1/topology,
   /api/v1/info          Basic and Bearer (the UI reads them; so may API clients)
-  other /v1/*, /api/*   Bearer
+  other /v1/*, /api/*,
+  /tokenize, /detokenize Bearer
+  /metrics, /docs, /openapi.json  open (nothing private; scrapers carry no credentials)
 This is a plain ASGI middleware, so streamed responses and disconnect detection pass through
 untouched. Secrets are compared with hmac.compare_digest (constant time).
 """
@@ -20,7 +22,7 @@ from typing import Optional
 
 UI_PATHS = ("/", "/static/")
 UI_API_PATHS = ("/api/v1/topology", "/api/v1/info")
-API_PREFIXES = ("/v1/", "/api/")
+API_PREFIXES = ("/v1/", "/api/", "/tokenize", "/detokenize")
 REALM = "cake"
 
 

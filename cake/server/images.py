@@ -21,7 +21,7 @@ from pydantic import AliasChoices, Field, ValidationError
 
 from cake.server.disconnect import ClientGone, result_unless_gone
 from cake.server.errors import APIError
-from cake.server.schemas import WireModel
+from cake.server.schemas import WireModel, body_doc
 
 router = APIRouter()
 FORMATS = ("png", "b64_json")
@@ -140,7 +140,7 @@ def b64(png: bytes) -> str:
     return base64.b64encode(png).decode()
 
 
-@router.post("/v1/images/generations")
+@router.post("/v1/images/generations", openapi_extra=body_doc(ImageGenerationRequest))
 async def generations(request: Request):
     model = image_model(request)
     req = await parse(request, ImageGenerationRequest)
@@ -154,7 +154,7 @@ async def generations(request: Request):
     return {"created": int(time.time()), "data": [{"b64_json": b64(p)} for p in pngs]}
 
 
-@router.post("/api/v1/image")
+@router.post("/api/v1/image", openapi_extra=body_doc(LegacyImageRequest))
 async def legacy_image(request: Request):
     model = image_model(request)
     req = await parse(request, LegacyImageRequest)

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from cake.server.disconnect import result_unless_gone
 from cake.server.errors import APIError
-from cake.server.schemas import WireModel
+from cake.server.schemas import WireModel, body_doc
 
 router = APIRouter()
 
@@ -87,7 +87,7 @@ class ChunkQueue:
         return await self.queue.get()
 
 
-@router.post("/v1/audio/speech")
+@router.post("/v1/audio/speech", openapi_extra=body_doc(SpeechBody))
 async def speech(request: Request):
     service = audio_model(request)
     body = await parse_body(request)

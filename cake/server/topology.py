@@ -3,14 +3,17 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from cake.cluster.topology import text_topology
+from cake.cluster.topology import cake_shape, text_topology
 
 router = APIRouter()
 
 
 @router.get("/api/v1/topology")
 async def topology(request: Request):
-    state = request.app.state.cake
+    return cake_shape(document(request.app.state.cake))
+
+
+def document(state) -> dict:
     if state.text is not None:
         pipeline = state.text.engine.pipeline
         if hasattr(pipeline, "topology"):  # a cluster: workers and their status too

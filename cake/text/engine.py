@@ -5,6 +5,7 @@ Each loop iteration:
   2. admits waiting requests into free KV slots,
   3. prefills one chunk of one new sequence (long prompts do not stall running streams),
   4. decodes one token for every running sequence in a single batched step.
+n answers to one prompt share its prefill: the others copy the first one's cache (forks).
 Sequences join and leave between steps (continuous batching). Results go back through a
 callback per request, so the engine knows nothing of HTTP or asyncio.
 """
@@ -24,7 +25,8 @@ import torch
 
 from cake.text.kv_cache import StepBatch
 from cake.text.pipeline import Pipeline
-from cake.text.sampling import Sampler, SamplingParams, sample_batch
+from cake.text.grammar import Constraint, guidance_tokenizer
+from cake.text.sampling import Sampler, SamplingParams, sample_batch, token_logprobs
 from cake.text.tokenizer import IncrementalDetokenizer, StopMatcher, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,10 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: Optional[str] = None
+    # (token, logprob, top [(token, logprob)]) of the tokens since the last event (logprobs)
+    logprobs: list = field(default_factory=list)
+    prompt_logprobs: Optional[list] = None  # first event: the prompt's, first entry None
+    embedding: Optional[list[float]] = None  # embed requests: the pooled hidden state
 
     @property
     def finished(self) -> bool:
@@ -70,6 +76,10 @@ class Sequence:
     cancelled: bool = False
     done: bool = False
     arrived: float = field(default_factory=time.monotonic)
+    forks: list["Sequence"] = field(default_factory=list)  # n > 1: start from our prefill
+    prompt_logprobs: Optional[int] = None  # top-k for every prompt token (echo), None: off
+    pending_prompt_logprobs: Optional[list] = None
+    embed: bool = False  # prefill only and answer the last token's final hidden state
 
     @property
     def length(self) -> int:
@@ -104,20 +114,51 @@ class Engine:
     # -- public API (any thread) -------------------------------------------------------
 
     def submit(self, prompt_ids: list[int], params: SamplingParams,
-               on_output: Callable[[Output], None]) -> Sequence:
-        """Queue a request. params.max_tokens must already fit the context."""
+               on_output: Callable[[Output], None], prompt_logprobs: Optional[int] = None,
+               embed: bool = False) -> Sequence:
+        """Queue a request. params.max_tokens must already fit the context.
+        prompt_logprobs: also score the prompt's tokens (top-k each); embed: no generation,
+        the answer is the last prompt token's final hidden state."""
+        seq = self._sequence(prompt_ids, params, on_output)
+        seq.prompt_logprobs, seq.embed = prompt_logprobs, embed
+        self._enqueue(seq)
+        return seq
+
+    def submit_choices(self, prompt_ids: list[int], params: list[SamplingParams],
+                       on_outputs: list[Callable[[Output], None]]) -> list[Sequence]:
+        """len(params) answers to one prompt. Where the pipeline can copy a slot's cache, the
+        prompt is computed once and the others fork from it; else each is its own request."""
+        seqs = [self._sequence(prompt_ids, p, cb) for p, cb in zip(params, on_outputs)]
+        if len(seqs) > self.pipeline.num_slots:
+            raise ValueError(f"{len(seqs)} choices need more than the {self.pipeline.num_slots} "
+                             "sequences this server decodes together")
+        if hasattr(self.pipeline, "fork"):
+            seqs[0].forks = seqs[1:]
+            self._enqueue(seqs[0])
+        else:
+            for seq in seqs:
+                self._enqueue(seq)
+        return seqs
+
+    def _sequence(self, prompt_ids, params, on_output) -> Sequence:
         if len(prompt_ids) >= self.max_len:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens; the context holds {self.max_len}")
-        max_new = min(params.max_tokens, self.max_len - len(prompt_ids))
-        seq = Sequence(
+        constraint = None
+        if params.grammar is not None:
+            constraint = Constraint(params.grammar,
+                                    guidance_tokenizer(self.tokenizer, self.vocab_size))
+        return Sequence(
             id=next(self._ids), prompt_ids=list(prompt_ids), params=params, on_output=on_output,
-            sampler=Sampler(params, prompt_ids, self.vocab_size, device=self.pipeline.device),
-            detok=IncrementalDetokenizer(self.tokenizer, prompt_ids),
-            stops=StopMatcher(params.stop), max_new=max_new)
+            sampler=Sampler(params, prompt_ids, self.vocab_size, device=self.pipeline.device,
+                            constraint=constraint),
+            detok=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
+            stops=StopMatcher(params.stop),
+            max_new=min(params.max_tokens, self.max_len - len(prompt_ids)))
+
+    def _enqueue(self, seq: Sequence) -> None:
         with self._wake:
             self.waiting.append(seq)
             self._wake.notify()
-        return seq
 
     def start(self) -> None:
         # What exists now (model, tokenizer, modules) lives as long as the server: keep the
@@ -179,9 +220,10 @@ class Engine:
 
     def _admit(self) -> None:
         with self._wake:
-            while self.waiting and self.free_slots:
+            while self.waiting and len(self.free_slots) > len(self.waiting[0].forks):
                 seq = self.waiting.popleft()
-                seq.slot = self.free_slots.pop(0)
+                for s in [seq, *seq.forks]:
+                    s.slot = self.free_slots.pop(0)
                 self.prefilling.append(seq)
 
     def _prefill_chunk(self, seq: Sequence) -> None:
@@ -191,12 +233,45 @@ class Engine:
         tokens = torch.tensor([seq.prompt_ids[start:end]], device=device)
         batch = StepBatch.make([list(range(start, end))], [seq.slot], device)
         last = torch.tensor([end - start - 1], device=device)
-        logits = self.pipeline.forward(tokens, batch, last)
+        done = end == len(seq.prompt_ids)
+        if seq.embed and done:
+            hidden = self.pipeline.hidden(tokens, batch, last)
+            seq.num_cached = end
+            return self._finish(seq, "stop", embedding=hidden[0].float().tolist())
+        if seq.prompt_logprobs is not None:
+            logits = self._score_prompt(seq, tokens, batch, start, end)
+        else:
+            logits = self.pipeline.forward(tokens, batch, last)
         seq.num_cached = end
-        if end == len(seq.prompt_ids):
+        if done:
             self.prefilling.popleft()
-            self.running.append(seq)
-            self._sample([seq], logits)
+            forks, seq.forks = seq.forks, []
+            for f in [f for f in forks if f.cancelled]:
+                self._finish(f, "cancelled")
+            forks = [f for f in forks if not f.done]
+            for f in forks:
+                self.pipeline.fork(seq.slot, f.slot, end)
+                f.num_cached = end
+            for s in [seq, *forks]:
+                if s.max_new == 0:  # scoring only (completions' echo with max_tokens 0)
+                    self._finish(s, "length")
+                else:
+                    self.running.append(s)
+            live = [s for s in (seq, *forks) if not s.done]
+            if live:
+                self._sample(live, logits.expand(len(live), -1))
+
+    def _score_prompt(self, seq: Sequence, tokens, batch, start: int, end: int):
+        """Logits at every position of the chunk: each scores the prompt token after it."""
+        logits = self.pipeline.forward(tokens, batch, None)[0]
+        entries = seq.pending_prompt_logprobs
+        if entries is None:
+            entries = seq.pending_prompt_logprobs = [None]  # nothing predicts the first token
+        for i in range(end - start):
+            if start + i + 1 < len(seq.prompt_ids):
+                entries.append(token_logprobs(logits[i], seq.prompt_ids[start + i + 1],
+                                              seq.prompt_logprobs))
+        return logits[-1:]
 
     def _decode(self) -> None:
         if self._in_flight or getattr(self.pipeline, "depth", 1) > 1:
@@ -236,28 +311,30 @@ class Engine:
                 self._sample([group[i] for i in rows], logits[rows])
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        try:
-            tokens = sample_batch([s.sampler for s in seqs], logits)
-        except Exception:
-            # One bad row (say, non-finite logits under some sampling settings) must not end
-            # the others: retry row by row and fail only the rows that fail.
-            tokens = []
-            for i, seq in enumerate(seqs):
-                try:
-                    tokens.append(seq.sampler.sample(logits[i]))
-                except Exception as e:
-                    log.exception("sampling failed for sequence %d", seq.id)
-                    self._finish(seq, "error", error=f"sampling failed: {e}")
-                    tokens.append(None)
+        samplers = [s.sampler for s in seqs]
+        if all(s.plain_greedy for s in samplers):
+            tokens = sample_batch(samplers, logits)
+        else:  # row by row: one bad row (non-finite logits, a grammar refusal) fails alone
+            tokens = [self._sample_row(seq, row) for seq, row in zip(seqs, logits)]
         for seq, token in zip(seqs, tokens):
             if token is not None:
                 self._accept(seq, token)
+
+    def _sample_row(self, seq: Sequence, logits: torch.Tensor) -> Optional[int]:
+        try:
+            return seq.sampler.sample(logits)
+        except Exception as e:
+            log.exception("sampling failed for sequence %d", seq.id)
+            self._finish(seq, "error", error=f"sampling failed: {e}")
+            return None
 
     def _accept(self, seq: Sequence, token: int) -> None:
         """Record a sampled token, send the text it completes, and finish if it ends."""
         seq.generated.append(token)
         self.tokens_generated += 1
         if token in self.tokenizer.stop_ids and not seq.params.ignore_eos:
+            if seq.sampler.logprobs:  # the end token is no part of the answer's text
+                seq.sampler.logprobs.pop()
             self._finish(seq, "stop", text=self._rest(seq))
             return
         text, stopped = seq.stops.feed(seq.detok.add(token))
@@ -275,16 +352,21 @@ class Engine:
         return text if stopped else text + seq.stops.flush()
 
     def _emit(self, seq: Sequence, out: Output) -> None:
+        out.logprobs, seq.sampler.logprobs = seq.sampler.logprobs, []
+        out.prompt_logprobs, seq.pending_prompt_logprobs = seq.pending_prompt_logprobs, None
         try:
             seq.on_output(out)
         except Exception:  # the receiver is gone (its event loop closed): stop generating
             log.warning("dropping output of sequence %d: receiver failed", seq.id, exc_info=True)
             seq.cancelled = True
 
-    def _finish(self, seq: Sequence, reason: str, text: str = "", error: str | None = None):
+    def _finish(self, seq: Sequence, reason: str, text: str = "", error: str | None = None,
+                embedding: Optional[list[float]] = None):
         if seq.done:
             return
         seq.done = True
+        for fork in seq.forks:  # forks that never started end with the sequence they wait on
+            self._finish(fork, reason, error=error)
         if seq in self.running:
             self.running.remove(seq)
         if seq in self.prefilling:
@@ -296,4 +378,4 @@ class Engine:
         self.requests_finished += 1
         self._emit(seq, Output(text=text, finish_reason=reason, error=error,
                                prompt_tokens=len(seq.prompt_ids),
-                               completion_tokens=len(seq.generated)))
+                               completion_tokens=len(seq.generated), embedding=embedding))

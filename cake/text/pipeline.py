@@ -55,6 +55,26 @@ class LocalPipeline:
         # Positions past a sequence's length are masked out, so a reused slot needs no wipe.
         pass
 
+    def fork(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` cached positions of slot src into slot dst (n > 1)."""
+        for cache in self.caches:
+            for store in (cache.k, cache.v):
+                for t in store.values():
+                    t[dst, :length] = t[src, :length]
+
+    @torch.inference_mode()
+    def hidden(self, tokens, batch, logits_at) -> torch.Tensor:
+        """The final norm's output at logits_at [B, D] (what embeddings pool), instead of
+        logits; read with a hook, so the model's own forward is the one that runs."""
+        captured = []
+        norm = self.stages[-1].model.norm
+        handle = norm.register_forward_hook(lambda module, args, out: captured.append(out))
+        try:
+            self.forward(tokens, batch, logits_at)
+        finally:
+            handle.remove()
+        return captured[-1]
+
     def topology(self, model_id: str) -> dict:
         from cake.cluster.topology import text_topology
 

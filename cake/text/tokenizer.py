@@ -5,6 +5,7 @@ globals and `tojson`), so a prompt is token for token what the model saw in trai
 """
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
@@ -14,6 +15,7 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 import tokenizers
+import tokenizers.decoders
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # transformers' old default template, used when a model ships none.
@@ -91,6 +93,20 @@ def _ids(value) -> list[int]:
     return [value] if isinstance(value, int) else [int(v) for v in value]
 
 
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character standing for each byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
 class Tokenizer:
     def __init__(self, tok: tokenizers.Tokenizer, chat_template: Optional[str],
                  bos_token: Optional[str], eos_token: Optional[str], add_bos: bool = False,
@@ -155,6 +171,24 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (what logprobs report), whatever the tokenizer's
+        encoding of them: GPT-2 byte-level characters, SentencePiece's ▁ and <0xNN>."""
+        piece = self.tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if self._byte_level:
+            decoder = _byte_decoder()
+            if all(c in decoder for c in piece):
+                return bytes(decoder[c] for c in piece)
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+    @property
+    def _byte_level(self) -> bool:
+        return isinstance(self.tok.decoder, tokenizers.decoders.ByteLevel)
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             **kwargs) -> str:
         """Render messages to prompt text; kwargs reach the template (tools, enable_thinking)."""
@@ -191,28 +225,33 @@ class IncrementalDetokenizer:
     would drop SentencePiece's leading spaces and split multi-byte characters.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Optional[Iterable[int]] = None):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Optional[Iterable[int]] = None,
+                 skip_special_tokens: bool = True):
         # prompt_ids is accepted but not decoded as context: with SentencePiece it would put a
         # leading space on the first word, and the output must equal decode(generated ids).
         self.tokenizer = tokenizer
+        self.skip_special = skip_special_tokens  # False: markers such as [TOOL_CALLS] stay
         self.ids: list[int] = []
         self.prefix_offset = 0  # window start: context only, already emitted
         self.read_offset = 0  # everything before this has been emitted
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
-        text = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset:])
         # A trailing U+FFFD is a character whose bytes have not all arrived yet.
         if len(text) <= len(prefix) or text.endswith("\ufffd"):
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return text[len(prefix):]
 
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
+
     def flush(self) -> str:
         """Text still held at the end: an unfinished character becomes U+FFFD, as in decode."""
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
-        text = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset:])
         self.prefix_offset = self.read_offset = len(self.ids)
         return text[len(prefix):]
 

@@ -56,9 +56,9 @@ class LocalBackend:
             seq.cancel()  # no-op when finished; frees the slot when the user quit mid-answer
 
     async def topology(self) -> dict:
-        from cake.cluster.topology import text_topology
+        from cake.cluster.topology import cake_shape, text_topology
 
-        return text_topology(self.model.model_id, self.model.engine.pipeline.stages)
+        return cake_shape(text_topology(self.model.model_id, self.model.engine.pipeline.stages))
 
     def close(self) -> None:
         self.model.close()
