@@ -151,13 +151,16 @@ def test_health_is_503_while_loading():
     from cake.server.app import ServerState, create_app
     from cake.server.auth import Access
 
-    app = create_app(ServerState(), Access(f"{USER}:{PASSWORD}", KEY))
+    app = create_app(ServerState(loading={"phase": "loading"}), Access(f"{USER}:{PASSWORD}", KEY))
 
     async def check():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://cake") as client:
             r = await client.get("/health")
-            assert r.status_code == 503 and r.json() == {"status": "loading"}
+            assert r.status_code == 503 and r.json()["status"] == "loading"
+            assert r.json()["progress"]["phase"] == "loading"
             assert (await client.get("/v1/models")).status_code == 401
+            r = await client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+            assert r.status_code == 503 and "still loading" in r.json()["error"]
 
     asyncio.run(check())

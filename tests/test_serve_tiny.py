@@ -10,7 +10,7 @@ import openai
 import pytest
 import safetensors.torch
 
-from conftest import hf_cache_with, write_tiny_model
+from conftest import Server, free_port, hf_cache_with, write_tiny_model
 
 HELLO = [{"role": "user", "content": "Hello!"}]
 
@@ -148,3 +148,36 @@ def test_internal_error_mid_stream(broken_server):
     # The server is still up and still answers what it can.
     assert httpx.get(broken_server.url + "/v1/models").status_code == 200
     assert health(broken_server)["engine"]["running"] == 0
+
+
+def test_server_answers_while_it_loads(tmp_path):
+    """The HTTP server binds before the model loads: /health says loading (503, with the
+    phase), other routes 503 with a JSON error, then all is as usual. The load is held back
+    by a worker that never joins a cluster within the discovery timeout."""
+    pytest.importorskip("ray")
+    model = write_tiny_model(tmp_path / "model", "llama")
+    server = Server([str(model), "--cluster-key", "k", "--cluster-address",
+                     f"127.0.0.1:{free_port()}", "--discovery-timeout", "20",
+                     "--temperature", "0"], tmp_path / "server.log",
+                    env={"CAKE_CACHE": str(tmp_path / "cache")})
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(server.url + "/health", timeout=2)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        assert r.json()["progress"]["seconds"] >= 0
+        chat = httpx.post(server.url + "/v1/chat/completions", json={"messages": HELLO},
+                          timeout=10)
+        assert chat.status_code == 503 and "still loading" in chat.json()["error"]
+        assert chat.headers["retry-after"] == "5"
+        server.wait_ready(timeout=180)
+        assert health(server)["status"] == "ok"
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                       json={"messages": HELLO, "max_tokens": 4})
+        assert r.status_code == 200
+    finally:
+        server.stop()

@@ -22,6 +22,12 @@ def register(sub) -> None:
 
 
 def serve(args) -> int:
+    """Bind at once, then load: meanwhile /health answers 503 with the phase, and every
+    other route 503 with a JSON error. A failed load ends the process as before."""
+    import signal
+    import threading
+    import time
+
     import uvicorn
 
     from cake.server.app import ServerState, create_app
@@ -38,12 +44,30 @@ def serve(args) -> int:
         raise SystemExit(f"cake: {e}")
     from cake.cluster import cli as cluster_cli
     args.cluster = cluster_cli.options(args)
-    model = module.load(args)
-    state = ServerState(model_id=model.model_id, **{attr: model})
-    print(f"cake: serving {model.model_id} at http://{host}:{port}", flush=True)
+    state = ServerState(loading={"phase": "loading", "model": args.model or "the default"})
+    server = uvicorn.Server(uvicorn.Config(create_app(state, access), host=host, port=int(port),
+                                           log_level="warning"))
+    # The server runs in a thread (uvicorn handles no signals there): loading stays in the
+    # main thread, where Ray wants to be started.
+    thread = threading.Thread(target=server.run, name="cake-http", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise SystemExit(f"cake: cannot listen at {host}:{port}")
+        time.sleep(0.05)
+    print(f"cake: listening at http://{host}:{port}, loading the model", flush=True)
+    model = None
     try:
-        uvicorn.run(create_app(state, access), host=host, port=int(port), log_level="warning")
+        model = module.load(args)
+        state.ready(model.model_id, attr, model)
+        print(f"cake: serving {model.model_id} at http://{host}:{port}", flush=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # as uvicorn does in the main thread
+            signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+        while thread.is_alive():
+            thread.join(0.5)
     finally:
+        server.should_exit = True
+        thread.join(30)
         if hasattr(model, "close"):
             model.close()
     return 0

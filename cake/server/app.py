@@ -14,13 +14,24 @@ from cake.server import (auth, chat, completions, embeddings, errors, health, im
 
 @dataclass
 class ServerState:
-    """What is loaded. Exactly one of text / image / audio is set once loading is done."""
+    """What is loaded. Exactly one of text / image / audio is set once loading is done;
+    meanwhile loading says what is going on (None once ready)."""
 
     model_id: Optional[str] = None
     text: Any = None
     image: Any = None
     audio: Any = None
     created: int = field(default_factory=lambda: int(time.time()))
+    loading: Optional[dict] = None
+    started: float = field(default_factory=time.monotonic)
+
+    def ready(self, model_id: str, attr: str, model: Any) -> None:
+        self.model_id = model_id
+        setattr(self, attr, model)
+        self.loading = None
+
+    def load_progress(self) -> dict:
+        return {**(self.loading or {}), "seconds": round(time.monotonic() - self.started, 1)}
 
 
 def create_app(state: ServerState, access: Optional[auth.Access] = None) -> FastAPI:
@@ -43,5 +54,20 @@ def create_app(state: ServerState, access: Optional[auth.Access] = None) -> Fast
 
     app.openapi = openapi
     ui.install(app)
-    auth.install(app, access)
+    install_loading_gate(app)
+    auth.install(app, access)  # added last, runs first
     return app
+
+
+def install_loading_gate(app: FastAPI) -> None:
+    """Until the model is ready every route but /health answers 503."""
+    from cake.server.errors import error_response
+
+    @app.middleware("http")
+    async def _loading(request, call_next):
+        state = request.app.state.cake
+        if state.loading is not None and request.url.path != "/health":
+            return error_response(503, "the model is still loading; try again shortly "
+                                       "(GET /health shows the progress)",
+                                  headers={"Retry-After": "5"})
+        return await call_next(request)

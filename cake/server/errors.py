@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -55,5 +56,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
-        log.exception("internal error on %s", request.url.path)
-        return error_response(500, f"internal error: {exc}")
+        # The client gets an id to quote; the log has the stack under the same id.
+        request_id = uuid.uuid4().hex[:12]
+        log.exception("internal error %s on %s", request_id, request.url.path)
+        return error_response(500, f"internal error (request {request_id}; the server log "
+                                   "has the details)")

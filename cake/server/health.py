@@ -11,9 +11,9 @@ router = APIRouter()
 @router.get("/health")
 async def health(request: Request):
     state = request.app.state.cake
-    loaded = state.text or state.image or state.audio
-    if loaded is None:
-        return JSONResponse({"status": "loading"}, status_code=503)
+    if state.loading is not None:
+        return JSONResponse({"status": "loading", "progress": state.load_progress()},
+                            status_code=503)
     body = {"status": "ok", "model": state.model_id}
     if state.text is not None:
         body["engine"] = state.text.engine.stats()
