@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cake.text.kv_cache import KVCache, StepBatch
-from cake.text.models.llama import Model, ModelArgs, rope_inv_freq
+from cake.text.models.llama import Model, ModelArgs
 
 PROMPTED, UNCONDITIONAL = 0, 1
 
@@ -52,7 +52,7 @@ class SpeechLM:
             with torch.device("meta"):
                 stage = Model(args, start, end)
             share_parameters(stage, params)
-            stage.inv_freq = rope_inv_freq(args).to(ref.device)
+            stage.reset_rope(ref.device)
             self.stages.append(stage)
         self.norm = language_model.norm
         self.embed = language_model.embed_tokens
