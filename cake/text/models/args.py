@@ -95,7 +95,8 @@ def rope_of(cfg: dict, layer_type: str = "full_attention") -> tuple[float, Optio
     rope = dict(cfg.get("rope_parameters") or {})
     if layer_type in rope or "full_attention" in rope:
         rope = dict(rope.get(layer_type) or rope.get("full_attention") or {})
-    scaling = dict(cfg.get("rope_scaling") or rope)
+    scaling = {k: v for k, v in (cfg.get("rope_scaling") or rope).items()
+               if k not in ("rope_theta", "partial_rotary_factor")}
     theta = cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0
     partial = cfg.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0
     kind = scaling.get("rope_type", scaling.get("type", "default"))

@@ -70,7 +70,7 @@ def _yarn(dim: int, theta: float, s: dict, max_pos: int) -> tuple[torch.Tensor, 
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     pos = _base(theta, dim).float()
     extrapolate = 1 - ramp  # high-frequency channels keep their frequency
     inv = (1.0 / (factor * pos)) * (1 - extrapolate) + (1.0 / pos) * extrapolate
@@ -87,8 +87,8 @@ def _longrope(dim: int, theta: float, s: dict, max_pos: int) -> tuple[torch.Tens
     if attn is None:
         attn = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
     ext = s["long_factor"] if max_pos > orig else s["short_factor"]
-    ext = torch.tensor(ext, dtype=torch.float32)
-    shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    ext = torch.tensor(ext, dtype=torch.float32, device="cpu")
+    shape = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
     return 1.0 / (ext * theta ** shape), float(attn)
 
 
