@@ -67,7 +67,8 @@ def build(name: str, folder):
     template = GEMMA_TEMPLATE if name == "gemma3" else gguf.chat_template()
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "chat_template": template, "bos_token": sp["bos_token"],
-        "eos_token": sp["eos_token"], "add_bos_token": False}))
+        "eos_token": sp["eos_token"], "add_bos_token": False,
+        "tokenizer_class": "PreTrainedTokenizerFast"}))
     return hf
 
 
@@ -273,5 +274,5 @@ def test_serve_answers_like_transformers(models, start_server, name):
     server = start_server(str(folder), "--temperature", "0")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
     r = client.chat.completions.create(model="x", messages=messages, max_tokens=12)
-    assert r.usage.prompt_tokens == len(ids)
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(want)
     assert r.choices[0].message.content == tok.decode(want, skip_special_tokens=True)
