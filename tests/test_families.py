@@ -276,3 +276,21 @@ def test_serve_answers_like_transformers(models, start_server, name):
     r = client.chat.completions.create(model="x", messages=messages, max_tokens=12)
     assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(want)
     assert r.choices[0].message.content == tok.decode(want, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("name", ["gemma3", "exaone4"])
+def test_sliding_layers_keep_only_their_window(models, name):
+    """Past a long prompt, a sliding layer's cache has given back the positions behind its
+    window (they read as zeros), a global layer keeps all, and logits still match."""
+    hf, folder = models(name)
+    model = load_stage(SafetensorsCheckpoint(folder))
+    cache = new_cache(model, max_len=512)
+    prompt = [(7 * i + 3) % 40000 for i in range(300)]
+    tokens, ours = generate([model], [cache], prompt, 2)
+    torch.testing.assert_close(ours, transformers_logits(hf, tokens), atol=1e-4, rtol=0)
+    for i in range(model.args.num_hidden_layers):
+        old = cache.k[i][0, :200]
+        if model.args.window(i):
+            assert not old.any() and cache.k[i][0, len(tokens) - 4:len(tokens)].any()
+        else:
+            assert old.abs().sum(-1).all()

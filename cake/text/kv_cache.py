@@ -46,15 +46,16 @@ class StepBatch:
                    max(max(p) for p in positions) + 1, span, first)
 
 
-def lazy_zeros(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+def lazy_zeros(shape: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, mmap.mmap]:
     """A zero CPU tensor whose pages the OS maps only when written (an anonymous mapping), so
-    a cache sized for the whole context costs memory only for the positions sequences reach.
-    Huge pages are declined: one written position would otherwise cost 2 MiB."""
+    a cache sized for the whole context costs memory only for the positions sequences reach,
+    and the mapping, to give pages back. Huge pages are declined: one written position would
+    otherwise cost 2 MiB."""
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     pages = mmap.mmap(-1, max(nbytes, 1))
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         pages.madvise(mmap.MADV_NOHUGEPAGE)
-    return torch.frombuffer(pages, dtype=torch.uint8)[:nbytes].view(dtype).view(shape)
+    return torch.frombuffer(pages, dtype=torch.uint8)[:nbytes].view(dtype).view(shape), pages
 
 
 def serving_dtype(dtype: torch.dtype, device) -> torch.dtype:
@@ -75,10 +76,14 @@ class KVCache:
                  head_dim: int, dtype: torch.dtype, device, initial_len: Optional[int] = None):
         """dtype: what keys and values are stored as (see serving_dtype)."""
         self.max_len, self.num_slots, self.dtype = max_len, num_slots, dtype
+        self._maps: dict[int, tuple] = {}  # layer -> the k and v mappings (lazy CPU caches)
+        self._forgotten: dict[tuple[int, int], int] = {}  # (layer, slot) -> bytes given back
         if initial_len is None and torch.device(device).type == "cpu":
             shape = (num_slots, max_len, n_kv_heads, head_dim)
-            self.k = {i: lazy_zeros(shape, dtype) for i in layers}
-            self.v = {i: lazy_zeros(shape, dtype) for i in layers}
+            self.k, self.v = {}, {}
+            for i in layers:
+                (self.k[i], km), (self.v[i], vm) = lazy_zeros(shape, dtype), lazy_zeros(shape, dtype)
+                self._maps[i] = (km, vm)
             return
         shape = (num_slots, min(max_len, initial_len or 256), n_kv_heads, head_dim)
         self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
@@ -95,6 +100,29 @@ class KVCache:
             grown = store[layer].new_zeros((old.shape[0], cap, *old.shape[2:]))
             grown[:, :old.shape[1]] = store[layer]
             store[layer] = grown
+
+    def forget_outside_window(self, layer: int, rows: list[tuple[int, int]], window: int):
+        """A sliding layer never reads a position again once it is `window` behind the newest
+        one: give back the memory of those positions (whole pages of a lazy CPU cache; they
+        read as zeros afterwards), so the layer holds about its window per sequence.
+        rows: (slot, newest position) of each sequence in the step."""
+        maps = self._maps.get(layer)
+        if maps is None:
+            return
+        k, page = self.k[layer], mmap.PAGESIZE
+        row = k.shape[2] * k.shape[3] * k.element_size()
+        for slot, pos in rows:
+            base = slot * self.max_len * row
+            end = (base + max(0, pos + 1 - window) * row) // page * page
+            done = self._forgotten.get((layer, slot), base)
+            if end < done:  # the slot holds a new, shorter sequence
+                self._forgotten[layer, slot] = done = base
+            if end - done < 4 * page:  # a syscall per 4 pages, not per token
+                continue
+            start = -(-done // page) * page
+            for m in maps:  # a shared anonymous mapping: REMOVE frees its pages, DONTNEED not
+                m.madvise(mmap.MADV_REMOVE, start, end - start)
+            self._forgotten[layer, slot] = end
 
     def bytes_per_token(self) -> int:
         t = next(iter(self.k.values()))

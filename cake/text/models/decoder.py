@@ -72,6 +72,7 @@ class Model(nn.Module):
             tied_here = args.tie_word_embeddings and self.is_first
             self.lm_head = None if tied_here else nn.Linear(
                 args.hidden_size, args.vocab_size, bias=False)
+        self.has_windows = any(layer.window for layer in self.model.layers.values())
         self.reset_rope("cpu")
         # Fixed before loading swaps or fuses modules: the checkpoint's names for this stage,
         # and how each parameter is held (the loader notes quantized ones).
@@ -181,6 +182,11 @@ class Model(nn.Module):
             masks = {w: self.attention_mask(batch, w) for w in windows}
             for i, layer in self.model.layers.items():
                 x = layer(x, ropes, masks[layer.window], batch, cache, int(i))
+        if self.has_windows:
+            rows = list(zip(batch.slots.tolist(), batch.positions.amax(1).tolist()))
+            for i, layer in self.model.layers.items():
+                if layer.window:
+                    cache.forget_outside_window(int(i), rows, layer.window)
         if not self.is_last:
             return x
         if logits_at is not None and x.shape[1] > 1:
