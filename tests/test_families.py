@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import openai
 import pytest
 import torch
@@ -271,11 +272,25 @@ def test_serve_answers_like_transformers(models, start_server, name):
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     want = greedy(hf, ids, 12)
-    server = start_server(str(folder), "--temperature", "0")
+    server = start_server(str(folder), "--temperature", "0", "--max-batch", "2",
+                          "--ctx-size", "256")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
     r = client.chat.completions.create(model="x", messages=messages, max_tokens=12)
     assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(want)
     assert r.choices[0].message.content == tok.decode(want, skip_special_tokens=True)
+
+    # /health and the topology count the KV cache with sliding layers at their window
+    # (float16 keys and values on CPU, 2 slots of 256 positions).
+    args = ModelArgs.from_config(hf.config.to_dict())
+    row = 2 * args.num_key_value_heads * args.head_dim * 2
+    capacity = 2 * row * sum(min(256, args.window(i) or 256)
+                             for i in range(args.num_hidden_layers))
+    engine = httpx.get(server.url + "/health", timeout=10).json()["engine"]
+    assert engine["kv_cache_capacity_bytes"] == capacity and engine["kv_cache_bytes"] == 0
+    topology = httpx.get(server.url + "/api/v1/topology", timeout=10).json()
+    assert topology["master"]["kv_cache_capacity_bytes"] == capacity
+    assert topology["master"]["layers"] == f"model.layers.0-{args.num_hidden_layers - 1}"
+    assert len(topology["layer_details"]) == args.num_hidden_layers
 
 
 @pytest.mark.parametrize("name", ["gemma3", "exaone4"])

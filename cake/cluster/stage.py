@@ -233,9 +233,10 @@ class StageWorker:
 
         args, dtype = self.model.args, self.dtype
         transport.init_group(rank, world, master_addr, port, local_ip, timeout_s, backend)
-        self.cache = KVCache(range(self.model.start, self.model.end), num_slots, max_len,
-                             args.num_key_value_heads, args.head_dim,
-                             serving_dtype(dtype, self.device), self.device)
+        layers = range(self.model.start, self.model.end)
+        self.cache = KVCache(layers, num_slots, max_len, args.num_key_value_heads, args.head_dim,
+                             serving_dtype(dtype, self.device), self.device,
+                             windows={i: args.window(i) for i in layers})
         self.link = transport.Link(args.hidden_size, dtype, self.device, backend)
         self.prev, self.next = prev, next_
         self.thread = threading.Thread(target=self._loop, name="cake-stage", daemon=True)

@@ -32,6 +32,13 @@ class StepBatch:
     kv_len: int
     span: Optional[tuple[int, int]] = None
     first_slot: Optional[int] = None  # when the rows' slots are first_slot, first_slot + 1, ...
+    newest: Optional[list[tuple[int, int]]] = None  # (slot, newest position) per row
+
+    def rows(self) -> list[tuple[int, int]]:
+        """(slot, newest position) of each row, from the host lists when make() had them."""
+        if self.newest is None:
+            self.newest = list(zip(self.slots.tolist(), self.positions.amax(1).tolist()))
+        return self.newest
 
     @classmethod
     def make(cls, positions: list[list[int]], slots: list[int], device) -> "StepBatch":
@@ -43,7 +50,8 @@ class StepBatch:
                 span = (slots[0], p0)
         first = slots[0] if list(slots) == list(range(slots[0], slots[0] + len(slots))) else None
         return cls(pos, torch.tensor(slots, dtype=torch.long, device=device),
-                   max(max(p) for p in positions) + 1, span, first)
+                   max(max(p) for p in positions) + 1, span, first,
+                   [(s, max(p)) for s, p in zip(slots, positions)])
 
 
 def lazy_zeros(shape: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, mmap.mmap]:
@@ -67,15 +75,31 @@ def serving_dtype(dtype: torch.dtype, device) -> torch.dtype:
     return dtype
 
 
+def kv_row_bytes(n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    return 2 * n_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def sequence_kv_bytes(windows, row_bytes: int, length: int) -> int:
+    """Keys and values of one sequence of `length` positions over layers with these sliding
+    windows (None: global): a sliding layer holds at most its window of positions.
+    row_bytes: one position's key and value in one layer."""
+    return row_bytes * sum(min(length, w or length) for w in windows)
+
+
 class KVCache:
     """Memory follows the longest live sequence rather than the model's whole context times
     the slots: on CPU the whole context is reserved but paged in only where written; on other
     devices (or with initial_len) capacity grows by doubling up to max_len."""
 
     def __init__(self, layers: range, num_slots: int, max_len: int, n_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device, initial_len: Optional[int] = None):
-        """dtype: what keys and values are stored as (see serving_dtype)."""
+                 head_dim: int, dtype: torch.dtype, device, initial_len: Optional[int] = None,
+                 windows: Optional[dict[int, Optional[int]]] = None):
+        """dtype: what keys and values are stored as (see serving_dtype). windows: layer ->
+        sliding window (None: global), for counting what the cache holds."""
         self.max_len, self.num_slots, self.dtype = max_len, num_slots, dtype
+        self.windows = {i: (windows or {}).get(i) for i in layers}
+        self._row = kv_row_bytes(n_kv_heads, head_dim, dtype)
+        self._lengths: dict[int, int] = {}  # slot -> positions its sequence has
         self._maps: dict[int, tuple] = {}  # layer -> the k and v mappings (lazy CPU caches)
         self._forgotten: dict[tuple[int, int], int] = {}  # (layer, slot) -> bytes given back
         if initial_len is None and torch.device(device).type == "cpu":
@@ -100,6 +124,25 @@ class KVCache:
             grown = store[layer].new_zeros((old.shape[0], cap, *old.shape[2:]))
             grown[:, :old.shape[1]] = store[layer]
             store[layer] = grown
+
+    def sequence_bytes(self, length: int) -> int:
+        return sequence_kv_bytes(self.windows.values(), self._row, length)
+
+    def capacity_bytes(self) -> int:
+        """The most the cache can come to hold: every slot at the full context."""
+        return self.num_slots * self.sequence_bytes(self.max_len)
+
+    def held_bytes(self) -> int:
+        """What the live sequences' keys and values take now."""
+        return sum(self.sequence_bytes(n) for n in self._lengths.values())
+
+    def note_step(self, rows: list[tuple[int, int]]) -> None:
+        """rows: (slot, newest position) of each sequence in a step: its length now."""
+        for slot, pos in rows:
+            self._lengths[slot] = pos + 1
+
+    def release(self, slot: int) -> None:
+        self._lengths.pop(slot, None)
 
     def forget_outside_window(self, layer: int, rows: list[tuple[int, int]], window: int):
         """A sliding layer never reads a position again once it is `window` behind the newest

@@ -182,8 +182,9 @@ class Model(nn.Module):
             masks = {w: self.attention_mask(batch, w) for w in windows}
             for i, layer in self.model.layers.items():
                 x = layer(x, ropes, masks[layer.window], batch, cache, int(i))
+        rows = batch.rows()
+        cache.note_step(rows)
         if self.has_windows:
-            rows = list(zip(batch.slots.tolist(), batch.positions.amax(1).tolist()))
             for i, layer in self.model.layers.items():
                 if layer.window:
                     cache.forget_outside_window(int(i), rows, layer.window)
