@@ -309,3 +309,34 @@ def test_sliding_layers_keep_only_their_window(models, name):
             assert not old.any() and cache.k[i][0, len(tokens) - 4:len(tokens)].any()
         else:
             assert old.abs().sum(-1).all()
+
+
+ROPES = {
+    "linear": dict(rope_type="linear", factor=4.0),
+    "llama3": dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=64),
+    "yarn": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=128),
+    "yarn-mscale": dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=128,
+                        mscale=0.707, mscale_all_dim=1.0, beta_fast=16, beta_slow=2),
+    "longrope": dict(rope_type="longrope", original_max_position_embeddings=64,
+                     short_factor=[1.0 + i / 10 for i in range(8)],
+                     long_factor=[1.0 + i / 2 for i in range(8)]),
+}
+
+
+@pytest.mark.parametrize("kind", ROPES)
+def test_rope_variants_match_transformers(kind):
+    """Frequencies and attention factor of each rope variant, as transformers computes them
+    (longrope: the long factors, for a context past the original)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from cake.text.models.rope import rope_frequencies
+
+    rope = {"rope_theta": 50000.0, **ROPES[kind]}
+    config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=16,
+                                      max_position_embeddings=1024, rope_parameters=rope)
+    seq = 1024 if kind == "longrope" else None
+    want, want_factor = ROPE_INIT_FUNCTIONS[rope["rope_type"]](config, "cpu", seq_len=seq)
+    got, factor = rope_frequencies(16, 50000.0, ROPES[kind], 1024)
+    torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=0)
+    assert factor == pytest.approx(want_factor, rel=1e-6)
