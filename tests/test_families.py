@@ -340,3 +340,39 @@ def test_rope_variants_match_transformers(kind):
     got, factor = rope_frequencies(16, 50000.0, ROPES[kind], 1024)
     torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=0)
     assert factor == pytest.approx(want_factor, rel=1e-6)
+
+
+def test_gemma3_over_a_cluster(models, start_server, tmp_path_factory):
+    """Gemma 3's sliding and global layers split between the master and a worker process:
+    the same greedy text as one machine, and the worker's layers and KV cache (sliding
+    layers at their window) in the topology."""
+    pytest.importorskip("ray")
+    from cluster_procs import start_cluster
+
+    hf, folder = models("gemma3")
+    tmp = tmp_path_factory.mktemp("gemma3-cluster")
+    topo = tmp / "topology.yml"
+    topo.write_text("w1:\n  host: '127.0.0.1'\n  layers:\n    - 'model.layers.3-5'\n")
+    opts = ["--max-batch", "2", "--ctx-size", "256"]
+    single = start_server(str(folder), "--temperature", "0", *opts)
+    master, workers, _ = start_cluster(start_server, tmp,
+                                       [str(folder), "--topology", str(topo), *opts],
+                                       [(["worker", "--name", "w1"], {})])
+    try:
+        ask = dict(model="x", messages=[{"role": "user", "content": "Tell me a story."}],
+                   max_tokens=20, temperature=0)
+        texts = [openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+                 .chat.completions.create(**ask).choices[0].message.content
+                 for s in (single, master)]
+        assert texts[0] == texts[1]
+        doc = httpx.get(master.url + "/api/v1/topology", timeout=30).json()
+        assert doc["master"]["layers"] == "model.layers.0-2"
+        w1 = doc["workers"][0]
+        assert w1["layers"] == "model.layers.3-5"
+        args = ModelArgs.from_config(hf.config.to_dict())
+        row = 2 * args.num_key_value_heads * args.head_dim * 2
+        assert w1["kv_cache_capacity_bytes"] == 2 * row * (4 + 4 + 256)  # 3, 4 slide; 5 global
+    finally:
+        for w in workers:
+            w.stop()
+        master.stop()
