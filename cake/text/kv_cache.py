@@ -106,7 +106,8 @@ class KVCache:
             shape = (num_slots, max_len, n_kv_heads, head_dim)
             self.k, self.v = {}, {}
             for i in layers:
-                (self.k[i], km), (self.v[i], vm) = lazy_zeros(shape, dtype), lazy_zeros(shape, dtype)
+                (self.k[i], km), (self.v[i], vm) = (lazy_zeros(shape, dtype),
+                                                    lazy_zeros(shape, dtype))
                 self._maps[i] = (km, vm)
             return
         shape = (num_slots, min(max_len, initial_len or 256), n_kv_heads, head_dim)

@@ -70,7 +70,8 @@ def _yarn(dim: int, theta: float, s: dict, max_pos: int) -> tuple[torch.Tensor, 
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    channel = torch.arange(dim // 2, dtype=torch.float32, device="cpu")
+    ramp = ((channel - low) / (high - low)).clamp(0, 1)
     pos = _base(theta, dim).float()
     extrapolate = 1 - ramp  # high-frequency channels keep their frequency
     inv = (1.0 / (factor * pos)) * (1 - extrapolate) + (1.0 / pos) * extrapolate
