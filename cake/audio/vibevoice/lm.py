@@ -78,12 +78,7 @@ class SpeechLM:
             return self.norm(self.ring.forward(embeds, batch)[:, -1])
         x = embeds
         for stage in self.stages:
-            cos, sin = stage.rope(batch.positions, x.dtype)
-            masks = {}
-            for i, layer in stage.model.layers.items():
-                if layer.window not in masks:
-                    masks[layer.window] = Model.attention_mask(batch, layer.window)
-                x = layer(x, cos, sin, masks[layer.window], batch, cache, int(i))
+            x = stage.run_layers(x, batch, cache, kernels=False)
         return self.norm(x[:, -1])
 
     def release(self) -> None:

@@ -173,8 +173,21 @@ class Model(nn.Module):
             x = self.model.embed_tokens(x)
             if self.args.embed_scale is not None:
                 x = x * torch.tensor(self.args.embed_scale, dtype=x.dtype)
+        x = self.run_layers(x, batch, cache)
+        if not self.is_last:
+            return x
+        if logits_at is not None and x.shape[1] > 1:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_at]
+        elif logits_at is not None:
+            x = x[:, 0]
+        return self.head(self.model.norm(x))
+
+    def run_layers(self, x: torch.Tensor, batch: StepBatch, cache: KVCache,
+                   kernels: Optional[bool] = None) -> torch.Tensor:
+        """The stage's decoder layers over hidden states x [B, T, D]. kernels: through our CPU
+        decode kernels (default: single-token float32 steps on CPU), else PyTorch's ops."""
         ropes = RopeStep(self, batch, x.dtype)
-        if self.kernel_decode(x, cache):
+        if self.kernel_decode(x, cache) if kernels is None else kernels:
             for i, layer in self.model.layers.items():
                 x = layer.decode(x, ropes, batch, cache, int(i))
         else:
@@ -188,13 +201,7 @@ class Model(nn.Module):
             for i, layer in self.model.layers.items():
                 if layer.window:
                     cache.forget_outside_window(int(i), rows, layer.window)
-        if not self.is_last:
-            return x
-        if logits_at is not None and x.shape[1] > 1:
-            x = x[torch.arange(x.shape[0], device=x.device), logits_at]
-        elif logits_at is not None:
-            x = x[:, 0]
-        return self.head(self.model.norm(x))
+        return x
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:
