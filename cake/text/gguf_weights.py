@@ -161,10 +161,9 @@ class GGUFCheckpoint:
             cfg["query_pre_attn_scalar"] = cfg.get("head_dim", 256)
             if self.meta("general.size_label") == "27B":
                 cfg["query_pre_attn_scalar"] = cfg["hidden_size"] // cfg["num_attention_heads"]
-        pattern = a("attention.sliding_window_pattern")
-        if self.arch == "exaone4" and window:
-            cfg["layer_types"] = (["sliding_attention" if s else "full_attention" for s in pattern]
-                                  if pattern is not None else None)
+        pattern = a("attention.sliding_window_pattern")  # per layer, True where sliding
+        if self.arch in ("gemma3", "exaone4") and window and pattern is not None:
+            cfg["layer_types"] = ["sliding_attention" if s else "full_attention" for s in pattern]
         if self.arch == "phi3":
             if not window:  # 0: Phi-4, no window
                 cfg.pop("sliding_window", None)
