@@ -20,8 +20,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m cake.text.kernels
 	touch $@
 
+LLAMA_CPP_PY := llama_cpp_python-0.3.36
+
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -q -e '.[$(EXTRAS),test]'
+	# llama.cpp's HF-to-GGUF converter (tests write GGUFs with it), from the sdist's source
+	$(PIP) download -q --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d $(VENV)/sdist
+	tar -xzf $(VENV)/sdist/$(LLAMA_CPP_PY).tar.gz -C $(VENV) --strip-components=2 \
+	  $(LLAMA_CPP_PY)/vendor/llama.cpp/convert_hf_to_gguf.py \
+	  $(LLAMA_CPP_PY)/vendor/llama.cpp/conversion $(LLAMA_CPP_PY)/vendor/llama.cpp/gguf-py
+	rm -rf $(VENV)/sdist
 	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
 	touch $@
 

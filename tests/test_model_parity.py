@@ -138,7 +138,7 @@ def test_config_parsing(checkpoints):
     assert [args("qwen2").window(i) for i in range(3)] == [None, None, None]
     assert [args("qwen2-window").window(i) for i in range(3)] == [None, 4, 4]
     q3 = args("qwen3")
-    assert (q3.head_dim, q3.qk_norm, q3.qkv_bias) == (32, True, False)
+    assert (q3.head_dim, q3.qk_norm, q3.qkv_bias) == (32, "head", False)
     q2 = args("qwen2")
     assert (q2.qkv_bias, q2.attention_bias) == (True, False)
 

@@ -26,7 +26,8 @@ from cake.cluster import transport
 from cake.cluster.placement import NodeSpec, Segment, load_topology, place, usable_memory
 from cake.cluster.topology import (device_memory, layer_range, packed_types,
                                    tensor_shapes, text_topology)
-from cake.text.kv_cache import KVCache, StepBatch, serving_dtype
+from cake.text.kv_cache import (KVCache, StepBatch, kv_row_bytes, sequence_kv_bytes,
+                                serving_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,9 @@ class ClusterPipeline:
                 self.stages.append(stage)
                 cache = KVCache(range(stage.start, stage.end), self.num_slots, self.max_len,
                                 self.args.num_key_value_heads, self.args.head_dim,
-                                serving_dtype(self.dtype, self.device), self.device)
+                                serving_dtype(self.dtype, self.device), self.device,
+                                windows={i: self.args.window(i)
+                                         for i in range(stage.start, stage.end)})
                 self.plan.append(("local", stage, cache))
                 i += 1
                 continue
@@ -373,6 +376,24 @@ class ClusterPipeline:
         # A finished sequence's cached positions are masked out on every node until its slot
         # is reused; forgetting its tokens is all there is to free.
         self.history.pop(slot, None)
+        for part in self.plan:
+            if part[0] == "local":
+                part[2].release(slot)
+
+    def kv_cache_bytes(self, start: int, end: int) -> int:
+        """The most the KV cache of layers [start, end) can hold (sliding layers: their
+        window), on whichever node keeps it."""
+        row = kv_row_bytes(self.args.num_key_value_heads, self.args.head_dim,
+                           serving_dtype(self.dtype, self.device))
+        windows = [self.args.window(i) for i in range(start, end)]
+        return self.num_slots * sequence_kv_bytes(windows, row, self.max_len)
+
+    def kv_cache_stats(self) -> dict:
+        """Held now: the master's own caches (workers keep theirs); capacity: every node's."""
+        local = [part[2] for part in self.plan if part[0] == "local"]
+        return {"kv_cache_bytes": sum(c.held_bytes() for c in local),
+                "kv_cache_capacity_bytes": sum(self.kv_cache_bytes(s.start, s.end)
+                                               for s in self.segments)}
 
     def _remember(self, inputs: torch.Tensor, batch: StepBatch) -> None:
         """inputs: token ids [B, T], or input embeddings [B, T, D] kept as one row per position."""
@@ -472,6 +493,12 @@ class ClusterPipeline:
                             resolve_quant(self.quant, str(self.device)), self.dtype)
         doc["master"]["layers"] = ",".join(layer_range(s.start, s.end) for s in self.segments
                                            if s.node == "master" and s.end > s.start)
+        local = [part[2] for part in self.plan if part[0] == "local"]
+        doc["master"]["kv_cache_bytes"] = sum(c.held_bytes() for c in local)
+        doc["master"]["kv_cache_capacity_bytes"] = sum(c.capacity_bytes() for c in local)
+        for entry, w in zip(doc["workers"], list(self.workers.values())):
+            start, end = w.layers if w.status == "ready" else (0, 0)
+            entry["kv_cache_capacity_bytes"] = self.kv_cache_bytes(start, end)
         doc["memory_bytes"] = sum(self.layer_bytes) + self.master_extra
         doc["layer_size_bytes"] = max(self.layer_bytes)
         doc["events"] = self.events

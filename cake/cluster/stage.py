@@ -244,9 +244,10 @@ class StageWorker:
         args, dtype = self.model.args, self.dtype
         group = transport.Group(rank, world, name, local_ip, join_timeout_s, backend,
                                 own_link_secret() if secure else None)
-        self.cache = KVCache(range(self.model.start, self.model.end), num_slots, max_len,
-                             args.num_key_value_heads, args.head_dim,
-                             serving_dtype(dtype, self.device), self.device)
+        layers = range(self.model.start, self.model.end)
+        self.cache = KVCache(layers, num_slots, max_len, args.num_key_value_heads, args.head_dim,
+                             serving_dtype(dtype, self.device), self.device,
+                             windows={i: args.window(i) for i in layers})
         self.link = transport.Link(group, args.hidden_size, dtype, self.device)
         self.prev, self.next = prev, next_
         self.link.post(prev)  # the first frame's receive, before the master can send it

@@ -180,7 +180,8 @@ class Engine:
         return {"waiting": len(self.waiting), "prefilling": len(self.prefilling),
                 "running": len(self.running), "free_slots": len(self.free_slots),
                 "tokens_generated": self.tokens_generated,
-                "requests_finished": self.requests_finished}
+                "requests_finished": self.requests_finished,
+                **self.pipeline.kv_cache_stats()}
 
     # -- scheduler thread --------------------------------------------------------------
 

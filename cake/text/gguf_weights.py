@@ -28,6 +28,22 @@ ARCHS = {
     "llama": ("llama", "LlamaForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
+    "phi3": ("phi3", "Phi3ForCausalLM"),
+    "olmo2": ("olmo2", "Olmo2ForCausalLM"),
+    "exaone4": ("exaone4", "Exaone4ForCausalLM"),
+    "smollm3": ("smollm3", "SmolLM3ForCausalLM"),
+}
+# Architectures whose converter permutes the Q/K rows (llama.cpp's LlamaModel and its kin).
+_PERMUTED = {"llama", "smollm3"}
+# Norm layouts whose GGUF names differ from Llama's (attn_norm / ffn_norm).
+_POST_NORMS = {"post_attention_norm": "post_attention_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm"}
+_LAYER_NAMES_BY_ARCH = {
+    "gemma3": {"ffn_norm": "pre_feedforward_layernorm", **_POST_NORMS},
+    "olmo2": _POST_NORMS,
+    "exaone4": _POST_NORMS,
+    "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
 }
 
 _GLOBAL_NAMES = {
@@ -55,11 +71,12 @@ def _f32(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def hf_name(gguf_name: str) -> str:
+def hf_name(gguf_name: str, arch: str = "llama") -> str:
     """blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight; unknown names pass."""
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
-    if m and m[2] in _LAYER_NAMES:
-        return f"model.layers.{m[1]}.{_LAYER_NAMES[m[2]]}.{m[3]}"
+    names = {**_LAYER_NAMES, **_LAYER_NAMES_BY_ARCH.get(arch, {})}
+    if m and m[2] in names:
+        return f"model.layers.{m[1]}.{names[m[2]]}.{m[3]}"
     base, _, suffix = gguf_name.rpartition(".")
     if base in _GLOBAL_NAMES:
         return f"{_GLOBAL_NAMES[base]}.{suffix}"
@@ -81,9 +98,12 @@ class GGUFCheckpoint:
         if self.arch not in ARCHS:
             raise ValueError(f"unsupported GGUF architecture {self.arch!r}; "
                              f"supported: {', '.join(sorted(ARCHS))}")
-        self._tensors = {hf_name(t.name): t for t in self._reader.tensors}
-        # llama.cpp stores Llama 3.1's rope scaling as a tensor of per-frequency divisors.
+        self._tensors = {hf_name(t.name, self.arch): t for t in self._reader.tensors}
+        # llama.cpp stores Llama 3.1's rope scaling as a tensor of per-frequency divisors,
+        # Phi-3's longrope as two tensors of them.
         self._rope_freqs = self._tensors.pop("rope_freqs.weight", None)
+        self._rope_factors = {k: self._tensors.pop(f"rope_factors_{k}.weight", None)
+                              for k in ("long", "short")}
         self.config = self._build_config()
 
     def meta(self, key: str, default=None):
@@ -118,13 +138,49 @@ class GGUFCheckpoint:
             cfg["head_dim"] = a("attention.key_length")
         if a("attention.sliding_window") is not None:
             cfg["sliding_window"] = a("attention.sliding_window")
-        if self.arch == "llama":
+        if self.arch in ("llama", "smollm3"):
             cfg["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in names
             cfg["mlp_bias"] = "model.layers.0.mlp.up_proj.bias" in names
         scaling = self._rope_scaling(cfg)
         if scaling is not None:
             cfg["rope_scaling"] = scaling
+        self._family_config(cfg, a)
         return cfg
+
+    def _family_config(self, cfg: dict, a) -> None:
+        """What llama.cpp keeps or assumes for each family that config.json says otherwise."""
+        n, window = cfg["num_hidden_layers"], cfg.get("sliding_window")
+        if self.arch == "gemma3":
+            # llama.cpp: every 6th layer global, sliding ones at base 10000 unless the file
+            # says; the score scale is head_dim^-1/2 (27B: (hidden/heads)^-1/2); norms hold
+            # the (1 + w) of Gemma's RMSNorm, which get() turns back into w.
+            cfg.update(tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh",
+                       sliding_window_pattern=6 if window else 1,
+                       rope_local_base_freq=_f32(a("rope.freq_base_swa", 10000.0)),
+                       final_logit_softcapping=a("final_logit_softcapping"))
+            cfg["query_pre_attn_scalar"] = cfg.get("head_dim", 256)
+            if self.meta("general.size_label") == "27B":
+                cfg["query_pre_attn_scalar"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+        pattern = a("attention.sliding_window_pattern")  # per layer, True where sliding
+        if self.arch in ("gemma3", "exaone4") and window and pattern is not None:
+            cfg["layer_types"] = ["sliding_attention" if s else "full_attention" for s in pattern]
+        if self.arch == "phi3":
+            if not window:  # 0: Phi-4, no window
+                cfg.pop("sliding_window", None)
+            head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+            cfg["partial_rotary_factor"] = a("rope.dimension_count", head_dim) / head_dim
+            cfg["original_max_position_embeddings"] = a("rope.scaling.original_context_length",
+                                                        cfg["max_position_embeddings"])
+            if self._rope_factors["long"] is not None:
+                cfg["rope_scaling"] = {"rope_type": "longrope", **{
+                    f"{k}_factor": [float(v) for v in np.asarray(
+                        dequantize(t.data, t.tensor_type), np.float64).ravel()]
+                    for k, t in self._rope_factors.items()}}
+                attn = a("rope.scaling.attn_factor")
+                if attn is not None:
+                    cfg["rope_scaling"]["attention_factor"] = _f32(attn)
+        if self.arch == "smollm3":  # llama.cpp: no rope in every 4th layer
+            cfg["no_rope_layers"] = [int((i + 1) % 4 != 0) for i in range(n)]
 
     def _eos_ids(self):
         """eos plus the end-of-turn tokens llama.cpp also stops at (Llama 3's <|eot_id|>)."""
@@ -166,7 +222,7 @@ class GGUFCheckpoint:
         return t.tensor_type, data, shape
 
     def _permuted_heads(self, name: str) -> int:
-        if self.arch != "llama":  # qwen2/qwen3 are converted without the permute
+        if self.arch not in _PERMUTED:  # qwen2/qwen3, gemma3, ... are converted without it
             return 0
         if ".self_attn.q_proj." in name:
             return self.config["num_attention_heads"]
@@ -178,6 +234,8 @@ class GGUFCheckpoint:
         qtype, data, shape = self.raw(name)
         # np.array copies: the memory map is read-only and torch wants writable memory.
         values = np.array(dequantize(data, qtype), dtype=np.float32).reshape(shape)
+        if self.arch == "gemma3" and name.endswith("norm.weight"):
+            values -= 1.0  # the converter stored Gemma's 1 + w; the model adds the 1 itself
         return torch.from_numpy(values)
 
     # --- tokenizer ---------------------------------------------------------------------

@@ -12,7 +12,7 @@ from torch import nn
 
 from cake.text import quant
 from cake.text.models import model_class
-from cake.text.models.llama import ModelArgs, rope_inv_freq
+from cake.text.models.args import ModelArgs
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 QUANT_MODES = ("auto", "none", *quant.QTYPES)
@@ -54,8 +54,7 @@ def load_stage(checkpoint, start: int = 0, end: Optional[int] = None,
         model.is_first = model.is_last = False
         model.model.embed_tokens = model.model.norm = model.lm_head = None
     materialize(model, device)
-    # Buffers are left uninitialised; the rope table stays fp32 for precision.
-    model.inv_freq = rope_inv_freq(args).to(device)
+    model.reset_rope(device)  # materialize left the buffers uninitialised
     if mode:
         _quantize_matrices(model, checkpoint, mode)
     model.load_tensors(checkpoint.get)

@@ -25,6 +25,9 @@ class Pipeline(Protocol):
     def release(self, slot: int) -> None:
         """A sequence left its slot: forget whatever is cached for it."""
 
+    def kv_cache_stats(self) -> dict:
+        """{"kv_cache_bytes": held now, "kv_cache_capacity_bytes": the most it can hold}."""
+
 
 class LocalPipeline:
     def __init__(self, stages: list, num_slots: int, max_len: int, checkpoint=None,
@@ -41,7 +44,8 @@ class LocalPipeline:
         args = first.args
         self.caches = [
             KVCache(range(s.start, s.end), num_slots, max_len, args.num_key_value_heads,
-                    args.head_dim, serving_dtype(self.dtype, self.device), self.device)
+                    args.head_dim, serving_dtype(self.dtype, self.device), self.device,
+                    windows={i: args.window(i) for i in range(s.start, s.end)})
             for s in stages]
 
     @torch.inference_mode()
@@ -53,7 +57,13 @@ class LocalPipeline:
 
     def release(self, slot: int) -> None:
         # Positions past a sequence's length are masked out, so a reused slot needs no wipe.
-        pass
+        for cache in self.caches:
+            cache.release(slot)
+
+    def kv_cache_stats(self) -> dict:
+        """Bytes the KV cache holds now and can come to hold (sliding layers: their window)."""
+        return {"kv_cache_bytes": sum(c.held_bytes() for c in self.caches),
+                "kv_cache_capacity_bytes": sum(c.capacity_bytes() for c in self.caches)}
 
     def fork(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` cached positions of slot src into slot dst (n > 1)."""
@@ -78,4 +88,6 @@ class LocalPipeline:
     def topology(self, model_id: str) -> dict:
         from cake.cluster.topology import text_topology
 
-        return text_topology(model_id, self.stages, checkpoint=self.checkpoint, quant=self.quant)
+        doc = text_topology(model_id, self.stages, checkpoint=self.checkpoint, quant=self.quant)
+        doc["master"].update(self.kv_cache_stats())
+        return doc

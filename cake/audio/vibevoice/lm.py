@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cake.text.kv_cache import KVCache, StepBatch
-from cake.text.models.llama import Model, ModelArgs, rope_inv_freq
+from cake.text.models.llama import Model, ModelArgs
 
 PROMPTED, UNCONDITIONAL = 0, 1
 
@@ -52,7 +52,7 @@ class SpeechLM:
             with torch.device("meta"):
                 stage = Model(args, start, end)
             share_parameters(stage, params)
-            stage.inv_freq = rope_inv_freq(args).to(ref.device)
+            stage.reset_rope(ref.device)
             self.stages.append(stage)
         self.norm = language_model.norm
         self.embed = language_model.embed_tokens
@@ -78,12 +78,7 @@ class SpeechLM:
             return self.norm(self.ring.forward(embeds, batch)[:, -1])
         x = embeds
         for stage in self.stages:
-            cos, sin = stage.rope(batch.positions, x.dtype)
-            masks = {}
-            for i, layer in stage.model.layers.items():
-                if layer.window not in masks:
-                    masks[layer.window] = Model.attention_mask(batch, layer.window)
-                x = layer(x, cos, sin, masks[layer.window], batch, cache, int(i))
+            x = stage.run_layers(x, batch, cache, kernels=False)
         return self.norm(x[:, -1])
 
     def release(self) -> None:

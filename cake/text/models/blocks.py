@@ -1,0 +1,244 @@
+"""The pieces every decoder family is built from: RMSNorm, GQA attention (optional q/k norm per
+head or over the whole projection, sliding window, rope variant or none, score scale), the
+gated MLP (SwiGLU or GeGLU) and the decoder block with its norm layout (pre, post or both).
+
+Decoding one token per row on CPU goes through our kernels: the whole Llama-shaped block in
+one call (decode_layer) where a block fits it, otherwise composed from the matrix kernel
+(qlinear, in QuantLinear) and decode_attention, with any rope the kernel lacks applied here
+first and the kernel given a zero table (so it does not rotate).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cake.text import quant
+from cake.text.kv_cache import KVCache, StepBatch
+from cake.text.models.args import ModelArgs
+from cake.text.models.rope import apply_rope
+
+
+class RMSNorm(nn.Module):
+    """Gemma's (1 + w) form is the same with 1 added to w when it is loaded."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Rope:
+    """How a layer rotates q and k: its frequency table (a buffer of the model, by name), the
+    channels it covers and the cos/sin scale. A NoPE layer has none."""
+
+    def __init__(self, table: str, rotary_dim: int, attention_factor: float, head_dim: int):
+        self.table, self.rotary_dim, self.attention_factor = table, rotary_dim, attention_factor
+        # The decode kernel rotates all head_dim channels with factor 1; else we rotate here.
+        self.in_kernel = rotary_dim == head_dim and attention_factor == 1.0
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, window: Optional[int], rope: Optional[Rope]):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = (
+            args.num_attention_heads, args.num_key_value_heads, args.head_dim)
+        self.window, self.rope = window, rope
+        dim, qkv_bias = args.hidden_size, args.qkv_bias or args.attention_bias
+        q, kv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        self.q_proj = self.k_proj = self.v_proj = None
+        if args.fused_checkpoint:
+            self.qkv_proj = nn.Linear(dim, q + 2 * kv, bias=qkv_bias)
+        else:
+            self.q_proj = nn.Linear(dim, q, bias=qkv_bias)
+            self.k_proj = nn.Linear(dim, kv, bias=qkv_bias)
+            self.v_proj = nn.Linear(dim, kv, bias=qkv_bias)
+            self.qkv_proj = None  # q, k and v as one matrix, once fuse() has run
+        self.o_proj = nn.Linear(q, dim, bias=args.attention_bias)
+        self.qk_norm = args.qk_norm
+        if args.qk_norm:
+            per = args.qk_norm == "head"
+            self.q_norm = RMSNorm(self.head_dim if per else q, args.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim if per else kv, args.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        scalar = args.query_pre_attn_scalar or self.head_dim
+        self.scale = scalar ** -0.5
+        # The kernel scales scores by head_dim^-1/2: other scales go into q.
+        self.q_scale = 1.0 if scalar == self.head_dim else math.sqrt(self.head_dim / scalar)
+
+    def fuse(self) -> None:
+        """One matrix product for q, k and v instead of three."""
+        if self.qkv_proj is not None:
+            return
+        fused = quant.fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        if fused is not None:
+            self.qkv_proj = fused
+            del self.q_proj, self.k_proj, self.v_proj
+
+    def project(self, x):
+        """q, k, v: [B, T, heads, head_dim] each, q and k normalized but not rotated."""
+        B, T, _ = x.shape
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(
+                [self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+                 self.n_kv * self.head_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "proj":  # OLMo 2: over the whole projection, before the heads split
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv, self.head_dim)
+        v = v.view(B, T, self.n_kv, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def decode(self, x, ropes: dict, batch: StepBatch, cache: KVCache, layer: int):
+        """One new token per row through our CPU kernel: cache write and attention over each
+        row's own slot in one call (no gather of other rows' caches, no mask)."""
+        B = x.shape[0]
+        rope = self.rope
+        plain = (self.qkv_proj is not None and self.qk_norm is None and self.q_scale == 1.0
+                 and (rope is None or rope.in_kernel))
+        if plain:
+            qkv = self.qkv_proj(x).view(B, -1)
+        else:
+            q, k, v = self.project(x)
+            if rope is not None and not rope.in_kernel:
+                cos, sin = ropes.cos_sin(rope)
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if self.q_scale != 1.0:
+                q = q * self.q_scale
+            qkv = torch.cat([t.reshape(B, -1) for t in (q, k, v)], dim=-1)
+        k_cache, v_cache = cache.buffers(layer, batch.kv_len)
+        table = ropes.table(rope if rope is not None and rope.in_kernel else None)
+        out = torch.ops.cake.decode_attention(qkv, k_cache, v_cache, batch.slots,
+                                              batch.positions, table, self.n_heads,
+                                              self.window or 0)
+        return self.o_proj(out.view(B, 1, -1))
+
+    def forward(self, x, ropes: dict, mask, batch: StepBatch, cache: KVCache, layer: int):
+        B, T, _ = x.shape
+        q, k, v = self.project(x)
+        if self.rope is not None:
+            cos, sin = ropes.cos_sin(self.rope)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, values = cache.update(layer, batch, k, v)  # [B, L, n_kv, head_dim]
+        keys, values = keys.to(q.dtype), values.to(q.dtype)  # a float16 cache of a float32 model
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+            attn_mask=mask, scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU (silu) or GeGLU (tanh-approximated gelu)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        dim, hidden, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
+        if args.hidden_act not in ("silu", "gelu_pytorch_tanh"):
+            raise ValueError(f"unsupported activation {args.hidden_act!r}")
+        self.act = args.hidden_act
+        self.gate_proj = self.up_proj = None
+        if args.fused_checkpoint:
+            self.gate_up_proj = nn.Linear(dim, 2 * hidden, bias=bias)
+        else:
+            self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+            self.up_proj = nn.Linear(dim, hidden, bias=bias)
+            self.gate_up_proj = None  # gate and up as one matrix, once fuse() has run
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def fuse(self) -> None:
+        if self.gate_up_proj is not None:
+            return
+        fused = quant.fuse_linears([self.gate_proj, self.up_proj])
+        if fused is not None:
+            self.gate_up_proj = fused
+            del self.gate_proj, self.up_proj
+
+    def forward(self, x):
+        if self.gate_up_proj is not None:
+            gu = self.gate_up_proj(x)
+            if self.act == "silu":
+                return self.down_proj(quant.silu_mul(gu))
+            gate, up = gu.chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.act == "silu":
+            return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+
+
+# Norm layouts -> the checkpoint names of (before attention, after attention, before the MLP,
+# after the MLP); None where the layout has no norm there.
+NORM_LAYOUTS = {
+    "pre": ("input_layernorm", None, "post_attention_layernorm", None),
+    "post": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"),
+    "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm"),
+}
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, window: Optional[int], rope: Optional[Rope]):
+        super().__init__()
+        self.window = window
+        self.self_attn = Attention(args, window, rope)
+        self.mlp = MLP(args)
+        self.norm_names = NORM_LAYOUTS[args.norms]
+        for name in self.norm_names:
+            if name:
+                setattr(self, name, RMSNorm(args.hidden_size, args.rms_norm_eps))
+        self.kernel_args = None
+
+    def _norm(self, where: int, x):
+        name = self.norm_names[where]
+        return x if name is None else getattr(self, name)(x)
+
+    def forward(self, x, ropes, mask, batch, cache, layer):
+        h = self.self_attn(self._norm(0, x), ropes, mask, batch, cache, layer)
+        x = x + self._norm(1, h)
+        return x + self._norm(3, self.mlp(self._norm(2, x)))
+
+    def decode(self, x, ropes, batch, cache, layer):
+        """One new token per row, x [B, 1, dim], through our CPU kernels."""
+        if self.kernel_args is None:
+            h = self.self_attn.decode(self._norm(0, x), ropes, batch, cache, layer)
+            x = x + self._norm(1, h)
+            return x + self._norm(3, self.mlp(self._norm(2, x)))
+        k_cache, v_cache = cache.buffers(layer, batch.kv_len)
+        table = ropes.table(self.self_attn.rope)
+        B = x.shape[0]
+        return self._decode_layer(x.view(B, -1), *self.kernel_args, k_cache, v_cache,
+                                  batch.slots, batch.positions.view(-1), table,
+                                  self.self_attn.n_heads, self.window or 0,
+                                  self.input_layernorm.eps).view(B, 1, -1)
+
+    def prepare_kernel(self) -> None:
+        """Arguments of the one-call decoder layer kernel, when the block is Llama-shaped (pre
+        norms, SwiGLU, per-head or no q/k norm, the kernel's rope or none, the default score
+        scale) and every matrix is quantized and fused (else decoding goes op by op)."""
+        attn, mlp = self.self_attn, self.mlp
+        mats = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+        self.kernel_args = None
+        llama_shaped = (self.norm_names == NORM_LAYOUTS["pre"] and mlp.act == "silu"
+                        and attn.qk_norm in (None, "head") and attn.q_scale == 1.0
+                        and (attn.rope is None or attn.rope.in_kernel))
+        if not llama_shaped or not all(isinstance(m, quant.QuantLinear) for m in mats):
+            return
+        if self.input_layernorm.weight.dtype != torch.float32:
+            return
+        norm = (lambda n: None if n is None else n.weight)  # noqa: E731
+        self.kernel_args = (
+            self.input_layernorm.weight, *mats[0].kernel_args(), norm(attn.q_norm),
+            norm(attn.k_norm), *mats[1].kernel_args(), self.post_attention_layernorm.weight,
+            *mats[2].kernel_args(), *mats[3].kernel_args())
+        self._decode_layer = torch.ops.cake.decode_layer.default
