@@ -32,7 +32,8 @@ def add_args(p) -> None:
 def load(args: argparse.Namespace):
     """The bundled Piper voice when no model is named, a Piper .onnx voice file, or a
     VibeVoice checkpoint (folder or Hugging Face repo id; Microsoft's original layout is
-    converted on load)."""
+    converted on load). A checkpoint cake recognises but cannot serve (LuxTTS,
+    VibeVoice-Realtime) ends the command with one line saying so."""
     from pathlib import Path
 
     from cake.audio.service import SpeechService
@@ -57,11 +58,18 @@ def load(args: argparse.Namespace):
         model = PiperSpeech(Path(args.model))
     else:
         from cake import hub
+        from cake.audio.unsupported import why_not
+        from cake.audio.vibevoice.checkpoint import UnsupportedCheckpoint
         from cake.audio.vibevoice.model import VibeVoiceSpeech
 
         ref = hub.resolve(args.model)
-        model = VibeVoiceSpeech.load(ref.path, ref.model_id, device=args.device, dtype=args.dtype,
-                                     cluster=cluster)
+        if reason := why_not(Path(ref.path)):
+            raise SystemExit(f"cake: {reason}")
+        try:
+            model = VibeVoiceSpeech.load(ref.path, ref.model_id, device=args.device,
+                                         dtype=args.dtype, cluster=cluster)
+        except UnsupportedCheckpoint as e:
+            raise SystemExit(f"cake: {e}") from None
     return SpeechService(model, voices)
 
 
