@@ -289,7 +289,7 @@ def test_serve_answers_like_transformers(models, start_server, name):
     assert engine["kv_cache_capacity_bytes"] == capacity and engine["kv_cache_bytes"] == 0
     topology = httpx.get(server.url + "/api/v1/topology", timeout=10).json()
     assert topology["master"]["kv_cache_capacity_bytes"] == capacity
-    assert topology["master"]["layers"] == f"model.layers.0-{args.num_hidden_layers - 1}"
+    assert topology["master"]["layer_range"] == f"model.layers.0-{args.num_hidden_layers - 1}"
     assert len(topology["layer_details"]) == args.num_hidden_layers
 
 
@@ -366,9 +366,9 @@ def test_gemma3_over_a_cluster(models, start_server, tmp_path_factory):
                  for s in (single, master)]
         assert texts[0] == texts[1]
         doc = httpx.get(master.url + "/api/v1/topology", timeout=30).json()
-        assert doc["master"]["layers"] == "model.layers.0-2"
+        assert doc["master"]["layer_range"] == "model.layers.0-2"
         w1 = doc["workers"][0]
-        assert w1["layers"] == "model.layers.3-5"
+        assert w1["layer_range"] == "model.layers.3-5"
         args = ModelArgs.from_config(hf.config.to_dict())
         row = 2 * args.num_key_value_heads * args.head_dim * 2
         assert w1["kv_cache_capacity_bytes"] == 2 * row * (4 + 4 + 256)  # 3, 4 slide; 5 global
