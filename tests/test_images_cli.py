@@ -10,10 +10,13 @@ import pytest
 
 pytest.importorskip("cake.image.tiny", reason="image models are not installed")
 
+from conftest import free_port  # noqa: E402
 from test_images import ONE_THREAD, tiny_pipeline  # noqa: E402
 
 
 def cake(*args: str, env: dict | None = None) -> subprocess.Popen:
+    if args[0] == "serve":  # each its own port: a server binds before it loads
+        args = (*args, "--api", f"127.0.0.1:{free_port()}")
     return subprocess.Popen([sys.executable, "-m", "cake", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **ONE_THREAD, **(env or {})})
