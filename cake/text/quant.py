@@ -1,9 +1,10 @@
-"""Weight-only quantized layers: llama.cpp's Q4_0 / Q4_1 / Q8_0 blocks kept in memory and
-multiplied by our CPU kernels (cake/text/kernels), which repack them once at load time.
+"""Weight-only quantized layers: llama.cpp's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 and Q4_K / Q5_K /
+Q6_K blocks kept in memory and multiplied by our CPU kernels (cake/text/kernels), which repack
+them once at load time.
 
-A GGUF file's blocks are used as they are; other weights (safetensors, or GGUF K-quants) are
-quantized with the `gguf` package's own quantizer, so the bytes are what llama.cpp would
-write. Every layer can give back its dequantized weight, the reference the kernels are
+A GGUF file's blocks of those types are used as they are; other weights (safetensors, or other
+GGUF types such as Q2_K, Q3_K, IQ*) are quantized with the `gguf` package's own quantizer, so
+the bytes are what llama.cpp would write. Every layer can give back its dequantized weight, the reference the kernels are
 tested against.
 """
 from __future__ import annotations
@@ -19,9 +20,12 @@ from torch import nn
 
 from cake.text import kernels
 
+# --quant targets: types the gguf package can quantize to.
 QTYPES = {"q4_0": GGMLQuantizationType.Q4_0, "q4_1": GGMLQuantizationType.Q4_1,
           "q8_0": GGMLQuantizationType.Q8_0}
-KERNEL_TYPES = set(QTYPES.values())
+KERNEL_TYPES = set(QTYPES.values()) | {
+    GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q4_K,
+    GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K}
 
 
 def available() -> bool:

@@ -1,7 +1,7 @@
 """Our own CPU kernels (cpu_kernels.cpp), compiled on first use and cached.
 
 The library is built with the system C++ compiler straight against the installed torch
-(no ninja, no pybind11), for this machine's instruction set (-march=native), into
+(no ninja, no pybind11), for this machine's instruction set (-march=native, or $CAKE_KERNEL_MARCH), into
 ~/.cache/cake/kernels/<hash of source, flags, torch and CPU>/; later processes just load it.
 `python -m cake.text.kernels` builds it ahead of time (the Makefile's install step does).
 When no compiler is there, or on other platforms, ops() is None and callers use plain PyTorch.
@@ -57,7 +57,9 @@ def _compile_command(out: Path) -> list[str]:
     library_paths = [root / "lib"]
     cxx = os.environ.get("CXX", "c++")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
+    # CAKE_KERNEL_MARCH=haswell builds the AVX2-only path on a newer CPU (tests do).
+    march = os.environ.get("CAKE_KERNEL_MARCH", "native")
+    cmd = [cxx, "-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", str(SOURCE), "-o", str(out)]
     cmd += [f"-I{p}" for p in include_paths]
     for p in library_paths:
