@@ -40,7 +40,7 @@ def load_stage(checkpoint, start: int = 0, end: Optional[int] = None,
     """Instantiate layers [start, end) of the checkpoint's model and load only their tensors.
 
     quant_mode (see resolve_quant): None keeps every weight in `dtype`; "auto" keeps a GGUF's
-    Q4_0/Q4_1/Q8_0 blocks as they are, stores its other quantized matrices as Q8_0 and its
+    blocks of the kernels' types (quant.KERNEL_TYPES) as they are, stores its other quantized matrices as Q8_0 and its
     float ones in `dtype`; "q4_0"/"q4_1"/"q8_0" stores every matrix in that type.
     headless: the layers alone, without the embeddings, final norm and head that a range
     starting at 0 or ending at the last layer would hold (a worker's range: those live on
