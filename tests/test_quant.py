@@ -8,6 +8,7 @@ being the weight's offset (Q4_1/Q5_1's m, the K-quants' min), which the kernels 
 block's exact sum; plus fp32 rounding, at most 1e-5 * sum_k |w_k x_k| here. Models: logits
 within 1e-3 of their largest magnitude.
 """
+import contextlib
 import os
 import subprocess
 import sys
@@ -69,9 +70,21 @@ def product_bound(x: torch.Tensor, w: torch.Tensor, offset: torch.Tensor) -> tor
     return step @ (w - offset).abs().T + 1e-5 * (x.abs() @ w.abs().T)
 
 
+@contextlib.contextmanager
+def dense_rows(rows: int):
+    """Products of `rows` rows or more through bfloat16 GEMM (0: never), for the block."""
+    before = torch.ops.cake.set_dense_rows(rows)
+    try:
+        yield
+    finally:
+        torch.ops.cake.set_dense_rows(before)
+
+
 def check_product(qtype, rows: int, cols: int, seed: int = 0) -> None:
     """One matrix of `qtype` through repack, dequantize and products of several row counts,
-    against the gguf package's dequantized weights in float64."""
+    against the gguf package's dequantized weights in float64: the int16 kernels within
+    product_bound, the bfloat16 path (inputs and outputs rounded to 8-bit mantissas, 2^-9
+    relative each, fp32 sums) within 2^-7 * sum_k |w_k x_k|."""
     g = torch.Generator().manual_seed(seed)
     blocks = gguf_blocks(qtype, rows, cols, seed)
     reference = torch.from_numpy(dequantize(blocks, qtype).reshape(rows, cols)).float()
@@ -80,9 +93,13 @@ def check_product(qtype, rows: int, cols: int, seed: int = 0) -> None:
     w, offset = reference.double(), offsets(blocks, qtype, rows, cols)
     for m in (1, 3, 4, 9, 70):  # row tiles of 8 and 4, tails, several cache panels
         x = torch.randn(m, cols, generator=g) * torch.rand(m, cols, generator=g) * 3
-        got, want = layer(x), x.double() @ w.T
-        err = (got.double() - want).abs()
+        want = x.double() @ w.T
+        with dense_rows(0):
+            err = (layer(x).double() - want).abs()
         assert (err <= product_bound(x.double(), w, offset)).all(), (qtype.name, m, err.max())
+        with dense_rows(1):
+            err = (layer(x).double() - want).abs()
+        assert (err <= 2 ** -7 * (x.double().abs() @ w.abs().T)).all(), (qtype.name, m, err.max())
 
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
@@ -261,6 +278,12 @@ def test_default_model_answers_paris_quantized(default_tokenizer):
     # top-2 gap is 0.08, so the logits must agree much closer than that.
     dense = greedy_logits(load_stage(ck), ids, 0)
     assert (logits[0] - dense[0]).abs().max() < 0.03
+    # Every prompt row through the bfloat16 GEMM (CAKE_DENSE_ROWS, off by default): the same
+    # answer, but the first token's logits move ~20x more (0.68 measured).
+    with dense_rows(1):
+        bf16 = greedy_logits(model, ids, 8, slots=2)
+    assert default_tokenizer.decode([int(t) for t in bf16.argmax(-1)]) == text
+    assert (bf16[0] - dense[0]).abs().max() < 1.0
 
 
 def test_kernels_build_from_the_project_files(tmp_path):
