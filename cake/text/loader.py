@@ -10,7 +10,7 @@ import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from cake.text import quant
+from cake.text import kernels, quant
 from cake.text.models import model_class
 from cake.text.models.llama import ModelArgs, rope_inv_freq
 
@@ -57,9 +57,12 @@ def load_stage(checkpoint, start: int = 0, end: Optional[int] = None,
     # Buffers are left uninitialised; the rope table stays fp32 for precision.
     model.inv_freq = rope_inv_freq(args).to(device)
     if mode:
+        kernels.heap("load")
         _quantize_matrices(model, checkpoint, mode)
     model.load_tensors(checkpoint.get)
     model.fuse_projections()
+    if mode:
+        kernels.heap("serve")
     return model.eval()
 
 
@@ -92,6 +95,7 @@ def _quantize_matrices(model, checkpoint, mode: str) -> None:
             new = quant.QuantLinear(blocks, qtype, module.in_features, bias)
         model.set_submodule(path, new)
         model.quantized[f"{path}.weight"] = (GGMLQuantizationType(qtype).name, blocks.nbytes)
+        _drop_pages(blocks)
 
 
 def _blocks(checkpoint, name: str, mode: str):
@@ -102,9 +106,7 @@ def _blocks(checkpoint, name: str, mode: str):
         if target is None and qtype in _FLOAT_TYPES:
             return None
         if qtype == target or (target is None and qtype in quant.KERNEL_TYPES):
-            blocks = np.array(data, dtype=np.uint8, copy=True)
-            _drop_pages(data)
-            return blocks, qtype
+            return data, qtype  # the file's pages, repacked straight from the memory map
         target = target or GGMLQuantizationType.Q8_0  # K-quants and the like: requantize
     elif target is None:
         return None
@@ -115,9 +117,9 @@ def _blocks(checkpoint, name: str, mode: str):
 
 
 def _drop_pages(array: np.ndarray) -> None:
-    """Give back the memory-mapped file pages a tensor was copied from. They stay in the page
-    cache, but no longer count in this process's resident memory, so loading holds each
-    weight once rather than twice."""
+    """Give back the memory-mapped file pages a tensor was repacked from (no-op for memory of
+    our own). They stay in the page cache, but no longer count in this process's resident
+    memory, so loading holds each weight once rather than twice."""
     base = array
     while isinstance(base, np.ndarray) and base.base is not None:
         base = base.base

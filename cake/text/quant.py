@@ -9,6 +9,7 @@ tested against.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -49,8 +50,10 @@ class QuantLinear(nn.Module):
             raise RuntimeError(f"quantized layers need the CPU kernels: {kernels.error()}")
         self.qtype = int(qtype)
         self.in_features, self.out_features = in_features, blocks.shape[0]
-        self.register_buffer("packed", ops.repack(torch.from_numpy(np.ascontiguousarray(blocks)),
-                                                  self.qtype))
+        with warnings.catch_warnings():  # a read-only memory map: repack only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.from_numpy(np.ascontiguousarray(blocks))
+        self.register_buffer("packed", ops.repack(raw, self.qtype))
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self._qlinear = ops.qlinear.default  # the resolved overload: no lookup per call
 

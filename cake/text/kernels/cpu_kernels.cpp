@@ -271,7 +271,8 @@ void quantize_row(const float* x, int64_t nb, ActBlock* out) {
 // point; Q8_0's bytes) and the scale fields the packed header keeps.
 struct Block { int q[256]; uint16_t d, m; uint8_t sc[16], mn[8]; };
 
-void read_block(int64_t qtype, const uint8_t* p, Block& o) {
+template <int64_t qtype>  // a constant: each type's decoding compiles on its own
+void read_block(const uint8_t* p, Block& o) {
   auto half = [&](int at) { uint16_t h; std::memcpy(&h, p + at, 2); return h; };
   switch (qtype) {
     case Q8_0:
@@ -329,7 +330,9 @@ inline bool has_m(int64_t qtype) {
 }
 
 // Row r of a packed group-block <- one decoded GGUF block (the group-block starts zeroed).
-void pack_row(int64_t qtype, const Format& F, const Block& blk, int r, uint8_t* gb) {
+template <int64_t qtype>
+void pack_row(const Block& blk, int r, uint8_t* gb) {
+  constexpr Format F = format_of(qtype);
   uint16_t* h = (uint16_t*)gb;
   h[r] = blk.d;
   if (has_m(qtype)) h[R + r] = blk.m;
@@ -343,14 +346,14 @@ void pack_row(int64_t qtype, const Format& F, const Block& blk, int r, uint8_t* 
   for (int k = 0; k < F.values; ++k) {
     uint16_t* words = (uint16_t*)(gb + F.header + (k / QK) * F.slice);
     const int j = (k % QK) / 2, kk = k % 2, q = blk.q[k];
-    if (qtype == Q8_0) {
+    if constexpr (qtype == Q8_0) {
       words[(j / 2) * 2 * R + 2 * r + kk] |= q << (8 * (j % 2));
       continue;
     }
     words[(j / 4) * 2 * R + 2 * r + kk] |= (q & 15) << (4 * (j % 4));
     uint16_t* high = words + 8 * R;  // after the 4 chunks of low nibbles
-    if (F.hbits == 1) high[2 * r + kk] |= ((q >> 4) & 1) << j;
-    if (F.hbits == 2) high[(j / 8) * 2 * R + 2 * r + kk] |= ((q >> 4) & 3) << (2 * (j % 8));
+    if constexpr (F.hbits == 1) high[2 * r + kk] |= ((q >> 4) & 1) << j;
+    if constexpr (F.hbits == 2) high[(j / 8) * 2 * R + 2 * r + kk] |= ((q >> 4) & 3) << (2 * (j % 8));
   }
 }
 
@@ -399,14 +402,17 @@ at::Tensor repack(const at::Tensor& w_in, int64_t qtype) {
   at::Tensor out = at::zeros({G, nb * F.bytes()}, w.options());
   const uint8_t* src = w.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
-  parallel(G, 16, [&](int64_t g0, int64_t g1) {
-    Block blk;
-    for (int64_t g = g0; g < g1; ++g)
-      for (int64_t b = 0; b < nb; ++b)
-        for (int r = 0; r < R && g * R + r < N; ++r) {
-          read_block(qtype, src + (g * R + r) * w.size(1) + b * F.file, blk);
-          pack_row(qtype, F, blk, r, dst + (g * nb + b) * F.bytes());
-        }
+  dispatch(qtype, [&](auto qt) {
+    constexpr int64_t QT = decltype(qt)::value;
+    parallel(G, 16, [&](int64_t g0, int64_t g1) {
+      Block blk;
+      for (int64_t g = g0; g < g1; ++g)
+        for (int64_t b = 0; b < nb; ++b)
+          for (int r = 0; r < R && g * R + r < N; ++r) {
+            read_block<QT>(src + (g * R + r) * w.size(1) + b * F.file, blk);
+            pack_row<QT>(blk, r, dst + (g * nb + b) * F.bytes());
+          }
+    });
   });
   return out;
 }
