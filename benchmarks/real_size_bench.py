@@ -16,6 +16,7 @@ alternating which goes first:
 - streams: 8 different prompts at once, 128 tokens each, aggregate tokens / wall time
 - start: process start to the first answer of /v1/models (cake loads before it listens)
 - rss: peak resident memory while serving the 8 streams
+llama.cpp runs without its extra buffer types unless --llama-extra-bufts (see LLAMA_NO_EXTRA_BUFTS).
 Best of the repetitions (the machine's cores are shared: noisy); ratios are cake / llama.cpp,
 streams against llama.cpp's single-stream decode. The last line is one JSON object.
 """
@@ -40,6 +41,20 @@ SHAPES = {
 FTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K_M": 15, "Q5_K_M": 17,
           "Q6_K": 18}
 NEW_TOKENS, STREAMS = 128, 8
+# llama_cpp.server without llama.cpp's extra buffer types (its AMX / repacked weight layouts):
+# with them, this build dies of SIGILL at the first token on a VM whose CPU flags show AMX.
+LLAMA_NO_EXTRA_BUFTS = """
+import runpy, sys
+import llama_cpp.llama_cpp as api
+default = api.llama_model_default_params
+def params():
+    p = default()
+    p.use_extra_bufts = False
+    return p
+api.llama_model_default_params = params
+sys.argv[0] = "llama_cpp.server"
+runpy.run_module("llama_cpp.server", run_name="__main__")
+"""
 
 
 def build_f16(path: Path, shape: dict) -> None:
@@ -156,6 +171,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--shape", default="1b", choices=SHAPES)
     ap.add_argument("--dir", type=Path, default=Path.home() / ".cache" / "cake" / "bench")
+    ap.add_argument("--llama-extra-bufts", action="store_true",
+                    help="let llama.cpp use its AMX/repacked weight layouts (SIGILL on some VMs)")
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -163,7 +180,8 @@ def main() -> None:
         model = quantized(args.dir, args.shape, qtype)
         cake = Server([sys.executable, "-m", "cake", "serve", str(model), "--max-batch",
                        str(STREAMS), "--api"], args.threads)
-        llama = Server([sys.executable, "-m", "llama_cpp.server", "--model", str(model),
+        launch = ["-m", "llama_cpp.server"] if args.llama_extra_bufts else ["-c", LLAMA_NO_EXTRA_BUFTS]
+        llama = Server([sys.executable, *launch, "--model", str(model),
                         "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
                         "--interrupt_requests", "False", "--n_ctx", "4096", "--host",
                         "127.0.0.1", "--port"], args.threads)

@@ -286,6 +286,26 @@ def test_default_model_answers_paris_quantized(default_tokenizer):
     assert (bf16[0] - dense[0]).abs().max() < 1.0
 
 
+def test_repacked_weights_come_back_from_the_disk_cache(tmp_path, monkeypatch):
+    """A second load maps the first one's repacked weights (repack_cache): same layers, same
+    logits, q/k/v and gate/up fused as views of the mapped file, no copy."""
+    from tests.conftest import default_gguf
+
+    from cake.text.gguf_weights import GGUFCheckpoint
+
+    monkeypatch.setenv("CAKE_KERNEL_CACHE", str(tmp_path))
+    ck = GGUFCheckpoint(default_gguf())
+    first = load_stage(ck, 0, 3, quant_mode="auto")
+    assert len(list(tmp_path.glob("repacked/*.bin"))) == 1
+    again = load_stage(ck, 0, 3, quant_mode="auto")
+    assert again.quantized == first.quantized
+    layer = again.model.layers["1"]
+    mapped = layer.self_attn.qkv_proj.packed.untyped_storage().data_ptr()
+    assert layer.mlp.gate_up_proj.packed.untyped_storage().data_ptr() == mapped
+    prompt = [1, 504, 3458, 282, 4649, 314]
+    assert torch.equal(greedy_logits(again, prompt, 3), greedy_logits(first, prompt, 3))
+
+
 def test_kernels_build_from_the_project_files(tmp_path):
     """A fresh cache compiles the library from cake/text/kernels and loads it, here for an
     AVX2-only CPU (CAKE_KERNEL_MARCH=haswell: no AVX-512, no VNNI), whose products must pass

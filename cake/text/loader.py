@@ -10,7 +10,7 @@ import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from cake.text import kernels, quant
+from cake.text import kernels, quant, repack_cache
 from cake.text.models import model_class
 from cake.text.models.llama import ModelArgs, rope_inv_freq
 
@@ -78,24 +78,40 @@ def materialize(model: nn.Module, device) -> None:
 
 
 def _quantize_matrices(model, checkpoint, mode: str) -> None:
-    """Replace Linear/Embedding modules by quantized ones read from the checkpoint."""
+    """Replace Linear/Embedding modules by quantized ones read from the checkpoint, or from
+    the cache of their repacked weights (repack_cache) that a first start writes."""
+    cache = repack_cache.path_for(checkpoint, model) if mode == "auto" else None
+    cached = repack_cache.load(cache)
+    entries, tensors = {}, {}
     for path, module in list(model.named_modules()):
         if not isinstance(module, (nn.Linear, nn.Embedding)):
             continue
-        found = _blocks(checkpoint, model.checkpoint_name(f"{path}.weight"), mode)
-        if found is None:
-            continue
-        blocks, qtype = found
-        if isinstance(module, nn.Embedding):
-            new = quant.QuantEmbedding(blocks, qtype, module.embedding_dim, module.weight.dtype)
+        bias = None
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            bias = checkpoint.get(model.checkpoint_name(f"{path}.bias"))
+        if cached is not None:
+            if path not in cached[1]:
+                continue
+            e = cached[1][path]
+            table = quant.QuantLinear.from_packed(repack_cache.packed(cached[0], e), e["qtype"],
+                                                  e["in"], e["out"], bias)
         else:
-            bias = None
-            if module.bias is not None:
-                bias = checkpoint.get(model.checkpoint_name(f"{path}.bias"))
-            new = quant.QuantLinear(blocks, qtype, module.in_features, bias)
+            found = _blocks(checkpoint, model.checkpoint_name(f"{path}.weight"), mode)
+            if found is None:
+                continue
+            blocks, qtype = found
+            table = quant.QuantLinear(blocks, qtype, module.weight.shape[1], bias)
+            e = {"qtype": int(qtype), "in": table.in_features, "out": table.out_features,
+                 "bytes": int(blocks.nbytes)}
+            entries[path], tensors[path] = e, table.packed
+            _drop_pages(blocks)
+        new = table
+        if isinstance(module, nn.Embedding):
+            new = quant.QuantEmbedding.from_table(table, module.weight.dtype)
         model.set_submodule(path, new)
-        model.quantized[f"{path}.weight"] = (GGMLQuantizationType(qtype).name, blocks.nbytes)
-        _drop_pages(blocks)
+        model.quantized[f"{path}.weight"] = (GGMLQuantizationType(e["qtype"]).name, e["bytes"])
+    if cached is None:
+        repack_cache.save(cache, entries, tensors)
 
 
 def _blocks(checkpoint, name: str, mode: str):

@@ -61,6 +61,20 @@ class QuantLinear(nn.Module):
     def from_weight(cls, weight: torch.Tensor, qtype, bias=None) -> "QuantLinear":
         return cls(quantize_blocks(weight, qtype), qtype, weight.shape[1], bias)
 
+    @classmethod
+    def from_packed(cls, packed: torch.Tensor, qtype, in_features: int, out_features: int,
+                    bias: Optional[torch.Tensor] = None) -> "QuantLinear":
+        """A layer over weights already repacked (by repack, earlier: repack_cache)."""
+        torch.ops.cake.dequantize_rows(packed, int(qtype), out_features, in_features,
+                                       torch.zeros(0, dtype=torch.long))  # checks the shape
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.qtype, layer.in_features, layer.out_features = int(qtype), in_features, out_features
+        layer.register_buffer("packed", packed)
+        layer.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        layer._qlinear = torch.ops.cake.qlinear.default
+        return layer
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._qlinear(x, self.packed, self.qtype, self.out_features, self.bias)
 
@@ -85,6 +99,14 @@ class QuantEmbedding(nn.Module):
         super().__init__()
         self.table = QuantLinear(blocks, qtype, dim)
         self.num_embeddings, self.embedding_dim, self.dtype = blocks.shape[0], dim, dtype
+
+    @classmethod
+    def from_table(cls, table: QuantLinear, dtype=torch.float32) -> "QuantEmbedding":
+        emb = cls.__new__(cls)
+        nn.Module.__init__(emb)
+        emb.table = table
+        emb.num_embeddings, emb.embedding_dim, emb.dtype = table.out_features, table.in_features, dtype
+        return emb
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         t = self.table
@@ -119,13 +141,26 @@ def fuse_linears(layers: Sequence[nn.Module]) -> Optional[nn.Module]:
         nn.Module.__init__(fused)
         fused.qtype, fused.in_features = first.qtype, first.in_features
         fused.out_features = sum(m.out_features for m in layers)
-        fused.register_buffer("packed", torch.cat([m.packed for m in layers]))
+        parts = [m.packed for m in layers]
+        joined = _adjacent(parts)
+        fused.register_buffer("packed", torch.cat(parts) if joined is None else joined)
         biases = [m.bias for m in layers]
         fused.register_buffer("bias", None if all(b is None for b in biases) else torch.cat(
             [b if b is not None else torch.zeros(m.out_features) for b, m in zip(biases, layers)]))
         fused._qlinear = first._qlinear
         return fused
     return None
+
+
+def _adjacent(parts: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The parts as one tensor without a copy, when they lie one after the other in one
+    storage (weights mapped from repack_cache), else None."""
+    first = parts[0]
+    for a, b in zip(parts, parts[1:]):
+        if (b.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or b.data_ptr() != a.data_ptr() + a.numel() or b.shape[1] != first.shape[1]):
+            return None
+    return first.as_strided((sum(p.shape[0] for p in parts), first.shape[1]), (first.shape[1], 1))
 
 
 def rows_per_group() -> int:
