@@ -3,9 +3,12 @@
 against the same model with dequantized weights, and the default model's answer.
 
 Tolerance of a product: activations are quantized per block of 32 to int16, so each value is
-off by at most amax(block) / 65534; an output is off by at most sum_k |w_k| * that (+ fp32
-rounding). Models: logits within 1e-3 of their largest magnitude.
+off by at most amax(block) / 65534; an output is off by at most sum_k |w_k - o_k| * that, o_k
+being the weight's offset (Q4_1/Q5_1's m, the K-quants' min), which the kernels multiply by the
+block's exact sum; plus fp32 rounding, at most 1e-5 * sum_k |w_k x_k| here. Models: logits
+within 1e-3 of their largest magnitude.
 """
+import contextlib
 import os
 import subprocess
 import sys
@@ -13,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
@@ -26,30 +30,83 @@ pytestmark = pytest.mark.skipif(kernels.ops() is None, reason=f"no kernels: {ker
 transformers = pytest.importorskip("transformers")
 
 QTYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0]
+KERNEL_TYPES = QTYPES + [Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+# The gguf package quantizes none of the K-quants: their blocks are random bytes, with sane
+# fp16 scales at these offsets (every bit pattern of the rest is a valid block).
+HALF_FIELDS = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+# Where a block's integers are, for types with an offset term: zeroed, the block dequantizes
+# to its offsets.
+INTEGER_BYTES = {Q.Q4_1: slice(4, 20), Q.Q5_1: slice(4, 24), Q.Q4_K: slice(16, 144),
+                 Q.Q5_K: slice(16, 176)}
+SHAPES = {32: [(100, 64), (192, 576), (8, 1536)], 256: [(100, 256), (40, 768), (8, 2048)]}
 
 
-def product_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Largest error int16 activations can cause in x @ w.T, per output."""
+def gguf_blocks(qtype, rows: int, cols: int, seed: int) -> np.ndarray:
+    """[rows, bytes] of GGUF blocks holding a [rows, cols] matrix of type qtype."""
+    rng = np.random.default_rng(seed)
+    if qtype not in HALF_FIELDS:
+        return quantize(rng.standard_normal((rows, cols), dtype=np.float32), qtype)
+    size, nbytes = GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, (rows, cols // size, nbytes), dtype=np.uint8)
+    for at in HALF_FIELDS[qtype]:
+        half = (rng.standard_normal((rows, cols // size, 1)) * 0.01).astype(np.float16)
+        blocks[..., at:at + 2] = half.view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def offsets(blocks: np.ndarray, qtype, rows: int, cols: int) -> torch.Tensor:
+    if qtype not in INTEGER_BYTES:
+        return torch.zeros(rows, cols, dtype=torch.float64)
+    size, nbytes = GGML_QUANT_SIZES[qtype]
+    zeroed = blocks.reshape(rows, -1, nbytes).copy()
+    zeroed[..., INTEGER_BYTES[qtype]] = 0
+    return torch.from_numpy(dequantize(zeroed.reshape(rows, -1), qtype).reshape(rows, cols)).double()
+
+
+def product_bound(x: torch.Tensor, w: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Largest error int16 activations and fp32 sums can cause in x @ w.T, per output."""
     amax = x.abs().view(*x.shape[:-1], -1, 32).amax(-1, keepdim=True)
     step = (amax / 65534).expand(*x.shape[:-1], -1, 32).reshape(x.shape)
-    return step @ w.abs().T
+    return step @ (w - offset).abs().T + 1e-5 * (x.abs() @ w.abs().T)
 
 
-@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
-@pytest.mark.parametrize("rows, cols", [(100, 64), (192, 576), (8, 1536)])
-def test_product_matches_dequantized_weights(qtype, rows, cols):
-    g = torch.Generator().manual_seed(rows + cols)
-    weight = torch.randn(rows, cols, generator=g)
-    blocks = quantize(weight.numpy(), qtype)
+@contextlib.contextmanager
+def dense_rows(rows: int):
+    """Products of `rows` rows or more through bfloat16 GEMM (0: never), for the block."""
+    before = torch.ops.cake.set_dense_rows(rows)
+    try:
+        yield
+    finally:
+        torch.ops.cake.set_dense_rows(before)
+
+
+def check_product(qtype, rows: int, cols: int, seed: int = 0) -> None:
+    """One matrix of `qtype` through repack, dequantize and products of several row counts,
+    against the gguf package's dequantized weights in float64: the int16 kernels within
+    product_bound, the bfloat16 path (inputs and outputs rounded to 8-bit mantissas, 2^-9
+    relative each, fp32 sums) within 2^-7 * sum_k |w_k x_k|."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = gguf_blocks(qtype, rows, cols, seed)
     reference = torch.from_numpy(dequantize(blocks, qtype).reshape(rows, cols)).float()
     layer = quant.QuantLinear(blocks, qtype, cols)
     assert torch.equal(layer.dequantize(), reference)  # repacking lost nothing
-    for m in (1, 3, 4, 9, 70):  # row tiles of 4, tails, several cache panels
+    w, offset = reference.double(), offsets(blocks, qtype, rows, cols)
+    for m in (1, 3, 4, 9, 70):  # row tiles of 8 and 4, tails, several cache panels
         x = torch.randn(m, cols, generator=g) * torch.rand(m, cols, generator=g) * 3
-        got, want = layer(x), x.double() @ reference.double().T
-        err = (got.double() - want).abs()
-        assert (err <= product_bound(x.double(), reference.double()) * 1.01 + 1e-5).all(), (
-            m, err.max())
+        want = x.double() @ w.T
+        with dense_rows(0):
+            err = (layer(x).double() - want).abs()
+        assert (err <= product_bound(x.double(), w, offset)).all(), (qtype.name, m, err.max())
+        with dense_rows(1):
+            err = (layer(x).double() - want).abs()
+        assert (err <= 2 ** -7 * (x.double().abs() @ w.abs().T)).all(), (qtype.name, m, err.max())
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("shape", range(3))
+def test_product_matches_dequantized_weights(qtype, shape):
+    rows, cols = SHAPES[GGML_QUANT_SIZES[qtype][0]][shape]
+    check_product(qtype, rows, cols, seed=rows + cols)
 
 
 def test_bias_fusion_and_embedding_rows():
@@ -221,19 +278,53 @@ def test_default_model_answers_paris_quantized(default_tokenizer):
     # top-2 gap is 0.08, so the logits must agree much closer than that.
     dense = greedy_logits(load_stage(ck), ids, 0)
     assert (logits[0] - dense[0]).abs().max() < 0.03
+    # Every prompt row through the bfloat16 GEMM (CAKE_DENSE_ROWS, off by default): the same
+    # answer, but the first token's logits move ~20x more (0.68 measured).
+    with dense_rows(1):
+        bf16 = greedy_logits(model, ids, 8, slots=2)
+    assert default_tokenizer.decode([int(t) for t in bf16.argmax(-1)]) == text
+    assert (bf16[0] - dense[0]).abs().max() < 1.0
+
+
+def test_repacked_weights_come_back_from_the_disk_cache(tmp_path, monkeypatch):
+    """A second load maps the first one's repacked weights (repack_cache): same layers, same
+    logits, q/k/v and gate/up fused as views of the mapped file, no copy."""
+    from tests.conftest import default_gguf
+
+    from cake.text.gguf_weights import GGUFCheckpoint
+
+    monkeypatch.setenv("CAKE_KERNEL_CACHE", str(tmp_path))
+    ck = GGUFCheckpoint(default_gguf())
+    first = load_stage(ck, 0, 3, quant_mode="auto")
+    assert len(list(tmp_path.glob("repacked/*.bin"))) == 1
+    again = load_stage(ck, 0, 3, quant_mode="auto")
+    assert again.quantized == first.quantized
+    layer = again.model.layers["1"]
+    mapped = layer.self_attn.qkv_proj.packed.untyped_storage().data_ptr()
+    assert layer.mlp.gate_up_proj.packed.untyped_storage().data_ptr() == mapped
+    prompt = [1, 504, 3458, 282, 4649, 314]
+    assert torch.equal(greedy_logits(again, prompt, 3), greedy_logits(first, prompt, 3))
 
 
 def test_kernels_build_from_the_project_files(tmp_path):
-    """A fresh cache compiles the library from cake/text/kernels and loads it; no kernels
-    (CAKE_NO_KERNELS) means plain PyTorch weights."""
+    """A fresh cache compiles the library from cake/text/kernels and loads it, here for an
+    AVX2-only CPU (CAKE_KERNEL_MARCH=haswell: no AVX-512, no VNNI), whose products must pass
+    the same checks; no kernels (CAKE_NO_KERNELS) means plain PyTorch weights."""
     code = ("from cake.text import kernels, loader; import sys; "
             "print(kernels.ops() is not None, kernels.library_path().parent.parent == "
             "kernels.cache_dir(), loader.resolve_quant('auto', 'cpu'))")
-    env = {**os.environ, "CAKE_KERNEL_CACHE": str(tmp_path)}
+    check = ("import torch; from tests.test_quant import *; print(torch.ops.cake.isa()); "
+             "[check_product(q, *SHAPES[GGML_QUANT_SIZES[q][0]][1]) for q in KERNEL_TYPES]")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "CAKE_KERNEL_CACHE": str(tmp_path), "CAKE_KERNEL_MARCH": "haswell",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.stdout.split() == ["True", "True", "auto"], out.stderr
     assert list(tmp_path.glob("cake-kernels/*/cake_kernels.so"))
+    out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and out.stdout.split() == ["avx2"], out.stdout + out.stderr
     env["CAKE_NO_KERNELS"] = "1"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=600)

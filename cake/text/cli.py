@@ -18,8 +18,8 @@ def add_args(p) -> None:
     g.add_argument("--ctx-size", type=int, default=None,
                    help="context length (default: the model's)")
     g.add_argument("--quant", choices=["auto", "none", "q8_0", "q4_0", "q4_1"], default="auto",
-                   help="weight format on CPU: auto keeps a GGUF's Q4_0/Q4_1/Q8_0 blocks (other "
-                        "GGUF quants become Q8_0) and safetensors in --dtype; none dequantizes")
+                   help="weight format on CPU: auto keeps a GGUF's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/"
+                        "Q4_K/Q5_K/Q6_K blocks (other GGUF quants become Q8_0) and safetensors in --dtype; none dequantizes")
 
 
 def load(args):

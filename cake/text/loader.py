@@ -10,7 +10,7 @@ import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
-from cake.text import quant
+from cake.text import kernels, quant, repack_cache
 from cake.text.models import model_class
 from cake.text.models.args import ModelArgs
 
@@ -40,7 +40,7 @@ def load_stage(checkpoint, start: int = 0, end: Optional[int] = None,
     """Instantiate layers [start, end) of the checkpoint's model and load only their tensors.
 
     quant_mode (see resolve_quant): None keeps every weight in `dtype`; "auto" keeps a GGUF's
-    Q4_0/Q4_1/Q8_0 blocks as they are, stores its other quantized matrices as Q8_0 and its
+    blocks of the kernels' types (quant.KERNEL_TYPES) as they are, stores its other quantized matrices as Q8_0 and its
     float ones in `dtype`; "q4_0"/"q4_1"/"q8_0" stores every matrix in that type.
     headless: the layers alone, without the embeddings, final norm and head that a range
     starting at 0 or ending at the last layer would hold (a worker's range: those live on
@@ -56,9 +56,12 @@ def load_stage(checkpoint, start: int = 0, end: Optional[int] = None,
     materialize(model, device)
     model.reset_rope(device)  # materialize left the buffers uninitialised
     if mode:
+        kernels.heap("load")
         _quantize_matrices(model, checkpoint, mode)
     model.load_tensors(checkpoint.get)
     model.fuse_projections()
+    if mode:
+        kernels.heap("serve")
     return model.eval()
 
 
@@ -74,23 +77,40 @@ def materialize(model: nn.Module, device) -> None:
 
 
 def _quantize_matrices(model, checkpoint, mode: str) -> None:
-    """Replace Linear/Embedding modules by quantized ones read from the checkpoint."""
+    """Replace Linear/Embedding modules by quantized ones read from the checkpoint, or from
+    the cache of their repacked weights (repack_cache) that a first start writes."""
+    cache = repack_cache.path_for(checkpoint, model) if mode == "auto" else None
+    cached = repack_cache.load(cache)
+    entries, tensors = {}, {}
     for path, module in list(model.named_modules()):
         if not isinstance(module, (nn.Linear, nn.Embedding)):
             continue
-        found = _blocks(checkpoint, model.checkpoint_name(f"{path}.weight"), mode)
-        if found is None:
-            continue
-        blocks, qtype = found
-        if isinstance(module, nn.Embedding):
-            new = quant.QuantEmbedding(blocks, qtype, module.embedding_dim, module.weight.dtype)
+        bias = None
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            bias = checkpoint.get(model.checkpoint_name(f"{path}.bias"))
+        if cached is not None:
+            if path not in cached[1]:
+                continue
+            e = cached[1][path]
+            table = quant.QuantLinear.from_packed(repack_cache.packed(cached[0], e), e["qtype"],
+                                                  e["in"], e["out"], bias)
         else:
-            bias = None
-            if module.bias is not None:
-                bias = checkpoint.get(model.checkpoint_name(f"{path}.bias"))
-            new = quant.QuantLinear(blocks, qtype, module.in_features, bias)
+            found = _blocks(checkpoint, model.checkpoint_name(f"{path}.weight"), mode)
+            if found is None:
+                continue
+            blocks, qtype = found
+            table = quant.QuantLinear(blocks, qtype, module.weight.shape[1], bias)
+            e = {"qtype": int(qtype), "in": table.in_features, "out": table.out_features,
+                 "bytes": int(blocks.nbytes)}
+            entries[path], tensors[path] = e, table.packed
+            _drop_pages(blocks)
+        new = table
+        if isinstance(module, nn.Embedding):
+            new = quant.QuantEmbedding.from_table(table, module.weight.dtype)
         model.set_submodule(path, new)
-        model.quantized[f"{path}.weight"] = (GGMLQuantizationType(qtype).name, blocks.nbytes)
+        model.quantized[f"{path}.weight"] = (GGMLQuantizationType(e["qtype"]).name, e["bytes"])
+    if cached is None:
+        repack_cache.save(cache, entries, tensors)
 
 
 def _blocks(checkpoint, name: str, mode: str):
@@ -101,9 +121,7 @@ def _blocks(checkpoint, name: str, mode: str):
         if target is None and qtype in _FLOAT_TYPES:
             return None
         if qtype == target or (target is None and qtype in quant.KERNEL_TYPES):
-            blocks = np.array(data, dtype=np.uint8, copy=True)
-            _drop_pages(data)
-            return blocks, qtype
+            return data, qtype  # the file's pages, repacked straight from the memory map
         target = target or GGMLQuantizationType.Q8_0  # K-quants and the like: requantize
     elif target is None:
         return None
@@ -114,9 +132,9 @@ def _blocks(checkpoint, name: str, mode: str):
 
 
 def _drop_pages(array: np.ndarray) -> None:
-    """Give back the memory-mapped file pages a tensor was copied from. They stay in the page
-    cache, but no longer count in this process's resident memory, so loading holds each
-    weight once rather than twice."""
+    """Give back the memory-mapped file pages a tensor was repacked from (no-op for memory of
+    our own). They stay in the page cache, but no longer count in this process's resident
+    memory, so loading holds each weight once rather than twice."""
     base = array
     while isinstance(base, np.ndarray) and base.base is not None:
         base = base.base

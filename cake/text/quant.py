@@ -1,13 +1,15 @@
-"""Weight-only quantized layers: llama.cpp's Q4_0 / Q4_1 / Q8_0 blocks kept in memory and
-multiplied by our CPU kernels (cake/text/kernels), which repack them once at load time.
+"""Weight-only quantized layers: llama.cpp's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 and Q4_K / Q5_K /
+Q6_K blocks kept in memory and multiplied by our CPU kernels (cake/text/kernels), which repack
+them once at load time.
 
-A GGUF file's blocks are used as they are; other weights (safetensors, or GGUF K-quants) are
-quantized with the `gguf` package's own quantizer, so the bytes are what llama.cpp would
-write. Every layer can give back its dequantized weight, the reference the kernels are
+A GGUF file's blocks of those types are used as they are; other weights (safetensors, or other
+GGUF types such as Q2_K, Q3_K, IQ*) are quantized with the `gguf` package's own quantizer, so
+the bytes are what llama.cpp would write. Every layer can give back its dequantized weight, the reference the kernels are
 tested against.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -19,9 +21,12 @@ from torch import nn
 
 from cake.text import kernels
 
+# --quant targets: types the gguf package can quantize to.
 QTYPES = {"q4_0": GGMLQuantizationType.Q4_0, "q4_1": GGMLQuantizationType.Q4_1,
           "q8_0": GGMLQuantizationType.Q8_0}
-KERNEL_TYPES = set(QTYPES.values())
+KERNEL_TYPES = set(QTYPES.values()) | {
+    GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q4_K,
+    GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K}
 
 
 def available() -> bool:
@@ -45,14 +50,30 @@ class QuantLinear(nn.Module):
             raise RuntimeError(f"quantized layers need the CPU kernels: {kernels.error()}")
         self.qtype = int(qtype)
         self.in_features, self.out_features = in_features, blocks.shape[0]
-        self.register_buffer("packed", ops.repack(torch.from_numpy(np.ascontiguousarray(blocks)),
-                                                  self.qtype))
+        with warnings.catch_warnings():  # a read-only memory map: repack only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.from_numpy(np.ascontiguousarray(blocks))
+        self.register_buffer("packed", ops.repack(raw, self.qtype))
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self._qlinear = ops.qlinear.default  # the resolved overload: no lookup per call
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, qtype, bias=None) -> "QuantLinear":
         return cls(quantize_blocks(weight, qtype), qtype, weight.shape[1], bias)
+
+    @classmethod
+    def from_packed(cls, packed: torch.Tensor, qtype, in_features: int, out_features: int,
+                    bias: Optional[torch.Tensor] = None) -> "QuantLinear":
+        """A layer over weights already repacked (by repack, earlier: repack_cache)."""
+        torch.ops.cake.dequantize_rows(packed, int(qtype), out_features, in_features,
+                                       torch.zeros(0, dtype=torch.long))  # checks the shape
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.qtype, layer.in_features, layer.out_features = int(qtype), in_features, out_features
+        layer.register_buffer("packed", packed)
+        layer.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        layer._qlinear = torch.ops.cake.qlinear.default
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._qlinear(x, self.packed, self.qtype, self.out_features, self.bias)
@@ -78,6 +99,14 @@ class QuantEmbedding(nn.Module):
         super().__init__()
         self.table = QuantLinear(blocks, qtype, dim)
         self.num_embeddings, self.embedding_dim, self.dtype = blocks.shape[0], dim, dtype
+
+    @classmethod
+    def from_table(cls, table: QuantLinear, dtype=torch.float32) -> "QuantEmbedding":
+        emb = cls.__new__(cls)
+        nn.Module.__init__(emb)
+        emb.table = table
+        emb.num_embeddings, emb.embedding_dim, emb.dtype = table.out_features, table.in_features, dtype
+        return emb
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         t = self.table
@@ -112,13 +141,26 @@ def fuse_linears(layers: Sequence[nn.Module]) -> Optional[nn.Module]:
         nn.Module.__init__(fused)
         fused.qtype, fused.in_features = first.qtype, first.in_features
         fused.out_features = sum(m.out_features for m in layers)
-        fused.register_buffer("packed", torch.cat([m.packed for m in layers]))
+        parts = [m.packed for m in layers]
+        joined = _adjacent(parts)
+        fused.register_buffer("packed", torch.cat(parts) if joined is None else joined)
         biases = [m.bias for m in layers]
         fused.register_buffer("bias", None if all(b is None for b in biases) else torch.cat(
             [b if b is not None else torch.zeros(m.out_features) for b, m in zip(biases, layers)]))
         fused._qlinear = first._qlinear
         return fused
     return None
+
+
+def _adjacent(parts: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The parts as one tensor without a copy, when they lie one after the other in one
+    storage (weights mapped from repack_cache), else None."""
+    first = parts[0]
+    for a, b in zip(parts, parts[1:]):
+        if (b.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or b.data_ptr() != a.data_ptr() + a.numel() or b.shape[1] != first.shape[1]):
+            return None
+    return first.as_strided((sum(p.shape[0] for p in parts), first.shape[1]), (first.shape[1], 1))
 
 
 def rows_per_group() -> int:

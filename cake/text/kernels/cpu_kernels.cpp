@@ -1,9 +1,10 @@
-// CPU kernels for quantized decoding: matrix products over llama.cpp's Q4_0, Q4_1 and Q8_0
-// weights, and single-token attention over the slot KV cache.
+// CPU kernels for quantized decoding: matrix products over llama.cpp's Q4_0, Q4_1, Q5_0, Q5_1,
+// Q8_0, Q4_K, Q5_K and Q6_K weights, and single-token attention over the slot KV cache.
 //
 // Weights are repacked once at load time from GGUF rows into groups of R rows, so that one
 // vector instruction multiplies R rows at once and each block needs one scale step for all R
-// rows instead of a horizontal sum per row (same bytes as the GGUF blocks).
+// rows instead of a horizontal sum per row (the same bits as the GGUF blocks; the K-quants'
+// 6-bit scales take a byte each, 4 bytes per 256 values more).
 //
 // Activations are quantized per block of 32 to int16, not to int8 as in llama.cpp's
 // vec_dot_q4_1_q8_1: int8 activations shrink the default model's top-2 logit gap on its first
@@ -13,12 +14,16 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "thread_pool.h"
@@ -48,36 +53,77 @@ void parallel(int64_t n, int64_t grain, const F& f) {
   cake::Pool::get().run(n, grain, at::get_num_threads(), f);
 }
 
-constexpr int QK = 32;  // values per block in every supported type
+constexpr int QK = 32;  // values per activation block, and per slice of a weight block
 constexpr int R = 8;    // weight rows per packed group: one int32 lane of a 256-bit vector each
-enum QType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };  // ggml's type numbers
+enum QType : int64_t {  // ggml's type numbers
+  Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14
+};
 
-// GGUF blocks, as stored in the file.
-#pragma pack(push, 1)
-struct BlockQ4_0 { uint16_t d; uint8_t qs[16]; };
-struct BlockQ4_1 { uint16_t d, m; uint8_t qs[16]; };
-struct BlockQ8_0 { uint16_t d; int8_t qs[32]; };
-#pragma pack(pop)
+// A packed group-block holds one GGUF block (32 values; 256 for the K-quants) of R rows, the
+// same bits regrouped: a header of scales, then, per slice of 32 values, their integers.
+//
+// Header, R entries per field in row order: d (fp16) for every type; then m (fp16, Q4_1 and
+// Q5_1) or dmin (fp16, Q4_K and Q5_K); Q4_K/Q5_K then hold their 6-bit slice scales and mins
+// one byte each ([8 slices][R] each), Q6_K its int8 scales ([16 half-slices][R]).
+//
+// Integers of a slice, as 16-bit words: for 4- to 6-bit types, word w = 2 * row + kk of chunk
+// c (4 chunks) holds in nibble t the low 4 bits of value k = 8c + 2t + kk; 5-bit types add one
+// chunk whose word w has in bit j bit 4 of value 2j + kk; Q6_K two chunks whose word w has in
+// bits 2t, 2t + 1 bits 4-5 of value 2(8c + t) + kk. Q8_0: byte t of word w of chunk c (8
+// chunks) is value k = 4c + 2t + kk. Unpacking by shifts and masks gives vectors V_j
+// (j = 0..15) whose 16-bit lane 2 * row + kk is value k = 2j + kk of that row: vpmaddwd with
+// the activation pair (2j, 2j + 1) broadcast to every lane then adds one pair of products per
+// row into its lane.
+struct Format {
+  int values;  // per GGUF block
+  int file;    // bytes of one GGUF block
+  int header;  // bytes of a group-block's scales
+  int slice;   // bytes of a group-block's integers, per 32 values
+  int hbits;   // value bits above the low 4 (Q8_0: none, it has its own 8-bit chunks)
+  constexpr int64_t bytes() const { return header + values / QK * slice; }
+};
 
-// A packed group-block holds block b of R rows: d[R] (fp16), then m[R] (fp16, Q4_1 only), then
-// the values as 16-bit words. Word w = 2 * row + kk of chunk c holds, for 4-bit types, nibble t
-// = value k = 8c + 2t + kk (4 chunks); for Q8_0, byte t = value k = 4c + 2t + kk (8 chunks).
-// Unpacking chunk c by shifts and masks gives vectors V_j (j = 4c + t, resp. 2c + t) whose
-// 16-bit lane 2 * row + kk is value k = 2j + kk of that row: vpmaddwd with the activation pair
-// (2j, 2j + 1) broadcast to every lane then adds one pair of products per row into its lane.
-struct Layout { int64_t header, bytes; };
-Layout layout(int64_t qtype) {
+constexpr Format format_of(int64_t qtype) {
   switch (qtype) {
-    case Q4_0: return {2 * R, 18 * R};
-    case Q4_1: return {4 * R, 20 * R};
-    case Q8_0: return {2 * R, 34 * R};
+    case Q4_0: return {32, 18, 2 * R, 16 * R, 0};
+    case Q4_1: return {32, 20, 4 * R, 16 * R, 0};
+    case Q5_0: return {32, 22, 2 * R, 20 * R, 1};
+    case Q5_1: return {32, 24, 4 * R, 20 * R, 1};
+    case Q8_0: return {32, 34, 2 * R, 32 * R, 0};
+    case Q4_K: return {256, 144, 20 * R, 16 * R, 0};
+    case Q5_K: return {256, 176, 20 * R, 20 * R, 1};
+    case Q6_K: return {256, 210, 18 * R, 24 * R, 2};
   }
-  TORCH_CHECK(false, "unsupported quant type ", qtype, " (have Q4_0=2, Q4_1=3, Q8_0=8)");
+  return {0, 0, 0, 0, 0};
+}
+
+Format format(int64_t qtype) {
+  const Format f = format_of(qtype);
+  TORCH_CHECK(f.values, "unsupported quant type ", qtype, " (have Q4_0=2, Q4_1=3, Q5_0=6, "
+              "Q5_1=7, Q8_0=8, Q4_K=12, Q5_K=13, Q6_K=14)");
+  return f;
+}
+
+// f(std::integral_constant<int64_t, type>) for a runtime type: one compiled kernel per type.
+template <typename F>
+void dispatch(int64_t qtype, F&& f) {
+  switch (qtype) {
+    case Q4_0: return f(std::integral_constant<int64_t, Q4_0>{});
+    case Q4_1: return f(std::integral_constant<int64_t, Q4_1>{});
+    case Q5_0: return f(std::integral_constant<int64_t, Q5_0>{});
+    case Q5_1: return f(std::integral_constant<int64_t, Q5_1>{});
+    case Q8_0: return f(std::integral_constant<int64_t, Q8_0>{});
+    case Q4_K: return f(std::integral_constant<int64_t, Q4_K>{});
+    case Q5_K: return f(std::integral_constant<int64_t, Q5_K>{});
+    case Q6_K: return f(std::integral_constant<int64_t, Q6_K>{});
+  }
+  format(qtype);
 }
 
 // One block of an activation row: x ~= d * q; sum is the exact sum of the block's values (for
-// the Q4_1 offset m * sum(x)), qsum the sum of q (for Q4_0's implicit -8).
-struct alignas(32) ActBlock { int16_t q[QK]; float d; float sum; int32_t qsum; };
+// offsets: Q4_1's m, the K-quants' mins), qsum the sum of q and qsum_lo that of its first 16
+// (for the zero points of Q4_0, Q5_0 and Q6_K's half-slices).
+struct alignas(32) ActBlock { int16_t q[QK]; float d; float sum; int32_t qsum, qsum_lo; };
 
 inline float f16(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
 
@@ -91,6 +137,7 @@ void quantize_row(const float* x, int64_t nb, ActBlock* out) {
     for (int i = 0; i < QK; ++i) {
       out[b].q[i] = (int16_t)std::nearbyint(v[i] * id);
       qsum += out[b].q[i];
+      if (i == QK / 2 - 1) out[b].qsum_lo = qsum;
     }
     out[b].d = d;
     out[b].sum = sum;
@@ -98,61 +145,152 @@ void quantize_row(const float* x, int64_t nb, ActBlock* out) {
   }
 }
 
-// Value k of row r (0 <= r < R) of a packed group-block, as a signed integer before scaling.
-inline int value_at(const uint8_t* gb, int64_t qtype, int r, int k) {
-  const Layout L = layout(qtype);
-  const uint16_t* words = (const uint16_t*)(gb + L.header);
-  const int j = k / 2, kk = k % 2;
+// One GGUF block of one row, decoded: its integers as stored (unsigned, before any zero
+// point; Q8_0's bytes) and the scale fields the packed header keeps.
+struct Block { int q[256]; uint16_t d, m; uint8_t sc[16], mn[8]; };
+
+template <int64_t qtype>  // a constant: each type's decoding compiles on its own
+void read_block(const uint8_t* p, Block& o) {
+  auto half = [&](int at) { uint16_t h; std::memcpy(&h, p + at, 2); return h; };
+  switch (qtype) {
+    case Q8_0:
+      o.d = half(0);
+      for (int k = 0; k < QK; ++k) o.q[k] = p[2 + k];
+      return;
+    case Q4_0: case Q4_1: case Q5_0: case Q5_1: {
+      const bool has_m = qtype == Q4_1 || qtype == Q5_1, five = qtype == Q5_0 || qtype == Q5_1;
+      o.d = half(0);
+      o.m = has_m ? half(2) : 0;
+      const uint8_t* qh = p + (has_m ? 4 : 2);
+      const uint8_t* qs = qh + (five ? 4 : 0);
+      uint32_t hb = 0;
+      if (five) std::memcpy(&hb, qh, 4);
+      for (int i = 0; i < 16; ++i) {
+        o.q[i] = (qs[i] & 15) | ((hb >> i) & 1) << 4;
+        o.q[i + 16] = (qs[i] >> 4) | ((hb >> (i + 16)) & 1) << 4;
+      }
+      return;
+    }
+    case Q4_K: case Q5_K: {  // d, dmin, 12 bytes of 6-bit scales and mins, [qh,] qs
+      o.d = half(0);
+      o.m = half(2);
+      const uint8_t* s = p + 4;
+      for (int j = 0; j < 8; ++j) {
+        o.sc[j] = j < 4 ? s[j] & 63 : (s[j + 4] & 15) | (s[j - 4] >> 6) << 4;
+        o.mn[j] = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | (s[j] >> 6) << 4;
+      }
+      const uint8_t* qh = p + 16;
+      const uint8_t* qs = p + (qtype == Q5_K ? 48 : 16);
+      for (int k = 0; k < 256; ++k) {
+        const int slice = k / QK, l = k % QK;
+        o.q[k] = (qs[32 * (slice / 2) + l] >> (4 * (slice % 2))) & 15;
+        if (qtype == Q5_K) o.q[k] |= ((qh[l] >> slice) & 1) << 4;
+      }
+      return;
+    }
+    case Q6_K: {  // ql[128], qh[64], int8 scales[16], d
+      std::memcpy(o.sc, p + 192, 16);
+      o.d = half(208);
+      for (int k = 0; k < 256; ++k) {
+        const int n = k / 128, w = k % 128;
+        const int lo = (p[64 * n + w % 64] >> (4 * (w / 64))) & 15;
+        const int hi = (p[128 + 32 * n + w % 32] >> (2 * (w / 32))) & 3;
+        o.q[k] = lo | hi << 4;
+      }
+      return;
+    }
+  }
+  format(qtype);
+}
+
+inline bool has_m(int64_t qtype) {
+  return qtype == Q4_1 || qtype == Q5_1 || qtype == Q4_K || qtype == Q5_K;
+}
+
+// Row r of a packed group-block <- one decoded GGUF block (the group-block starts zeroed).
+template <int64_t qtype>
+void pack_row(const Block& blk, int r, uint8_t* gb) {
+  constexpr Format F = format_of(qtype);
+  uint16_t* h = (uint16_t*)gb;
+  h[r] = blk.d;
+  if (has_m(qtype)) h[R + r] = blk.m;
+  if (qtype == Q4_K || qtype == Q5_K)
+    for (int s = 0; s < 8; ++s) {
+      gb[4 * R + s * R + r] = blk.sc[s];
+      gb[12 * R + s * R + r] = blk.mn[s];
+    }
+  if (qtype == Q6_K)
+    for (int s = 0; s < 16; ++s) gb[2 * R + s * R + r] = blk.sc[s];
+  for (int k = 0; k < F.values; ++k) {
+    uint16_t* words = (uint16_t*)(gb + F.header + (k / QK) * F.slice);
+    const int j = (k % QK) / 2, kk = k % 2, q = blk.q[k];
+    if constexpr (qtype == Q8_0) {
+      words[(j / 2) * 2 * R + 2 * r + kk] |= q << (8 * (j % 2));
+      continue;
+    }
+    words[(j / 4) * 2 * R + 2 * r + kk] |= (q & 15) << (4 * (j % 4));
+    uint16_t* high = words + 8 * R;  // after the 4 chunks of low nibbles
+    if constexpr (F.hbits == 1) high[2 * r + kk] |= ((q >> 4) & 1) << j;
+    if constexpr (F.hbits == 2) high[(j / 8) * 2 * R + 2 * r + kk] |= ((q >> 4) & 3) << (2 * (j % 8));
+  }
+}
+
+// Integer k (0 <= k < F.values) of row r of a packed group-block, as stored.
+inline int raw_value(const uint8_t* gb, const Format& F, int64_t qtype, int r, int k) {
+  const uint16_t* words = (const uint16_t*)(gb + F.header + (k / QK) * F.slice);
+  const int j = (k % QK) / 2, kk = k % 2;
   if (qtype == Q8_0) {
     const uint16_t w = words[(j / 2) * 2 * R + 2 * r + kk];
     return (int8_t)(j % 2 ? w >> 8 : w & 0xFF);
   }
-  const uint16_t w = words[(j / 4) * 2 * R + 2 * r + kk];
-  return ((w >> (4 * (j % 4))) & 15) - (qtype == Q4_0 ? 8 : 0);
+  int q = (words[(j / 4) * 2 * R + 2 * r + kk] >> (4 * (j % 4))) & 15;
+  const uint16_t* high = words + 8 * R;
+  if (F.hbits == 1) q |= ((high[2 * r + kk] >> j) & 1) << 4;
+  if (F.hbits == 2) q |= ((high[(j / 8) * 2 * R + 2 * r + kk] >> (2 * (j % 8))) & 3) << 4;
+  return q;
 }
 
-// GGUF rows [N, nb * block] -> packed groups [ceil(N / R), nb * layout.bytes]; padding rows are
+// Value k of row r is scale * (q_k - zero) + offset; scale holds for 16 values (a Q6_K
+// scale's reach), offset for a slice of 32. Computed as the gguf package dequantizes.
+struct Scales { float scale, offset; int zero; };
+inline Scales scales_at(const uint8_t* gb, int64_t qtype, int r, int k) {
+  const uint16_t* h = (const uint16_t*)gb;
+  const float d = f16(h[r]);
+  const int s = k / QK;
+  switch (qtype) {
+    case Q4_0: return {d, 0.f, 8};
+    case Q5_0: return {d, 0.f, 16};
+    case Q4_1: case Q5_1: return {d, f16(h[R + r]), 0};
+    case Q4_K: case Q5_K:
+      return {d * gb[4 * R + s * R + r], -(f16(h[R + r]) * gb[12 * R + s * R + r]), 0};
+    case Q6_K: return {d * (int8_t)gb[2 * R + (k / 16) * R + r], 0.f, 32};
+  }
+  return {d, 0.f, 0};  // Q8_0
+}
+
+// GGUF rows [N, nb * block] -> packed groups [ceil(N / R), nb * group-block]; padding rows are
 // zero (scale 0), so they contribute nothing and are never written out.
 at::Tensor repack(const at::Tensor& w_in, int64_t qtype) {
   NoGil no_gil;
   const at::Tensor w = w_in.contiguous();
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2, "repack takes uint8 [rows, bytes]");
-  const Layout L = layout(qtype);
-  const int64_t block = L.bytes / R, N = w.size(0), nb = w.size(1) / block;
-  TORCH_CHECK(w.size(1) == nb * block, "row bytes ", w.size(1), " are not whole blocks");
-  const int64_t G = (N + R - 1) / R;
-  at::Tensor out = at::zeros({G, nb * L.bytes}, w.options());
+  const Format F = format(qtype);
+  const int64_t N = w.size(0), nb = w.size(1) / F.file, G = (N + R - 1) / R;
+  TORCH_CHECK(w.size(1) == nb * F.file, "row bytes ", w.size(1), " are not whole blocks");
+  at::Tensor out = at::zeros({G, nb * F.bytes()}, w.options());
   const uint8_t* src = w.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
-  parallel(G, 16, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g)
-      for (int64_t b = 0; b < nb; ++b) {
-        uint8_t* gb = dst + (g * nb + b) * L.bytes;
-        uint16_t* d = (uint16_t*)gb;
-        uint16_t* words = (uint16_t*)(gb + L.header);
-        for (int r = 0; r < R && g * R + r < N; ++r) {
-          const uint8_t* blk = src + (g * R + r) * w.size(1) + b * block;
-          int q[QK];
-          if (qtype == Q8_0) {
-            const auto& s = *(const BlockQ8_0*)blk;
-            d[r] = s.d;
-            for (int k = 0; k < QK; ++k) q[k] = (uint8_t)s.qs[k];
-          } else {
-            const uint8_t* qs = qtype == Q4_1 ? ((const BlockQ4_1*)blk)->qs
-                                              : ((const BlockQ4_0*)blk)->qs;
-            d[r] = ((const uint16_t*)blk)[0];
-            if (qtype == Q4_1) d[R + r] = ((const BlockQ4_1*)blk)->m;
-            for (int i = 0; i < 16; ++i) { q[i] = qs[i] & 15; q[i + 16] = qs[i] >> 4; }
+  dispatch(qtype, [&](auto qt) {
+    constexpr int64_t QT = decltype(qt)::value;
+    parallel(G, 16, [&](int64_t g0, int64_t g1) {
+      Block blk;
+      for (int64_t g = g0; g < g1; ++g)
+        for (int64_t b = 0; b < nb; ++b)
+          for (int r = 0; r < R && g * R + r < N; ++r) {
+            read_block<QT>(src + (g * R + r) * w.size(1) + b * F.file, blk);
+            pack_row<QT>(blk, r, dst + (g * nb + b) * F.bytes());
           }
-          for (int k = 0; k < QK; ++k) {
-            const int j = k / 2, kk = k % 2;
-            if (qtype == Q8_0)
-              words[(j / 2) * 2 * R + 2 * r + kk] |= q[k] << (8 * (j % 2));
-            else
-              words[(j / 4) * 2 * R + 2 * r + kk] |= q[k] << (4 * (j % 4));
-          }
-        }
-      }
+    });
   });
   return out;
 }
@@ -168,25 +306,53 @@ inline __m256i dot_pairs(__m256i acc, __m256i w, __m256i x) {
 #endif
 }
 
-// The 16 vectors V_j of a packed group-block, produced in order and handed to f(j, V_j).
+template <int... J, typename F>
+inline void unroll(std::integer_sequence<int, J...>, F&& f) {
+  (f(std::integral_constant<int, J>{}), ...);
+}
+
+template <int S>  // S > 0: left, S < 0: right
+inline __m256i shift16(__m256i v) {
+  if constexpr (S >= 0) return _mm256_slli_epi16(v, S);
+  else return _mm256_srli_epi16(v, -S);
+}
+
+// The 16 vectors V_j of a slice's integers, handed in order to f(j, V_j), j a constant.
 template <int64_t QT, typename F>
 inline void for_each_vector(const uint8_t* words, F&& f) {
+  constexpr Format Fm = format_of(QT);
   if constexpr (QT == Q8_0) {
-    for (int c = 0; c < 8; ++c) {
+    unroll(std::make_integer_sequence<int, 8>{}, [&](auto c) {
       const __m256i raw = _mm256_loadu_si256((const __m256i*)(words + 32 * c));
-      f(2 * c, _mm256_srai_epi16(_mm256_slli_epi16(raw, 8), 8));
-      f(2 * c + 1, _mm256_srai_epi16(raw, 8));
-    }
+      f(std::integral_constant<int, 2 * c>{}, _mm256_srai_epi16(_mm256_slli_epi16(raw, 8), 8));
+      f(std::integral_constant<int, 2 * c + 1>{}, _mm256_srai_epi16(raw, 8));
+    });
   } else {
-    const __m256i m4 = _mm256_set1_epi16(15);
-    for (int c = 0; c < 4; ++c) {
-      const __m256i raw = _mm256_loadu_si256((const __m256i*)(words + 32 * c));
-      f(4 * c, _mm256_and_si256(raw, m4));
-      f(4 * c + 1, _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4));
-      f(4 * c + 2, _mm256_and_si256(_mm256_srli_epi16(raw, 8), m4));
-      f(4 * c + 3, _mm256_srli_epi16(raw, 12));
-    }
+    const __m256i m4 = _mm256_set1_epi16(15), bit4 = _mm256_set1_epi16(16),
+                  bits45 = _mm256_set1_epi16(48);
+    __m256i raw[4], high[2];
+    for (int c = 0; c < 4; ++c) raw[c] = _mm256_loadu_si256((const __m256i*)(words + 32 * c));
+    for (int c = 0; c < Fm.hbits; ++c)
+      high[c] = _mm256_loadu_si256((const __m256i*)(words + 128 + 32 * c));
+    unroll(std::make_integer_sequence<int, 16>{}, [&](auto jc) {
+      constexpr int j = decltype(jc)::value, t = j % 4;
+      __m256i v = raw[j / 4];
+      v = t == 3 ? _mm256_srli_epi16(v, 12) : _mm256_and_si256(shift16<-4 * t>(v), m4);
+      if constexpr (Fm.hbits == 1)
+        v = _mm256_or_si256(v, _mm256_and_si256(shift16<4 - j>(high[0]), bit4));
+      if constexpr (Fm.hbits == 2)
+        v = _mm256_or_si256(v, _mm256_and_si256(shift16<4 - 2 * (j % 8)>(high[j / 8]), bits45));
+      f(jc, v);
+    });
   }
+}
+
+// 8 bytes (unsigned or signed) as 8 floats.
+inline __m256 u8_to_ps(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+inline __m256 i8_to_ps(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
 }
 
 inline float hsum(__m256 v) {
@@ -216,39 +382,60 @@ inline __m256 exp256(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+
 // y[r][0..R) = group rows . activation rows x[r], for MR activation rows.
 template <int64_t QT, int MR>
 inline void group_dot(const uint8_t* group, int64_t nb, const ActBlock* const* x, float* const* y) {
-  constexpr Layout L = QT == Q4_0 ? Layout{2 * R, 18 * R}
-                     : QT == Q4_1 ? Layout{4 * R, 20 * R} : Layout{2 * R, 34 * R};
+  constexpr Format F = format_of(QT);
+  constexpr int SUBS = F.values / QK;
+  constexpr bool kmin = QT == Q4_K || QT == Q5_K, offset = QT == Q4_1 || QT == Q5_1;
+  constexpr int JG = QT == Q6_K ? 8 : 16;  // consecutive V_j under one weight scale
+  constexpr int ZERO = QT == Q4_0 ? 8 : QT == Q5_0 ? 16 : QT == Q6_K ? 32 : 0;
+  // NA independent sums per row hide the latency of the multiply-add chain.
+  constexpr int NA = MR >= 4 ? 1 : 4 / MR;
   __m256 acc[MR];
   for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* gb = group + b * L.bytes;
-    // NA independent sums per row hide the latency of the multiply-add chain.
-    constexpr int NA = MR >= 4 ? 1 : 4 / MR;
-    __m256i p[MR], part[MR][NA];
-    for (int r = 0; r < MR; ++r)
-      for (int a = 0; a < NA; ++a) part[r][a] = _mm256_setzero_si256();
-    for_each_vector<QT>(gb + L.header, [&](int j, __m256i v) {
-      for (int r = 0; r < MR; ++r)
-        part[r][j % NA] = dot_pairs(part[r][j % NA], v,
-                                    _mm256_set1_epi32(*(const int32_t*)&x[r][b].q[2 * j]));
-    });
-    for (int r = 0; r < MR; ++r) {
-      p[r] = part[r][0];
-      for (int a = 1; a < NA; ++a) p[r] = _mm256_add_epi32(p[r], part[r][a]);
-    }
+  for (int64_t b = 0; b < nb / SUBS; ++b) {
+    const uint8_t* gb = group + b * F.bytes();
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)gb));
-    for (int r = 0; r < MR; ++r) {
-      const ActBlock& a = x[r][b];
-      if constexpr (QT == Q4_0) p[r] = _mm256_sub_epi32(p[r], _mm256_set1_epi32(8 * a.qsum));
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[r]), _mm256_mul_ps(d, _mm256_set1_ps(a.d)),
-                               acc[r]);
-    }
-    if constexpr (QT == Q4_1) {
-      const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 2 * R)));
-      for (int r = 0; r < MR; ++r) acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(x[r][b].sum), acc[r]);
+    __m256 m = d;  // Q4_1/Q5_1's m, the K-quants' dmin
+    if constexpr (kmin || offset) m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 2 * R)));
+    for (int s = 0; s < SUBS; ++s) {
+      const ActBlock* a[MR];
+      for (int r = 0; r < MR; ++r) a[r] = &x[r][b * SUBS + s];
+      __m256i part[MR][NA];
+      for (int r = 0; r < MR; ++r)
+        for (int i = 0; i < NA; ++i) part[r][i] = _mm256_setzero_si256();
+      for_each_vector<QT>(gb + F.header + s * F.slice, [&](auto jc, __m256i v) {
+        constexpr int j = decltype(jc)::value;
+        for (int r = 0; r < MR; ++r)
+          part[r][j % NA] = dot_pairs(part[r][j % NA], v,
+                                      _mm256_set1_epi32(*(const int32_t*)&a[r]->q[2 * j]));
+        if constexpr (j % JG == JG - 1) {  // the values under this scale are summed: apply it
+          __m256 scale = d;
+          if constexpr (kmin) scale = _mm256_mul_ps(d, u8_to_ps(gb + 4 * R + s * R));
+          if constexpr (QT == Q6_K) scale = _mm256_mul_ps(d, i8_to_ps(gb + 2 * R + (2 * s + j / 8) * R));
+          for (int r = 0; r < MR; ++r) {
+            __m256i p = part[r][0];
+            for (int i = 1; i < NA; ++i) p = _mm256_add_epi32(p, part[r][i]);
+            for (int i = 0; i < NA; ++i) part[r][i] = _mm256_setzero_si256();
+            if constexpr (ZERO != 0) {
+              const int32_t qs = QT != Q6_K ? a[r]->qsum : j < 8 ? a[r]->qsum_lo
+                                                                 : a[r]->qsum - a[r]->qsum_lo;
+              p = _mm256_sub_epi32(p, _mm256_set1_epi32(ZERO * qs));
+            }
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
+                                     _mm256_mul_ps(scale, _mm256_set1_ps(a[r]->d)), acc[r]);
+          }
+        }
+      });
+      if constexpr (offset)
+        for (int r = 0; r < MR; ++r) acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(a[r]->sum), acc[r]);
+      if constexpr (kmin) {
+        const __m256 mins = _mm256_mul_ps(m, u8_to_ps(gb + 12 * R + s * R));
+        for (int r = 0; r < MR; ++r)
+          acc[r] = _mm256_fnmadd_ps(mins, _mm256_set1_ps(a[r]->sum), acc[r]);
+      }
     }
   }
   for (int r = 0; r < MR; ++r) _mm256_storeu_ps(y[r], acc[r]);
@@ -257,23 +444,24 @@ inline void group_dot(const uint8_t* group, int64_t nb, const ActBlock* const* x
 // Portable fallback: the same integer arithmetic, one value at a time.
 template <int64_t QT, int MR>
 inline void group_dot(const uint8_t* group, int64_t nb, const ActBlock* const* x, float* const* y) {
-  const Layout L = layout(QT);
+  constexpr Format F = format_of(QT);
+  constexpr int SUBS = F.values / QK;
   for (int r = 0; r < MR; ++r)
     for (int i = 0; i < R; ++i) y[r][i] = 0.f;
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* gb = group + b * L.bytes;
-    for (int i = 0; i < R; ++i) {
-      const float d = f16(((const uint16_t*)gb)[i]);
-      const float m = QT == Q4_1 ? f16(((const uint16_t*)gb)[R + i]) : 0.f;
-      int q[QK];
-      for (int k = 0; k < QK; ++k) q[k] = value_at(gb, QT, i, k);
-      for (int r = 0; r < MR; ++r) {
-        const ActBlock& a = x[r][b];
-        int32_t s = 0;
-        for (int k = 0; k < QK; ++k) s += q[k] * a.q[k];
-        y[r][i] += d * a.d * (float)s + m * a.sum;
+  for (int64_t b = 0; b < nb / SUBS; ++b) {
+    const uint8_t* gb = group + b * F.bytes();
+    for (int i = 0; i < R; ++i)
+      for (int k0 = 0; k0 < F.values; k0 += 16) {
+        const Scales S = scales_at(gb, QT, i, k0);
+        int q[16];
+        for (int t = 0; t < 16; ++t) q[t] = raw_value(gb, F, QT, i, k0 + t) - S.zero;
+        for (int r = 0; r < MR; ++r) {
+          const ActBlock& a = x[r][b * SUBS + k0 / QK];
+          int32_t s = 0;
+          for (int t = 0; t < 16; ++t) s += q[t] * a.q[k0 % QK + t];
+          y[r][i] += S.scale * a.d * (float)s + (k0 % QK == 0 ? S.offset * a.sum : 0.f);
+        }
       }
-    }
   }
 }
 #endif
@@ -298,7 +486,7 @@ inline void tile(const ActBlock* x, int64_t m, int64_t nb, const uint8_t* group,
 template <int64_t QT>
 void matmul(const ActBlock* x, int64_t M, int64_t nb, const uint8_t* w, int64_t N, float* y) {
   constexpr int64_t MC = 64;  // activation rows kept in cache while the weights stream by
-  const int64_t G = (N + R - 1) / R, gbytes = nb * layout(QT).bytes;
+  const int64_t G = (N + R - 1) / R, gbytes = nb / (format_of(QT).values / QK) * format_of(QT).bytes();
   // One contiguous share per thread (the prefetchers stream it best); a thread that has not
   // woken up yet leaves its share to the others.
   const int64_t threads = std::max(1, at::get_num_threads());
@@ -322,8 +510,9 @@ void matmul(const ActBlock* x, int64_t M, int64_t nb, const uint8_t* w, int64_t 
 void check_packed(const at::Tensor& w, int64_t qtype, int64_t N, int64_t K) {
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2 &&
               w.is_contiguous(), "packed weight must be a contiguous CPU uint8 tensor");
-  TORCH_CHECK(K % QK == 0, "in_features must be a multiple of 32, got ", K);
-  TORCH_CHECK(w.size(0) == (N + R - 1) / R && w.size(1) == K / QK * layout(qtype).bytes,
+  const Format F = format(qtype);
+  TORCH_CHECK(K % F.values == 0, "in_features must be a multiple of ", F.values, ", got ", K);
+  TORCH_CHECK(w.size(0) == (N + R - 1) / R && w.size(1) == K / F.values * F.bytes(),
               "packed weight of shape ", w.sizes(), " does not hold ", N, " x ", K,
               " values of type ", qtype);
 }
@@ -332,12 +521,7 @@ void check_packed(const at::Tensor& w, int64_t qtype, int64_t N, int64_t K) {
 void linear(const ActBlock* xq, int64_t M, int64_t nb, const at::Tensor& w, int64_t qtype,
             int64_t N, const std::optional<at::Tensor>& bias, float* y) {
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  switch (qtype) {
-    case Q4_0: matmul<Q4_0>(xq, M, nb, wp, N, y); break;
-    case Q4_1: matmul<Q4_1>(xq, M, nb, wp, N, y); break;
-    case Q8_0: matmul<Q8_0>(xq, M, nb, wp, N, y); break;
-    default: layout(qtype);
-  }
+  dispatch(qtype, [&](auto qt) { matmul<decltype(qt)::value>(xq, M, nb, wp, N, y); });
   if (bias.has_value()) {
     const float* b = bias->data_ptr<float>();
     for (int64_t m = 0; m < M; ++m)
@@ -372,6 +556,137 @@ void quantize_rows(const float* x, int64_t M, int64_t K, std::vector<ActBlock>& 
   });
 }
 
+#ifdef CAKE_AVX2
+// 16 floats -> 16 bfloat16 (rounded to nearest even), lo's 8 then hi's 8.
+inline __m256i to_bf16(__m256 lo, __m256 hi) {
+  auto round = [](__m256 f) {
+    const __m256i b = _mm256_castps_si256(f);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    return _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+  };
+  return _mm256_permute4x64_epi64(_mm256_packus_epi32(round(lo), round(hi)), 0xD8);
+}
+
+// v[0..8) as the rows of an 8x8 matrix of 32-bit elements <- its columns.
+inline void transpose8(__m256i* v) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x20);
+    v[i + 4] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x31);
+  }
+}
+
+// The first `rows` rows of one packed group-block, dequantized to bfloat16 rows K apart:
+// each vector V_j (value pairs 2j, 2j + 1 of the 8 rows) is scaled and rounded, and 8x8
+// transposes of the value pairs turn them into 16 consecutive values per row.
+template <int64_t QT>
+inline void dequantize_group_bf16(const uint8_t* gb, int rows, int64_t K, c10::BFloat16* out) {
+  constexpr Format F = format_of(QT);
+  constexpr bool kmin = QT == Q4_K || QT == Q5_K, offset = QT == Q4_1 || QT == Q5_1;
+  constexpr int ZERO = QT == Q4_0 ? 8 : QT == Q5_0 ? 16 : QT == Q6_K ? 32 : 0;
+  const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)gb));
+  __m256 m = _mm256_setzero_ps();
+  if constexpr (kmin || offset) m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 2 * R)));
+  const __m256i lo_rows = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3),
+                hi_rows = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
+  for (int s = 0; s < F.values / QK; ++s) {
+    __m256 scale[2] = {d, d}, off[2] = {m, m};  // per half-slice, per row
+    if constexpr (kmin) {
+      scale[0] = scale[1] = _mm256_mul_ps(d, u8_to_ps(gb + 4 * R + s * R));
+      off[0] = off[1] = _mm256_sub_ps(_mm256_setzero_ps(),
+                                      _mm256_mul_ps(m, u8_to_ps(gb + 12 * R + s * R)));
+    }
+    if constexpr (QT == Q6_K)
+      for (int h = 0; h < 2; ++h) scale[h] = _mm256_mul_ps(d, i8_to_ps(gb + 2 * R + (2 * s + h) * R));
+    __m256 lane_scale[2][2], lane_off[2][2];  // [half][rows 0-3, 4-7], one per value lane
+    for (int h = 0; h < 2; ++h) {
+      lane_scale[h][0] = _mm256_permutevar8x32_ps(scale[h], lo_rows);
+      lane_scale[h][1] = _mm256_permutevar8x32_ps(scale[h], hi_rows);
+      lane_off[h][0] = _mm256_permutevar8x32_ps(off[h], lo_rows);
+      lane_off[h][1] = _mm256_permutevar8x32_ps(off[h], hi_rows);
+    }
+    __m256i pairs[16];
+    for_each_vector<QT>(gb + F.header + s * F.slice, [&](auto jc, __m256i v) {
+      constexpr int j = decltype(jc)::value, h = QT == Q6_K ? j / 8 : 0;
+      if constexpr (ZERO != 0) v = _mm256_sub_epi16(v, _mm256_set1_epi16(ZERO));
+      const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(v)));
+      const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1)));
+      pairs[j] = to_bf16(_mm256_fmadd_ps(lo, lane_scale[h][0], lane_off[h][0]),
+                         _mm256_fmadd_ps(hi, lane_scale[h][1], lane_off[h][1]));
+    });
+    transpose8(pairs);
+    transpose8(pairs + 8);
+    for (int r = 0; r < rows; ++r) {
+      _mm256_storeu_si256((__m256i*)(out + r * K + s * QK), pairs[r]);
+      _mm256_storeu_si256((__m256i*)(out + r * K + s * QK + 16), pairs[8 + r]);
+    }
+  }
+}
+#endif
+
+// Rows n0..n1 of dequantize(w) as bfloat16, into out [n1 - n0, K]; n0 is a multiple of R.
+template <int64_t QT>
+void dequantize_bf16(const uint8_t* w, int64_t K, int64_t n0, int64_t n1, c10::BFloat16* out) {
+  constexpr Format F = format_of(QT);
+  const int64_t nbw = K / F.values, gbytes = nbw * F.bytes();
+  parallel((n1 - n0 + R - 1) / R, 8, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t g = n0 / R + i;
+      const int rows = (int)std::min<int64_t>(R, n1 - g * R);
+      for (int64_t b = 0; b < nbw; ++b) {
+        const uint8_t* gb = w + g * gbytes + b * F.bytes();
+        c10::BFloat16* o = out + i * R * K + b * F.values;
+#ifdef CAKE_AVX2
+        dequantize_group_bf16<QT>(gb, rows, K, o);
+#else
+        for (int r = 0; r < rows; ++r)
+          for (int k0 = 0; k0 < F.values; k0 += 16) {
+            const Scales S = scales_at(gb, QT, r, k0);
+            for (int t = 0; t < 16; ++t)
+              o[r * K + k0 + t] = c10::BFloat16(
+                  S.scale * (float)(raw_value(gb, F, QT, r, k0 + t) - S.zero) + S.offset);
+          }
+#endif
+      }
+    }
+  });
+}
+
+// From this many rows on (0: never), qlinear dequantizes the weights to bfloat16, a slice at a
+// time, and multiplies with torch's own GEMM: on CPUs with AMX (set by cake.text.kernels) that
+// runs ~7x the int16 products' multiply-adds per cycle, for prompts. bfloat16 rounds inputs
+// and outputs to 8 bits of mantissa (relative error 2^-9 each) instead of int16's per-block
+// 2^-16 of the block's largest value.
+std::atomic<int64_t> dense_rows{0};
+
+int64_t set_dense_rows(int64_t rows) { return dense_rows.exchange(rows); }
+
+void dense_linear(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t N,
+                  at::Tensor& y) {
+  const int64_t K = x.size(1);
+  constexpr int64_t SLICE = 1024;  // weight rows dequantized at a time (4 MiB at K = 2048)
+  const at::Tensor xb = x.to(at::kBFloat16);
+  at::Tensor wb = at::empty({std::min(N, SLICE), K}, x.options().dtype(at::kBFloat16));
+  for (int64_t n0 = 0; n0 < N; n0 += SLICE) {
+    const int64_t n1 = std::min(N, n0 + SLICE);
+    dispatch(qtype, [&](auto qt) {
+      dequantize_bf16<decltype(qt)::value>(w.data_ptr<uint8_t>(), K, n0, n1,
+                                            wb.data_ptr<c10::BFloat16>());
+    });
+    y.narrow(1, n0, n1 - n0).copy_(at::mm(xb, wb.narrow(0, 0, n1 - n0).t()));
+  }
+}
+
 // y[..., N] = x[..., K] @ dequantize(w)[N, K]^T (+ bias)
 at::Tensor qlinear(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, int64_t N,
                    const std::optional<at::Tensor>& bias) {
@@ -385,9 +700,15 @@ at::Tensor qlinear(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, i
   std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
   out_shape.back() = N;
   at::Tensor y = at::empty({M, N}, x.options());
-  std::vector<ActBlock> xq;
-  quantize_rows(x.data_ptr<float>(), M, K, xq);
-  linear(xq.data(), M, nb, w, qtype, N, bias, y.data_ptr<float>());
+  const int64_t dense = dense_rows.load();
+  if (dense > 0 && M >= dense) {
+    dense_linear(x, w, qtype, N, y);
+    if (bias.has_value()) y.add_(*bias);
+  } else {
+    std::vector<ActBlock> xq;
+    quantize_rows(x.data_ptr<float>(), M, K, xq);
+    linear(xq.data(), M, nb, w, qtype, N, bias, y.data_ptr<float>());
+  }
   return y.view(out_shape).to(x_in.scalar_type());
 }
 
@@ -396,7 +717,8 @@ at::Tensor dequantize_rows(const at::Tensor& w, int64_t qtype, int64_t N, int64_
                            const at::Tensor& rows) {
   check_packed(w, qtype, N, K);
   const at::Tensor idx = rows.reshape({-1}).to(at::kLong).contiguous();
-  const int64_t n = idx.size(0), nb = K / QK, bytes = layout(qtype).bytes;
+  const Format F = format(qtype);
+  const int64_t n = idx.size(0), nb = K / F.values, bytes = F.bytes();
   const int64_t* ip = idx.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) TORCH_CHECK(ip[i] >= 0 && ip[i] < N, "row ", ip[i], " out of range");
   at::Tensor out = at::empty({n, K}, at::TensorOptions().dtype(at::kFloat));
@@ -408,9 +730,11 @@ at::Tensor dequantize_rows(const at::Tensor& w, int64_t qtype, int64_t N, int64_
       const int r = ip[i] % R;
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* gb = wp + (g * nb + b) * bytes;
-        const float d = f16(((const uint16_t*)gb)[r]);
-        const float m = qtype == Q4_1 ? f16(((const uint16_t*)gb)[R + r]) : 0.f;
-        for (int k = 0; k < QK; ++k) op[i * K + b * QK + k] = d * value_at(gb, qtype, r, k) + m;
+        for (int k = 0; k < F.values; ++k) {
+          const Scales S = scales_at(gb, qtype, r, k);
+          op[i * K + b * F.values + k] = S.scale * (float)(raw_value(gb, F, qtype, r, k) - S.zero)
+                                         + S.offset;
+        }
       }
     }
   });
@@ -645,7 +969,7 @@ at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& attn_norm,
   const AttentionShape S = check_attention(k_cache, v_cache, slots, positions, inv_freq, B,
                                            n_heads);
   const int64_t n_qkv = (S.H + 2 * S.Hkv) * S.D, n_attn = S.H * S.D;
-  const int64_t hidden = down_w.size(1) / layout(down_type).bytes * QK;
+  const int64_t hidden = down_w.size(1) / format(down_type).bytes() * format(down_type).values;
   const float eps = (float)eps_in;
   check_packed(qkv_w, qkv_type, n_qkv, dim);
   check_packed(o_w, o_type, dim, n_attn);
@@ -711,8 +1035,21 @@ at::Tensor silu_mul(const at::Tensor& x_in) {
 
 int64_t rows_per_group() { return R; }
 
+// Which vector path this build of the products took.
+std::string isa() {
+#if defined(CAKE_AVX2) && (defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__)))
+  return "avx2+vnni";
+#elif defined(CAKE_AVX2)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}
+
 TORCH_LIBRARY(cake, m) {
   m.def("rows_per_group() -> int", &rows_per_group);
+  m.def("isa() -> str", &isa);
+  m.def("set_dense_rows(int rows) -> int", &set_dense_rows);
   m.def("repack(Tensor w, int qtype) -> Tensor", &repack);
   m.def("qlinear(Tensor x, Tensor w, int qtype, int n, Tensor? bias) -> Tensor", &qlinear);
   m.def("dequantize_rows(Tensor w, int qtype, int n, int k, Tensor rows) -> Tensor",

@@ -1,0 +1,236 @@
+"""cake against llama.cpp's server on a 1B-class Llama-shaped GGUF, per GGUF type, over HTTP.
+
+    python benchmarks/real_size_bench.py [--types Q4_0,Q4_K_M,Q6_K,Q8_0] [--threads 2]
+                                         [--reps 3] [--shape 1b|3b] [--dir DIR]
+
+The model has random weights (built once with gguf.GGUFWriter in F16, with the default model's
+tokenizer and chat template, then quantized by llama.cpp's own llama_model_quantize) and the
+shape of a real one: 1b = hidden 2048, 16 layers, 32/8 heads, FFN 8192, vocab 49152. The rows
+of the control tokens in the (tied) embedding are zero, so greedy replies never end early.
+
+Per type, both servers run side by side (`cake serve` and `python -m llama_cpp.server
+--interrupt_requests False`, same threads), and each repetition measures them in turn,
+alternating which goes first:
+- decode: one greedy reply of 128 tokens to a short chat prompt, tokens / wall time
+- ttft: a fresh ~512-token prompt (a new first word each time: no prefix-cache hits), one token
+- streams: 8 different prompts at once, 128 tokens each, aggregate tokens / wall time
+- start: process start to the first answer of /v1/models (cake loads before it listens)
+- rss: peak resident memory while serving the 8 streams
+llama.cpp runs without its extra buffer types unless --llama-extra-bufts (see LLAMA_NO_EXTRA_BUFTS).
+Best of the repetitions (the machine's cores are shared: noisy); ratios are cake / llama.cpp,
+streams against llama.cpp's single-stream decode. The last line is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from text_bench import QUESTIONS, ROOT, ServerProcess, default_gguf, free_port  # noqa: E402
+
+SHAPES = {
+    "1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, ffn=8192),
+    "3b": dict(hidden=3072, layers=28, heads=24, kv_heads=8, ffn=8192),
+}
+# llama_model_quantize's ftype numbers (llama.h)
+FTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K_M": 15, "Q5_K_M": 17,
+          "Q6_K": 18}
+NEW_TOKENS, STREAMS = 128, 8
+# llama_cpp.server without llama.cpp's extra buffer types (its AMX / repacked weight layouts):
+# with them, this build dies of SIGILL at the first token on a VM whose CPU flags show AMX.
+LLAMA_NO_EXTRA_BUFTS = """
+import runpy, sys
+import llama_cpp.llama_cpp as api
+default = api.llama_model_default_params
+def params():
+    p = default()
+    p.use_extra_bufts = False
+    return p
+api.llama_model_default_params = params
+sys.argv[0] = "llama_cpp.server"
+runpy.run_module("llama_cpp.server", run_name="__main__")
+"""
+
+
+def build_f16(path: Path, shape: dict) -> None:
+    """A Llama GGUF with random F16 matrices, written tensor by tensor (never all in memory)."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    src = GGUFReader(default_gguf())
+    vocab = len(src.fields["tokenizer.ggml.tokens"].data)
+    types = src.fields["tokenizer.ggml.token_type"].contents()
+    h, f, nh, nkv = shape["hidden"], shape["ffn"], shape["heads"], shape["kv_heads"]
+    hd = h // nh
+    w = GGUFWriter(path, "llama")
+    w.add_name("cake-bench-random")
+    w.add_block_count(shape["layers"])
+    w.add_context_length(8192)
+    w.add_embedding_length(h)
+    w.add_feed_forward_length(f)
+    w.add_head_count(nh)
+    w.add_head_count_kv(nkv)
+    w.add_rope_freq_base(100000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(1)  # mostly F16
+    for name, field in src.fields.items():
+        if name.startswith("tokenizer."):
+            sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+            w.add_key_value(name, field.contents(), field.types[0], sub)
+    tensors = [("token_embd.weight", (vocab, h))]
+    for i in range(shape["layers"]):
+        tensors += [(f"blk.{i}.attn_norm.weight", (h,)), (f"blk.{i}.attn_q.weight", (h, h)),
+                    (f"blk.{i}.attn_k.weight", (nkv * hd, h)),
+                    (f"blk.{i}.attn_v.weight", (nkv * hd, h)),
+                    (f"blk.{i}.attn_output.weight", (h, h)), (f"blk.{i}.ffn_norm.weight", (h,)),
+                    (f"blk.{i}.ffn_gate.weight", (f, h)), (f"blk.{i}.ffn_up.weight", (f, h)),
+                    (f"blk.{i}.ffn_down.weight", (h, f))]
+    tensors.append(("output_norm.weight", (h,)))
+    dtype = lambda s: np.float32 if len(s) == 1 else np.float16  # noqa: E731
+    for name, s in tensors:
+        w.add_tensor_info(name, s, np.dtype(dtype(s)), int(np.prod(s)) * np.dtype(dtype(s)).itemsize)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    rng = np.random.default_rng(0)
+    control = [i for i, t in enumerate(types) if t != 1]  # not NORMAL
+    for name, s in tensors:
+        if len(s) == 1:
+            w.write_tensor_data(np.ones(s, np.float32))
+            continue
+        x = (rng.standard_normal(s, dtype=np.float32) * (1.0 / np.sqrt(s[1]))).astype(np.float16)
+        if name == "token_embd.weight":
+            x *= np.float16(np.sqrt(s[1]) * 0.05)
+            x[control] = 0
+        w.write_tensor_data(x)
+    w.close()
+
+
+def quantized(folder: Path, shape: str, qtype: str) -> Path:
+    out = folder / f"random-{shape}-{qtype}.gguf"
+    if out.exists():
+        return out
+    f16 = folder / f"random-{shape}-F16.gguf"
+    if not f16.exists():
+        t = time.monotonic()
+        build_f16(f16.with_suffix(".tmp"), SHAPES[shape])
+        f16.with_suffix(".tmp").rename(f16)
+        print(f"built {f16} in {time.monotonic() - t:.0f} s", file=sys.stderr)
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[qtype]
+    t = time.monotonic()
+    tmp = out.with_suffix(".tmp")
+    rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize {qtype} failed ({rc})")
+    tmp.rename(out)
+    print(f"quantized {out.name} in {time.monotonic() - t:.0f} s", file=sys.stderr)
+    return out
+
+
+def long_prompt(rep: int) -> str:
+    """~500 tokens of text, with a first word of its own per call."""
+    words = (ROOT / "README.md").read_text().split()
+    return f"Version {rep}. Summarize: " + " ".join(words[:330])
+
+
+class Server(ServerProcess):
+    """A server started on a free port (cmd ends in the port's option), timed to ready."""
+
+    def __init__(self, cmd: list[str], threads: int):
+        port = free_port()
+        t = time.perf_counter()
+        super().__init__([*cmd, f"127.0.0.1:{port}" if cmd[-1] == "--api" else str(port)],
+                         port, threads)
+        self.start_s = time.perf_counter() - t
+
+    def timed_chat(self, question: str, max_tokens: int) -> tuple[float, str, int]:
+        t = time.perf_counter()
+        text, n = self.chat(question, max_tokens)
+        return time.perf_counter() - t, text, n
+
+
+def measure(server: Server, rep: int) -> dict:
+    wall, _, n = server.timed_chat(f"{QUESTIONS[rep % len(QUESTIONS)]} ({rep})", NEW_TOKENS)
+    ttft, _, _ = server.timed_chat(long_prompt(rep), 1)
+    served = server.serve_all([f"{q} [{rep}]" for q in QUESTIONS[:STREAMS]], NEW_TOKENS)
+    return {"decode": n / wall, "ttft": ttft, "streams": served["tok_s"],
+            "rss": served["rss_mib"], "tokens": n}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--types", default="Q4_0,Q4_K_M,Q6_K,Q8_0")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--shape", default="1b", choices=SHAPES)
+    ap.add_argument("--dir", type=Path, default=Path.home() / ".cache" / "cake" / "bench")
+    ap.add_argument("--llama-extra-bufts", action="store_true",
+                    help="let llama.cpp use its AMX/repacked weight layouts (SIGILL on some VMs)")
+    args = ap.parse_args()
+    args.dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for qtype in args.types.split(","):
+        model = quantized(args.dir, args.shape, qtype)
+        cake = Server([sys.executable, "-m", "cake", "serve", str(model), "--max-batch",
+                       str(STREAMS), "--api"], args.threads)
+        launch = ["-m", "llama_cpp.server"] if args.llama_extra_bufts else ["-c", LLAMA_NO_EXTRA_BUFTS]
+        llama = Server([sys.executable, *launch, "--model", str(model),
+                        "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
+                        "--interrupt_requests", "False", "--n_ctx", "4096", "--host",
+                        "127.0.0.1", "--port"], args.threads)
+        runs = {"cake": [], "llama.cpp": []}
+        try:
+            alone = [cake.chat(f"{q} [0]", NEW_TOKENS)[0] for q in QUESTIONS[:STREAMS]]
+            together = cake.serve_all([f"{q} [0]" for q in QUESTIONS[:STREAMS]], NEW_TOKENS)
+            identical = together["texts"] == alone
+            for rep in range(args.reps):
+                order = [("cake", cake), ("llama.cpp", llama)]
+                for name, server in order[::-1] if rep % 2 else order:
+                    runs[name].append(measure(server, rep + 1))
+                    print(f"{qtype} rep {rep + 1} {name}: {runs[name][-1]}", file=sys.stderr)
+        finally:
+            cake.stop()
+            llama.stop()
+        best = {name: {"decode": max(r["decode"] for r in rs), "ttft": min(r["ttft"] for r in rs),
+                       "streams": max(r["streams"] for r in rs), "rss": max(r["rss"] for r in rs),
+                       "start": s.start_s}
+                for (name, rs), s in zip(runs.items(), (cake, llama))}
+        c, ll = best["cake"], best["llama.cpp"]
+        results[qtype] = {
+            "decode_tok_s": [round(c["decode"], 1), round(ll["decode"], 1)],
+            "decode_ratio": round(c["decode"] / ll["decode"], 2),
+            "ttft_s": [round(c["ttft"], 2), round(ll["ttft"], 2)],
+            "ttft_ratio": round(c["ttft"] / ll["ttft"], 2),
+            "streams8_tok_s": round(c["streams"], 1),
+            "streams8_vs_llama_single": round(c["streams"] / ll["decode"], 2),
+            "llama_streams8_tok_s": round(ll["streams"], 1),
+            "start_s": [round(c["start"], 1), round(ll["start"], 1)],
+            "start_ratio": round(c["start"] / ll["start"], 2),
+            "rss_mib": [round(c["rss"]), round(ll["rss"])],
+            "rss_ratio": round(c["rss"] / ll["rss"], 2),
+            "streams_identical_to_alone": identical,
+        }
+        print(qtype, json.dumps(results[qtype]), file=sys.stderr, flush=True)
+    print(f"\n{args.shape} shape, {args.threads} threads, best of {args.reps}, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}; pairs are cake, llama.cpp")
+    print(f"{'type':8} {'decode tok/s':>18} {'x':>5} {'~512-tok TTFT s':>16} {'x':>5} "
+          f"{'8 streams':>9} {'x1':>5} {'start s':>12} {'x':>5} {'RSS MiB':>12} {'x':>5}")
+    for q, r in results.items():
+        print(f"{q:8} {r['decode_tok_s'][0]:8.1f} {r['decode_tok_s'][1]:9.1f} "
+              f"{r['decode_ratio']:5.2f} {r['ttft_s'][0]:7.2f} {r['ttft_s'][1]:8.2f} "
+              f"{r['ttft_ratio']:5.2f} {r['streams8_tok_s']:9.1f} "
+              f"{r['streams8_vs_llama_single']:5.2f} {r['start_s'][0]:5.1f} "
+              f"{r['start_s'][1]:6.1f} {r['start_ratio']:5.2f} {r['rss_mib'][0]:5d} "
+              f"{r['rss_mib'][1]:6d} {r['rss_ratio']:5.2f}")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

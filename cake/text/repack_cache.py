@@ -1,0 +1,87 @@
+"""A GGUF stage's repacked weights, cached on disk and memory-mapped back on the next start.
+
+Repacking a 1B model takes seconds, and every fresh 4 KiB page of memory costs a fault (~10 us
+on VMs). A second start maps the cached file instead, populated in one call (as llama.cpp maps
+its GGUF): its pages are the page cache's, shared, read-only, never copied. The weights lie in
+module order, so q/k/v and gate/up stay adjacent and fuse without a copy (quant.fuse_linears).
+Key: the GGUF's path, size, mtime and first and last MiB, the stage's layers, and the kernels'
+source, where the packed layout is defined. CAKE_NO_REPACK_CACHE=1 turns it off.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from cake.text import kernels
+
+ALIGN = 4096
+
+
+def path_for(checkpoint, model) -> Optional[Path]:
+    source = getattr(checkpoint, "path", None)
+    if os.environ.get("CAKE_NO_REPACK_CACHE") or source is None or not hasattr(checkpoint, "raw"):
+        return None
+    st = Path(source).stat()
+    key = hashlib.sha256(f"{Path(source).resolve()}|{st.st_size}|{st.st_mtime_ns}|{model.start}|"
+                         f"{model.end}|{model.is_first}|{model.is_last}".encode())
+    key.update(kernels.SOURCE.read_bytes())
+    with open(source, "rb") as f:
+        key.update(f.read(1 << 20))
+        f.seek(max(0, st.st_size - (1 << 20)))
+        key.update(f.read())
+    return kernels.cache_dir().parent / "repacked" / f"{key.hexdigest()[:24]}.bin"
+
+
+def load(path: Optional[Path]) -> Optional[tuple[torch.Tensor, dict]]:
+    """(all the cached bytes as one read-only uint8 tensor, index by module path), or None."""
+    if path is None or not path.exists():
+        return None
+    with open(path, "rb") as f:
+        head = int.from_bytes(f.read(8), "little")
+        index = json.loads(f.read(head))
+        mapped = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                           prot=mmap.PROT_READ)
+    with warnings.catch_warnings():  # read-only memory: the kernels only read weights
+        warnings.simplefilter("ignore", UserWarning)
+        data = torch.frombuffer(mapped, dtype=torch.uint8)
+    return data, index
+
+
+def packed(data: torch.Tensor, entry: dict) -> torch.Tensor:
+    rows, cols = entry["shape"]
+    return data[entry["offset"]:entry["offset"] + rows * cols].view(rows, cols)
+
+
+def save(path: Optional[Path], entries: dict[str, dict], tensors: dict[str, torch.Tensor]) -> None:
+    """Write the packed tensors (in the dict's order) with their index; all or nothing."""
+    if path is None or not tensors:
+        return
+    offset, index = 0, {}
+    for name, t in tensors.items():
+        index[name] = {**entries[name], "offset": offset, "shape": list(t.shape)}
+        offset += t.numel()
+    # Room for the offsets to grow by `start` (at most 16 more digits each).
+    start = -(-(8 + len(json.dumps(index)) + 16 * len(index)) // ALIGN) * ALIGN
+    for e in index.values():
+        e["offset"] += start
+    head = json.dumps(index).encode().ljust(start - 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(len(head).to_bytes(8, "little"))
+            f.write(head)
+            for t in tensors.values():
+                f.write(t.contiguous().numpy().tobytes())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
