@@ -27,7 +27,7 @@ BUSY = "import time\nend = time.monotonic() + {s}\nwhile time.monotonic() < end:
 def linear_cases() -> list:
     """qlinear at decode and prefill sizes in each packed type."""
     out = []
-    for qtype in sorted(quant.KERNEL_TYPES):
+    for qtype in sorted(quant.QTYPES.values()):  # the types gguf can quantize to
         for n, k in ((64, 256), (1000, 576), (1536, 576)):
             layer = quant.QuantLinear.from_weight(torch.randn(n, k), qtype)
             for m in (1, 3, 8, 33):

@@ -140,7 +140,7 @@ class RayStore(dist.Store):
             time.sleep(0.01)
 
     def add(self, key: str, amount: int) -> int:
-        # Only the rendezvous' own counters use this, one rank at a time per key.
+        # Not atomic across ranks: gloo's rendezvous only sets, gets and waits.
         value = int(self._kv()._internal_kv_get(key.encode(), namespace=self.namespace) or 0)
         self.set(key, str(value + amount))
         return value + amount
