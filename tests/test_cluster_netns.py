@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import pytest
 
 from cluster_procs import FRANCE, STORY, chat, start_cluster, topology
 from conftest import ROOT, write_tiny_model
+from test_cluster_security import Capture
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -64,8 +66,13 @@ def test_worker_in_another_namespace(start_server, tmp_path_factory, netns):
         (worker,) = doc["workers"]
         assert worker["host"] == worker_ip and worker["status"] == "ready"
         assert worker["name"].startswith(worker["hostname"] + "-")  # unique default name
-        for stream in (False, True):
-            assert chat(master, STORY, 60, stream) == chat(single, STORY, 60, stream)
+        want = [chat(single, STORY, 60, stream) for stream in (False, True)]
+        with Capture(f"ckh{os.getpid() % 10000}") as wire:  # the link, as a sniffer sees it
+            for stream in (False, True):
+                assert chat(master, STORY, 60, stream) == want[stream]
+        assert len(wire.data) > 50_000  # the steps went through the link...
+        assert b"dragon" not in wire.data  # ...and neither the prompt's text nor a step's
+        assert struct.pack("<3q", 1, 1, 1) not in wire.data  # header (op, rows, tokens) shows
         time.sleep(8)  # idle past --worker-timeout: nothing is rebuilt
         assert chat(master, FRANCE, 30) == chat(single, FRANCE, 30)
         assert not [e for e in topology(master)["events"] if e["event"] == "recovered"]

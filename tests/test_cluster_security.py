@@ -94,11 +94,14 @@ def test_an_altered_or_replayed_frame_is_rejected(tamper):
 
 
 class Capture:
-    """Every byte that crosses the loopback interface meanwhile (a raw packet socket)."""
+    """Every byte that crosses an interface meanwhile (a raw packet socket)."""
+
+    def __init__(self, interface: str = "lo"):
+        self.interface = interface
 
     def __enter__(self):
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(3))
-        self.sock.bind(("lo", 0))
+        self.sock.bind((self.interface, 0))
         self.sock.settimeout(0.2)
         self.data, self.stop = bytearray(), False
         self.thread = threading.Thread(target=self._run, daemon=True)
