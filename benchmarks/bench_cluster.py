@@ -175,12 +175,14 @@ def concurrent_rate(url: str, tokens: int, streams: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def bench_cluster(tokens: int, repeats: int, streams: int = 4, depth: int = 0,
-                  delay_ms: Optional[float] = None, one_core: bool = False,
-                  insecure: bool = False) -> dict:
-    """delay_ms: the worker in another network namespace behind a link with this one-way
-    delay (benchmarks/netdelay.py); one_core: the single node and the master on core 0, the
-    worker on core 1, one thread each; insecure: the data plane unsealed."""
+@contextlib.contextmanager
+def single_and_cluster(serve_args: list[str], depth: int = 0, delay_ms: Optional[float] = None,
+                       one_core: bool = False, insecure: bool = False):
+    """One `cake serve` alone and a master with one `cake worker`, both ready; yields
+    (single URL, master URL). delay_ms: the worker in another network namespace behind a
+    link with this one-way delay (benchmarks/netdelay.py); one_core: the single node and the
+    master on core 0, the worker on core 1, one thread each; insecure: the data plane
+    unsealed."""
     from netdelay import DelayedHost
 
     tmp = Path(tempfile.mkdtemp(prefix="cake-bench-"))
@@ -195,11 +197,11 @@ def bench_cluster(tokens: int, repeats: int, streams: int = 4, depth: int = 0,
         if remote:
             stack.enter_context(remote)
         stack.callback(lambda: [p.stop() for p in reversed(procs)])
-        single = Proc(["serve", "--api", single_url[7:], "--max-batch", str(streams)],
-                      tmp / "single.log", env=threads, wrap=pin(0))
+        single = Proc(["serve", "--api", single_url[7:], *serve_args], tmp / "single.log",
+                      env=threads, wrap=pin(0))
         procs.append(single)
         wait_ready(single_url, single)
-        master = Proc(["serve", "--api", master_url[7:], "--max-batch", str(streams),
+        master = Proc(["serve", "--api", master_url[7:], *serve_args,
                        "--cluster-key", "bench", "--cluster-address", address,
                        "--min-workers", "1", "--discovery-timeout", "120",
                        "--pipeline-depth", str(depth),
@@ -213,6 +215,16 @@ def bench_cluster(tokens: int, repeats: int, streams: int = 4, depth: int = 0,
                           env={"CAKE_CACHE": str(tmp / "w"), **threads}, new_group=True,
                           wrap=(remote.wrap if remote else []) + pin(1)))
         wait_ready(master_url, master)
+        yield single_url, master_url
+
+
+def bench_cluster(tokens: int, repeats: int, streams: int = 4, depth: int = 0,
+                  delay_ms: Optional[float] = None, one_core: bool = False,
+                  insecure: bool = False) -> dict:
+    """Decode tok/s, one stream and `streams` at once, alone and on a 2-node cluster (see
+    single_and_cluster for the rest)."""
+    with single_and_cluster(["--max-batch", str(streams)], depth, delay_ms, one_core,
+                            insecure) as (single_url, master_url):
         decode_rate(single_url, 8), decode_rate(master_url, 8)  # warm-up
         rates = {"single": [], "cluster": []}
         for _ in range(repeats):
@@ -222,16 +234,16 @@ def bench_cluster(tokens: int, repeats: int, streams: int = 4, depth: int = 0,
         for _ in range(repeats):
             many["single"].append(concurrent_rate(single_url, tokens, streams))
             many["cluster"].append(concurrent_rate(master_url, tokens, streams))
-        s, c = (statistics.median(rates[k]) for k in ("single", "cluster"))
-        ms, mc = (statistics.median(many[k]) for k in ("single", "cluster"))
-        link = f"{remote.delay_ms} ms one-way" if remote else "loopback"
-        return {"bench": f"2-stage, {link}", "one_core_each": one_core, "sealed": not insecure,
-                "tokens": tokens, "repeats": repeats, "pipeline_depth": depth or "auto",
-                "single_tok_s": round(s, 2), "cluster_tok_s": round(c, 2),
-                "ratio": round(c / s, 3),
-                f"{streams}_streams_single_tok_s": round(ms, 2),
-                f"{streams}_streams_cluster_tok_s": round(mc, 2),
-                "runs": {k: [round(v, 2) for v in r] for k, r in rates.items()}}
+    s, c = (statistics.median(rates[k]) for k in ("single", "cluster"))
+    ms, mc = (statistics.median(many[k]) for k in ("single", "cluster"))
+    link = f"{delay_ms} ms one-way" if delay_ms is not None else "loopback"
+    return {"bench": f"2-stage, {link}", "one_core_each": one_core, "sealed": not insecure,
+            "tokens": tokens, "repeats": repeats, "pipeline_depth": depth or "auto",
+            "single_tok_s": round(s, 2), "cluster_tok_s": round(c, 2),
+            "ratio": round(c / s, 3),
+            f"{streams}_streams_single_tok_s": round(ms, 2),
+            f"{streams}_streams_cluster_tok_s": round(mc, 2),
+            "runs": {k: [round(v, 2) for v in r] for k, r in rates.items()}}
 
 
 def bench_stopped_worker(tokens: int = 120) -> dict:
@@ -239,24 +251,9 @@ def bench_stopped_worker(tokens: int = 120) -> dict:
     mid-stream, and whether the text is what one machine writes."""
     import httpx
 
-    tmp = Path(tempfile.mkdtemp(prefix="cake-bench-"))
-    single_url, master_url = (f"http://127.0.0.1:{free_port()}" for _ in range(2))
-    address = f"127.0.0.1:{free_port()}"
-    procs = []
     body = {"messages": [{"role": "user", "content": "Write a long story about a dragon."}],
             "max_tokens": tokens, "temperature": 0, "stream": True}
-    try:
-        procs.append(Proc(["serve", "--api", single_url[7:]], tmp / "single.log"))
-        wait_ready(single_url, procs[0])
-        procs.append(Proc(["serve", "--api", master_url[7:], "--cluster-key", "bench",
-                           "--cluster-address", address, "--min-workers", "1",
-                           "--discovery-timeout", "120"], tmp / "master.log",
-                          env={"CAKE_CACHE": str(tmp / "m")}))
-        time.sleep(3)
-        procs.append(Proc(["worker", "--join", address, "--cluster-key", "bench", "--name",
-                           "w1"], tmp / "worker.log", env={"CAKE_CACHE": str(tmp / "w")},
-                          new_group=True))
-        wait_ready(master_url, procs[1])
+    with single_and_cluster([]) as (single_url, master_url):
         want = httpx.post(single_url + "/v1/chat/completions", timeout=600,
                           json={**body, "stream": False}).json()["choices"][0]["message"]
         doc = httpx.get(master_url + "/api/v1/topology", timeout=30).json()
@@ -270,12 +267,9 @@ def bench_stopped_worker(tokens: int = 120) -> dict:
                     times.append(time.perf_counter())
                     if len(pieces) == 10:
                         os.kill(stage, signal.SIGSTOP)
-        gaps = [b - a for a, b in zip(times, times[1:])]
-        return {"bench": "worker stopped mid-stream", "pause_s": round(max(gaps), 2),
-                "same_text": "".join(pieces) == want["content"]}
-    finally:
-        for p in reversed(procs):
-            p.stop()
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    return {"bench": "worker stopped mid-stream", "pause_s": round(max(gaps), 2),
+            "same_text": "".join(pieces) == want["content"]}
 
 
 def main() -> None:

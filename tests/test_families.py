@@ -15,7 +15,8 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import default_gguf  # noqa: E402
 from gguf_convert import convert  # noqa: E402
-from test_model_parity import generate, new_cache, randomize, run_stages  # noqa: E402
+from test_model_parity import (assert_batched_decode_equals_alone, generate,  # noqa: E402
+                               new_cache, randomize, run_stages)
 
 from cake.text import quant  # noqa: E402
 from cake.text.gguf_weights import GGUFCheckpoint  # noqa: E402
@@ -158,18 +159,8 @@ def test_both_config_forms(models, name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_batched_decode_equals_single(models, name):
     model = load_stage(SafetensorsCheckpoint(models(name)[1]))
-    prompts, slots, steps = [PROMPT[:7], PROMPT[2:]], [2, 0], 4
-    alone = [generate([model], [new_cache(model)], p, steps) for p in prompts]
-    cache = new_cache(model, num_slots=3)
-    last = [run_stages([model], [cache], [p], [list(range(len(p)))], [s])[0, -1]
-            for p, s in zip(prompts, slots)]
-    for step in range(steps):
-        logits = torch.stack(last)
-        for (tokens, expected), row, p in zip(alone, logits, prompts):
-            torch.testing.assert_close(row, expected[len(p) - 1 + step], atol=1e-4, rtol=0)
-        next_tokens = [[tokens[len(p) + step]] for (tokens, _), p in zip(alone, prompts)]
-        positions = [[len(p) + step] for p in prompts]
-        last = list(run_stages([model], [cache], next_tokens, positions, slots)[:, -1])
+    assert_batched_decode_equals_alone(model, [PROMPT[:7], PROMPT[2:]], [2, 0], 4, atol=1e-4,
+                                       greedy=False)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -310,17 +310,10 @@ class ClusterPipeline:
         """Called every second a step is out: a stage that does not answer its heartbeat
         within PING_TIMEOUT_S is lost (stopped, hung, or cut off); one that answers but has
         held the step for worker_timeout is stalled."""
-        import ray
-
-        ready = [w for w in self.workers.values() if w.status == "ready"]
-        pings = {w.actor.ping.remote(): w for w in ready}
-        answered, _ = ray.wait(list(pings), num_returns=len(pings), timeout=PING_TIMEOUT_S)
-        silent = [w for ref, w in pings.items() if ref not in answered]
-        for w in silent:
-            w.detail = f"no heartbeat for {PING_TIMEOUT_S:.0f}s"
+        beats, silent = self._heartbeats()
         if silent:
             raise StageLost(f"{', '.join(w.name for w in silent)} stopped answering", silent)
-        beats = {w.name: ray.get(ref) for ref, w in pings.items()}
+        ready = [w for w in self.workers.values() if w.name in beats]
         ended = [w for w in ready if not beats[w.name]["running"]]
         for w in ended:  # its loop gave up: a peer's connection broke or a frame was rejected
             w.detail = beats[w.name]["error"] or "stage loop ended"
@@ -410,24 +403,29 @@ class ClusterPipeline:
 
     # --- failures ------------------------------------------------------------------
 
-    def _find_lost(self) -> list[rc.WorkerRecord]:
-        """The workers at fault after a broken connection: those whose actor is gone."""
+    def _heartbeats(self) -> tuple[dict, list[rc.WorkerRecord]]:
+        """Every ready stage's ping, PING_TIMEOUT_S at most: (answers by worker name, the
+        workers that gave none, silent or gone, with their detail set)."""
         import ray
 
         ready = [w for w in self.workers.values() if w.status == "ready"]
         pings = {w.actor.ping.remote(): w for w in ready}
         answered, _ = ray.wait(list(pings), num_returns=len(pings), timeout=PING_TIMEOUT_S)
-        lost = []
+        beats, lost = {}, []
         for ref, w in pings.items():
             try:
                 if ref in answered:
-                    ray.get(ref)
+                    beats[w.name] = ray.get(ref)
                     continue
                 w.detail = f"no heartbeat for {PING_TIMEOUT_S:.0f}s"
-            except Exception as e:
+            except Exception as e:  # its actor is gone
                 w.detail = f"unreachable ({type(e).__name__})"
             lost.append(w)
-        return lost
+        return beats, lost
+
+    def _find_lost(self) -> list[rc.WorkerRecord]:
+        """The workers at fault after a broken connection."""
+        return self._heartbeats()[1]
 
     def _recover(self, error: str, lost: Optional[list] = None, attempts: int = 3) -> None:
         """Re-place the layers without the lost worker, refill every cache and run the steps

@@ -154,7 +154,6 @@ class StageWorker:
         self.model = self.cache = self.link = None
         self.thread: Optional[threading.Thread] = None
         self.steps_done = 0
-        self.busy_since: Optional[float] = None
         self.error: Optional[str] = None
         self.weights_from = None
 
@@ -163,10 +162,8 @@ class StageWorker:
 
     def ping(self) -> dict:
         """The heartbeat the master asks for while a step is in flight."""
-        busy = self.busy_since
         return {"steps_done": self.steps_done, "error": self.error,
-                "running": bool(self.thread and self.thread.is_alive()),
-                "busy_s": None if busy is None else time.monotonic() - busy}
+                "running": bool(self.thread and self.thread.is_alive())}
 
     # weights
 
@@ -269,11 +266,9 @@ class StageWorker:
                         for work, _ in self.link.send_stop(self.next):
                             work.wait()
                     return
-                self.busy_since = time.monotonic()
                 y = self.model(x, batch, self.cache)
                 for work, _ in self.link.send(self.next, y, batch):
                     work.wait()
-                self.busy_since = None
                 self.steps_done += 1
         except transport.FrameRejected as e:  # tampered with, replayed, or another cluster's
             self.error = f"rejected a frame from rank {self.prev}: {e}"

@@ -118,15 +118,20 @@ class RayStore(dist.Store):
 
         return internal_kv
 
+    @staticmethod
+    def _bytes(value) -> bytes:  # values come as str, bytes or lists of ints
+        return value.encode() if isinstance(value, str) else bytes(value)
+
+    def _get(self, key: str) -> Optional[bytes]:
+        return self._kv()._internal_kv_get(key.encode(), namespace=self.namespace)
+
     def set(self, key: str, value) -> None:
-        value = value if isinstance(value, bytes) else bytes(value, "utf-8") \
-            if isinstance(value, str) else bytes(value)
-        self._kv()._internal_kv_put(key.encode(), value, overwrite=True,
+        self._kv()._internal_kv_put(key.encode(), self._bytes(value), overwrite=True,
                                     namespace=self.namespace)
 
     def get(self, key: str) -> bytes:
         self.wait([key])
-        return self._kv()._internal_kv_get(key.encode(), namespace=self.namespace)
+        return self._get(key)
 
     def check(self, keys: list) -> bool:
         kv = self._kv()
@@ -141,15 +146,15 @@ class RayStore(dist.Store):
 
     def add(self, key: str, amount: int) -> int:
         # Not atomic across ranks: gloo's rendezvous only sets, gets and waits.
-        value = int(self._kv()._internal_kv_get(key.encode(), namespace=self.namespace) or 0)
+        value = int(self._get(key) or 0)
         self.set(key, str(value + amount))
         return value + amount
 
     def compare_set(self, key: str, expected, desired) -> bytes:
-        current = self._kv()._internal_kv_get(key.encode(), namespace=self.namespace)
+        current = self._get(key)
         if current == expected or (current is None and not expected):
             self.set(key, desired)
-            return desired if isinstance(desired, bytes) else bytes(desired, "utf-8")
+            return self._bytes(desired)
         return current
 
     def delete_key(self, key: str) -> bool:
