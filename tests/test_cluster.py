@@ -80,6 +80,25 @@ def test_concurrent_requests(default_cluster, single_node):
     assert got == want
 
 
+def test_embeddings_and_n_choices_as_one_machine(default_cluster, single_node):
+    """The master keeps the final norm, so embeddings come from the cluster as from one
+    machine; n > 1 runs its choices through the ring too."""
+    master, _, _ = default_cluster
+    texts = ["The capital of France is Paris.", "Bread is baked in an oven."]
+
+    def embed(server):
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        return [d.embedding for d in client.embeddings.create(model="m", input=texts).data]
+
+    for got, want in zip(embed(master), embed(single_node)):
+        assert len(got) == len(want) == 576
+        assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4
+    client = openai.OpenAI(base_url=master.url + "/v1", api_key="x", max_retries=0)
+    out = client.chat.completions.create(model="m", messages=FRANCE, max_tokens=12, n=2,
+                                         temperature=0)
+    assert [c.message.content for c in out.choices] == [chat(single_node, FRANCE, 12)] * 2
+
+
 def test_wrong_cluster_key_is_refused(default_cluster, tmp_path):
     _, _, address = default_cluster
     out = subprocess.run([sys.executable, "-m", "cake", "worker", "--join", address,

@@ -28,6 +28,7 @@ from cake.cluster.topology import (device_memory, layer_range, packed_types,
                                    tensor_shapes, text_topology)
 from cake.text.kv_cache import (KVCache, StepBatch, kv_row_bytes, sequence_kv_bytes,
                                 serving_dtype)
+from cake.text.pipeline import final_hidden
 
 log = logging.getLogger(__name__)
 
@@ -364,6 +365,12 @@ class ClusterPipeline:
                                                     logits_at=rec["logits_at"])
                 self._remember(rec["tokens"], rec["batch"])
             return self.results.pop(handle)
+
+    def hidden(self, tokens, batch, logits_at) -> torch.Tensor:
+        """Embeddings: the master keeps the final norm and head (its last local stage)."""
+        if self.headless:
+            raise TypeError("a headless pipeline returns hidden states from forward itself")
+        return final_hidden(self, self.stages[-1].model.norm, tokens, batch, logits_at)
 
     def release(self, slot: int) -> None:
         # A finished sequence's cached positions are masked out on every node until its slot

@@ -28,6 +28,10 @@ class Pipeline(Protocol):
     def kv_cache_stats(self) -> dict:
         """{"kv_cache_bytes": held now, "kv_cache_capacity_bytes": the most it can hold}."""
 
+    def hidden(self, tokens: torch.Tensor, batch: StepBatch,
+               logits_at: Optional[torch.Tensor]) -> torch.Tensor:
+        """As forward, but the final norm's output [B, D] at logits_at (embeddings)."""
+
 
 class LocalPipeline:
     def __init__(self, stages: list, num_slots: int, max_len: int, checkpoint=None,
@@ -72,18 +76,8 @@ class LocalPipeline:
                 for t in store.values():
                     t[dst, :length] = t[src, :length]
 
-    @torch.inference_mode()
     def hidden(self, tokens, batch, logits_at) -> torch.Tensor:
-        """The final norm's output at logits_at [B, D] (what embeddings pool), instead of
-        logits; read with a hook, so the model's own forward is the one that runs."""
-        captured = []
-        norm = self.stages[-1].model.norm
-        handle = norm.register_forward_hook(lambda module, args, out: captured.append(out))
-        try:
-            self.forward(tokens, batch, logits_at)
-        finally:
-            handle.remove()
-        return captured[-1]
+        return final_hidden(self, self.stages[-1].model.norm, tokens, batch, logits_at)
 
     def topology(self, model_id: str) -> dict:
         from cake.cluster.topology import text_topology
@@ -91,3 +85,16 @@ class LocalPipeline:
         doc = text_topology(model_id, self.stages, checkpoint=self.checkpoint, quant=self.quant)
         doc["master"].update(self.kv_cache_stats())
         return doc
+
+
+@torch.inference_mode()
+def final_hidden(pipeline, norm, tokens, batch, logits_at) -> torch.Tensor:
+    """The final norm's output at logits_at [B, D] (what embeddings pool), instead of
+    logits; read with a hook, so the pipeline's own forward is the one that runs."""
+    captured = []
+    handle = norm.register_forward_hook(lambda module, args, out: captured.append(out))
+    try:
+        pipeline.forward(tokens, batch, logits_at)
+    finally:
+        handle.remove()
+    return captured[-1]
