@@ -272,6 +272,35 @@ def bench_stopped_worker(tokens: int = 120) -> dict:
             "same_text": "".join(pieces) == want["content"]}
 
 
+def first_token_s(url: str) -> float:
+    """Seconds from sending a short greedy request to its first streamed token."""
+    import httpx
+
+    body = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 4,
+            "temperature": 0, "stream": True}
+    t = time.perf_counter()
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"content"' in line:
+                return time.perf_counter() - t
+    return float("nan")
+
+
+def bench_idle(seconds: float) -> dict:
+    """Time to first token on a warm cluster, then after `seconds` with no requests, and
+    whether the master logged a recovery in between (a stage that gave up while idle)."""
+    import httpx
+
+    with single_and_cluster([]) as (_, master_url):
+        warm = statistics.median(first_token_s(master_url) for _ in range(5))
+        time.sleep(seconds)
+        after = first_token_s(master_url)
+        events = httpx.get(master_url + "/api/v1/topology", timeout=30).json().get("events", [])
+    return {"bench": f"idle {seconds:.0f} s", "warm_ttft_s": round(warm, 3),
+            "after_idle_ttft_s": round(after, 3),
+            "recoveries": sum(e["event"] == "recovered" for e in events)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hops-only", action="store_true")
@@ -286,7 +315,12 @@ def main() -> None:
                     help="each cluster run twice, sealed and --cluster-insecure: their ratio")
     ap.add_argument("--one-core", action="store_true",
                     help="each node on one core with one thread (master and single node: 0)")
+    ap.add_argument("--idle", type=float, default=None, metavar="S",
+                    help="only: time to first token warm and after S seconds idle")
     args = ap.parse_args()
+    if args.idle is not None:
+        print(json.dumps(bench_idle(args.idle)), flush=True)
+        return
     if args.stopped_worker:
         print(json.dumps(bench_stopped_worker()), flush=True)
         return
