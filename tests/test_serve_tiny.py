@@ -46,7 +46,8 @@ def test_missing_repo_fails_clearly(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "cake", "serve", "nobody/nothing"],
+    out = subprocess.run([sys.executable, "-m", "cake", "serve", "nobody/nothing",
+                          "--api", f"127.0.0.1:{free_port()}"],
                          capture_output=True, text=True, timeout=120,
                          env={"HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1",
                               "PATH": "/usr/bin:/bin"})
