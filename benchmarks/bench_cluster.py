@@ -179,16 +179,17 @@ def concurrent_rate(url: str, tokens: int, streams: int) -> float:
 def single_and_cluster(serve_args: list[str], depth: int = 0, delay_ms: Optional[float] = None,
                        one_core: bool = False, insecure: bool = False):
     """One `cake serve` alone and a master with one `cake worker`, both ready; yields
-    (single URL, master URL). delay_ms: the worker in another network namespace behind a
-    link with this one-way delay (benchmarks/netdelay.py); one_core: the single node and the
+    (single URL, master URL, the link's measured one-way delay in ms or None). delay_ms: the
+    worker in another network namespace behind a link with this one-way delay, as measured
+    (benchmarks/netdelay.py); one_core: the single node and the
     master on core 0, the worker on core 1, one thread each; insecure: the data plane
     unsealed."""
-    from netdelay import DelayedHost
+    from netdelay import calibrated
 
     tmp = Path(tempfile.mkdtemp(prefix="cake-bench-"))
     single_url = f"http://127.0.0.1:{free_port()}"
     master_url = f"http://127.0.0.1:{free_port()}"
-    remote = DelayedHost("cake-bench", delay_ms) if delay_ms is not None else None
+    remote = calibrated("cake-bench", delay_ms) if delay_ms is not None else None
     address = f"{remote.here if remote else '127.0.0.1'}:{free_port()}"
     pin = (lambda core: ["taskset", "-c", str(core)]) if one_core else (lambda core: [])
     threads = {"OMP_NUM_THREADS": "1"} if one_core else {}
@@ -215,7 +216,7 @@ def single_and_cluster(serve_args: list[str], depth: int = 0, delay_ms: Optional
                           env={"CAKE_CACHE": str(tmp / "w"), **threads}, new_group=True,
                           wrap=(remote.wrap if remote else []) + pin(1)))
         wait_ready(master_url, master)
-        yield single_url, master_url
+        yield single_url, master_url, round(remote.one_way_ms(), 3) if remote else None
 
 
 def bench_cluster(tokens: int, repeats: int, streams: int = 4, depth: int = 0,
@@ -224,7 +225,7 @@ def bench_cluster(tokens: int, repeats: int, streams: int = 4, depth: int = 0,
     """Decode tok/s, one stream and `streams` at once, alone and on a 2-node cluster (see
     single_and_cluster for the rest)."""
     with single_and_cluster(["--max-batch", str(streams)], depth, delay_ms, one_core,
-                            insecure) as (single_url, master_url):
+                            insecure) as (single_url, master_url, one_way):
         decode_rate(single_url, 8), decode_rate(master_url, 8)  # warm-up
         rates = {"single": [], "cluster": []}
         for _ in range(repeats):
@@ -237,7 +238,8 @@ def bench_cluster(tokens: int, repeats: int, streams: int = 4, depth: int = 0,
     s, c = (statistics.median(rates[k]) for k in ("single", "cluster"))
     ms, mc = (statistics.median(many[k]) for k in ("single", "cluster"))
     link = f"{delay_ms} ms one-way" if delay_ms is not None else "loopback"
-    return {"bench": f"2-stage, {link}", "one_core_each": one_core, "sealed": not insecure,
+    return {"bench": f"2-stage, {link}", "measured_one_way_ms": one_way,
+            "one_core_each": one_core, "sealed": not insecure,
             "tokens": tokens, "repeats": repeats, "pipeline_depth": depth or "auto",
             "single_tok_s": round(s, 2), "cluster_tok_s": round(c, 2),
             "ratio": round(c / s, 3),
@@ -253,7 +255,7 @@ def bench_stopped_worker(tokens: int = 120) -> dict:
 
     body = {"messages": [{"role": "user", "content": "Write a long story about a dragon."}],
             "max_tokens": tokens, "temperature": 0, "stream": True}
-    with single_and_cluster([]) as (single_url, master_url):
+    with single_and_cluster([]) as (single_url, master_url, _):
         want = httpx.post(single_url + "/v1/chat/completions", timeout=600,
                           json={**body, "stream": False}).json()["choices"][0]["message"]
         doc = httpx.get(master_url + "/api/v1/topology", timeout=30).json()
@@ -291,7 +293,7 @@ def bench_idle(seconds: float) -> dict:
     whether the master logged a recovery in between (a stage that gave up while idle)."""
     import httpx
 
-    with single_and_cluster([]) as (_, master_url):
+    with single_and_cluster([]) as (_, master_url, _):
         warm = statistics.median(first_token_s(master_url) for _ in range(5))
         time.sleep(seconds)
         after = first_token_s(master_url)

@@ -133,12 +133,55 @@ class DelayedHost:
             raise RuntimeError(f"delayed link did not come up: {line!r}")
         return self
 
+    def one_way_ms(self, rounds: int = 200) -> float:
+        """The delay the link really adds, one way: half the median round trip of a small
+        TCP message to an echo server in the namespace (the forwarder's wake-ups are late by
+        some tens of microseconds on a busy machine, so the set delay is a lower bound)."""
+        import socket
+
+        echo = ("import socket\ns = socket.create_server(('0.0.0.0', 10129))\n"
+                "c, _ = s.accept()\nc.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)\n"
+                "while (m := c.recv(64)):\n    c.sendall(m)\n")
+        server = subprocess.Popen([*self.wrap, sys.executable, "-c", echo])
+        try:
+            for _ in range(100):
+                try:
+                    conn = socket.create_connection((self.ip, 10129), timeout=5)
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            trips = []
+            for _ in range(rounds):
+                t = time.perf_counter()
+                conn.sendall(b"x" * 32)
+                conn.recv(64)
+                trips.append(time.perf_counter() - t)
+            conn.close()
+        finally:
+            server.kill()
+            server.wait()
+        trips.sort()
+        return trips[len(trips) // 2] / 2 * 1000
+
     def __exit__(self, *exc) -> None:
         self.proc.send_signal(signal.SIGINT)
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def calibrated(name: str, one_way_ms: float) -> DelayedHost:
+    """A DelayedHost (not yet entered) whose forwarder adds one_way_ms, as measured: its
+    lateness in waking up (the one-way time at the set delay, less the time with none, less
+    the delay) is taken off the set delay. The time with none (the stacks and the copy
+    itself) stays, as a real wire's own latency would."""
+    with DelayedHost(name, 0.0) as probe:
+        base = probe.one_way_ms()
+    with DelayedHost(name, one_way_ms) as probe:
+        late = probe.one_way_ms() - base - one_way_ms
+    return DelayedHost(name, max(0.0, one_way_ms - late))
 
 
 def main() -> int:
