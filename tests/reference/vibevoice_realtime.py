@@ -20,6 +20,7 @@ import copy
 import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +82,7 @@ def make_preset(model, tok: Tokenizer, neg_id: int) -> dict:
 
 
 @torch.no_grad()
-def generate(model, preset, text_ids, neg_id, cfg_scale) -> np.ndarray:
+def generate(model, preset, text_ids, neg_id, cfg_scale, max_new_tokens=MAX_NEW_TOKENS):
     """As demo/realtime_model_inference_from_file.py does, the processor's placeholder ids
     written out here."""
     lm_len = preset["lm"]["last_hidden_state"].shape[1]
@@ -94,7 +95,7 @@ def generate(model, preset, text_ids, neg_id, cfg_scale) -> np.ndarray:
         tts_lm_input_ids=torch.zeros(1, tts_len, dtype=torch.long),
         tts_lm_attention_mask=torch.ones(1, tts_len, dtype=torch.long),
         tts_text_ids=torch.tensor([text_ids]), tokenizer=Ids(neg_id), cfg_scale=cfg_scale,
-        all_prefilled_outputs=copy.deepcopy(preset), max_new_tokens=MAX_NEW_TOKENS,
+        all_prefilled_outputs=copy.deepcopy(preset), max_new_tokens=max_new_tokens,
         return_speech=True, show_progress_bar=False)
     return out.speech_outputs[0].reshape(-1).float().numpy()
 
@@ -120,5 +121,24 @@ def main(folder: Path, out: Path):
     print(f"{len(guided)} / {len(plain)} / {len(ended)} samples; checkpoint {digest}")
 
 
+def bench(folder: Path, text: str, max_new_tokens: int, repeats: int):
+    """benchmarks/bench_speech_realtime.py's reference side: one JSON line, the audio made
+    and the seconds of each timed generate() after a warm-up."""
+    model = load(folder)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    neg_id = tok.token_to_id("<|vision_pad|>")
+    preset = make_preset(model, tok, neg_id)  # the same as data/realtime-voice.pt
+    text_ids = tok.encode(text.strip() + "\n", add_special_tokens=False).ids
+    seconds = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        audio = generate(model, preset, text_ids, neg_id, 1.5, max_new_tokens)
+        seconds.append(time.perf_counter() - started)
+    print(json.dumps({"samples": len(audio), "seconds": seconds[1:], "audio": audio.tolist()}))
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    if sys.argv[1] == "bench":
+        bench(Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    else:
+        main(Path(sys.argv[1]), Path(sys.argv[2]))

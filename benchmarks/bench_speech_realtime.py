@@ -1,0 +1,88 @@
+"""VibeVoice-Realtime: milliseconds per second of audio, cake's implementation against
+Microsoft's reference on the same tiny random checkpoint, voice preset, text and settings
+(guided, cfg 1.5), on this machine in the same run.
+
+    python benchmarks/bench_speech_realtime.py --reference-python /work/refenv-vibevoice/bin/python \
+        --reference-src /path/to/VibeVoice --tokens 120 --repeats 3
+
+The reference runs in its own environment (tests/reference/vibevoice_realtime.py says how to
+make it), in a child process; cake runs here. Each side reports the median of --repeats timed
+runs after a warm-up; cake makes exactly as many frames as the reference did, and the script
+checks that both made the same audio. Prints one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from speech_models import write_realtime  # noqa: E402
+
+from cake.audio.vibevoice.realtime import SAMPLE_RATE, VibeVoiceRealtimeSpeech  # noqa: E402
+
+TEXT = ("Hello world, this is a test of speech. It goes on for a while, so that the windows "
+        "of text and speech take turns many times before the end.")
+
+
+def reference(args, folder: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": args.reference_src}
+    out = subprocess.run([args.reference_python, str(ROOT / "tests/reference/vibevoice_realtime.py"),
+                          "bench", str(folder), TEXT, str(args.tokens), str(args.repeats)],
+                         env=env, capture_output=True, text=True, timeout=3600, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cake(folder: Path, frames: int, repeats: int) -> tuple[list[float], np.ndarray]:
+    speech = VibeVoiceRealtimeSpeech.load(folder, "tiny")
+    preset, ids = speech.preset("voice"), speech.text_ids(TEXT)
+    seconds = []
+    for _ in range(repeats + 1):
+        torch.manual_seed(7)
+        started = time.perf_counter()
+        audio = torch.cat(list(speech.frames(preset, ids, 1.5, 5, frames))).numpy()
+        seconds.append(time.perf_counter() - started)
+    return seconds[1:], audio
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reference-python", default="/work/refenv-vibevoice/bin/python")
+    p.add_argument("--reference-src", required=True, help="a checkout of microsoft/VibeVoice")
+    p.add_argument("--tokens", type=int, default=120, help="reference max_new_tokens")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "realtime-tiny"
+        write_realtime(folder)
+        (folder / "voices").mkdir()
+        shutil.copy(ROOT / "tests/reference/data/realtime-voice.pt", folder / "voices/voice.pt")
+        ref = reference(args, folder)
+        frames = ref["samples"] // 160
+        ours, audio = cake(folder, frames, args.repeats)
+    theirs = np.array(ref["audio"], dtype=np.float32)
+    assert audio.shape == theirs.shape, (audio.shape, theirs.shape)
+    np.testing.assert_allclose(audio, theirs, rtol=0, atol=1e-3 * np.abs(theirs).max())
+    audio_s = ref["samples"] / SAMPLE_RATE
+    ref_ms = 1000 * statistics.median(ref["seconds"]) / audio_s
+    cake_ms = 1000 * statistics.median(ours) / audio_s
+    print(json.dumps({"frames": frames, "audio_s": round(audio_s, 3),
+                      "reference_ms_per_audio_s": round(ref_ms, 1),
+                      "cake_ms_per_audio_s": round(cake_ms, 1),
+                      "speedup": round(ref_ms / cake_ms, 2), "threads": torch.get_num_threads()}))
+
+
+if __name__ == "__main__":
+    main()
