@@ -2,8 +2,8 @@
 Microsoft's reference on the same tiny random checkpoint, voice preset, text and settings
 (guided, cfg 1.5), on this machine in the same run.
 
-    python benchmarks/bench_speech_realtime.py --reference-python /work/refenv-vibevoice/bin/python \
-        --reference-src /path/to/VibeVoice --tokens 120 --repeats 3
+    python benchmarks/bench_speech_realtime.py --reference-src /path/to/VibeVoice \
+        --reference-python /work/refenv-vibevoice/bin/python --tokens 120 --repeats 3
 
 The reference runs in its own environment (tests/reference/vibevoice_realtime.py says how to
 make it), in a child process; cake runs here. Each side reports the median of --repeats timed
@@ -39,8 +39,9 @@ TEXT = ("Hello world, this is a test of speech. It goes on for a while, so that 
 
 def reference(args, folder: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": args.reference_src}
-    out = subprocess.run([args.reference_python, str(ROOT / "tests/reference/vibevoice_realtime.py"),
-                          "bench", str(folder), TEXT, str(args.tokens), str(args.repeats)],
+    script = ROOT / "tests/reference/vibevoice_realtime.py"
+    out = subprocess.run([args.reference_python, str(script), "bench", str(folder), TEXT,
+                          str(args.tokens), str(args.repeats)],
                          env=env, capture_output=True, text=True, timeout=3600, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -101,6 +101,27 @@ def test_presets_load_without_running_pickled_code(tmp_path):
     assert not marker.exists()
     preset = load_preset(DATA / "realtime-voice.pt")  # Microsoft's format, DynamicCache and all
     assert preset.tts.length == preset.lm.length + 3 and preset.neg_tts.length == 1
+
+
+def test_presets_saved_by_transformers_5_load_too(tmp_path):
+    from transformers import DynamicCache
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    from cake.audio.vibevoice.presets import load_preset
+
+    parts = {}
+    for name, length in (("lm", 4), ("tts_lm", 6), ("neg_tts_lm", 1)):
+        cache = DynamicCache()
+        for layer in range(2):
+            cache.update(torch.randn(1, 2, length, 16), torch.randn(1, 2, length, 16), layer)
+        parts[name] = BaseModelOutputWithPast(last_hidden_state=torch.randn(1, length, 64),
+                                              past_key_values=cache)
+    torch.save(parts, tmp_path / "new.pt")
+    preset = load_preset(tmp_path / "new.pt")
+    assert (preset.lm.length, preset.tts.length, preset.neg_tts.length) == (4, 6, 1)
+    keys, _ = preset.tts.layers[1]
+    torch.testing.assert_close(keys, parts["tts_lm"].past_key_values.layers[1].keys[0])
+    torch.testing.assert_close(preset.tts.last_hidden, parts["tts_lm"].last_hidden_state[0, -1])
     assert preset.tts.layers[0][0].shape == (2, preset.tts.length, 16)
 
 

@@ -89,7 +89,8 @@ class SpeechLM:
                 x = stage.run_layers(x, batch, cache, kernels=False)
         return self.norm(x if every else x[:, -1])
 
-    def load_prefix(self, cache: KVCache, slot: int, layers: list[tuple[torch.Tensor, torch.Tensor]]):
+    def load_prefix(self, cache: KVCache, slot: int,
+                    layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Put computed keys and values [n_kv, L, head_dim], one pair per layer (a voice
         preset's), at positions 0..L-1 of a slot, as if that prompt had just run."""
         if self.ring is not None:

@@ -25,7 +25,7 @@ def _model_output(*fields) -> OrderedDict:
 
 class _Cache:
     """A DynamicCache's attributes: key_cache / value_cache lists of [1, n_kv, L, head_dim]
-    (transformers < 4.56), or layers of _Layer (later versions)."""
+    (transformers 4.51, Microsoft's presets), or layers of _Layer (transformers 5)."""
 
 
 class _Layer:
@@ -66,7 +66,7 @@ class VoicePreset:
 def _prompt(part, name: str) -> Prompt:
     if not isinstance(part, dict) or "last_hidden_state" not in part:
         raise PresetError(f"{name} has no last_hidden_state")
-    cache = part.get("past_key_values")
+    cache = part.get("past_key_values", part.get("cache"))  # transformers 5 renamed it
     state = getattr(cache, "__dict__", {})
     if "key_cache" in state:
         pairs = list(zip(state["key_cache"], state["value_cache"]))

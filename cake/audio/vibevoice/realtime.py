@@ -180,7 +180,8 @@ class VibeVoiceRealtimeSpeech:
             return self._presets[name]
 
     def _checked(self, preset: VoicePreset, name: str) -> VoicePreset:
-        for part, prompt, lm in (("lm", preset.lm, self.text_lm), ("tts_lm", preset.tts, self.tts_lm),
+        for part, prompt, lm in (("lm", preset.lm, self.text_lm),
+                                 ("tts_lm", preset.tts, self.tts_lm),
                                  ("neg_tts_lm", preset.neg_tts, self.tts_lm)):
             a, k = lm.args, prompt.layers[0][0]
             want = (a.num_hidden_layers, a.num_key_value_heads, a.head_dim, a.hidden_size)
