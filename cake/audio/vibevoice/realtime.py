@@ -104,6 +104,11 @@ class RealtimeModel(nn.Module):
 def load_model(folder: Path, dtype: torch.dtype, device: str) -> tuple[RealtimeModel, dict]:
     """The checkpoint as a RealtimeModel in eval mode, and the diffusers scheduler arguments."""
     cfg = json.loads((folder / "config.json").read_text())
+    lacking = [k for k in ("decoder_config", "acoustic_tokenizer_config") if k not in cfg]
+    if lacking:
+        raise checkpoint.UnsupportedCheckpoint(
+            f"{folder}: its config.json lacks {' and '.join(lacking)}, which a VibeVoice-Realtime "
+            "checkpoint has")
     model = RealtimeModel(cfg)
     state = {}
     for name, tensor in checkpoint.read_safetensors(folder).items():
