@@ -48,7 +48,7 @@ def reference(args, folder: Path) -> dict:
 
 
 def cake(folder: Path, frames: int, repeats: int) -> tuple[list[float], np.ndarray]:
-    speech = VibeVoiceRealtimeSpeech.load(folder, "tiny")
+    speech = VibeVoiceRealtimeSpeech.load(folder, "bench")
     preset, ids = speech.preset("voice"), speech.text_ids(TEXT)
     seconds = []
     for _ in range(repeats + 1):
@@ -65,21 +65,24 @@ def main() -> None:
     p.add_argument("--reference-src", required=True, help="a checkout of microsoft/VibeVoice")
     p.add_argument("--tokens", type=int, default=120, help="reference max_new_tokens")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--real-size", action="store_true",
+                   help="VibeVoice-Realtime-0.5B's shape (random weights, its own voice preset)")
     args = p.parse_args()
+    hop = 3200 if args.real_size else 160
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "realtime-tiny"
-        write_realtime(folder)
+        write_realtime(folder, real_size=args.real_size)
         (folder / "voices").mkdir()
-        shutil.copy(ROOT / "tests/reference/data/realtime-voice.pt", folder / "voices/voice.pt")
         ref = reference(args, folder)
-        frames = ref["samples"] // 160
+        shutil.copy(folder / "bench-voice.pt", folder / "voices/voice.pt")
+        frames = ref["samples"] // hop
         ours, audio = cake(folder, frames, args.repeats)
     theirs = np.array(ref["audio"], dtype=np.float32)
     assert audio.shape == theirs.shape, (audio.shape, theirs.shape)
     # Float rounding grows with the frames in a random model (the reference drifts as far from
     # itself with eager instead of sdpa attention): check the first 21 frames as the tests do.
     scale = np.abs(theirs).max()
-    np.testing.assert_allclose(audio[:21 * 160], theirs[:21 * 160], rtol=0, atol=1e-4 * scale)
+    np.testing.assert_allclose(audio[:21 * hop], theirs[:21 * hop], rtol=0, atol=1e-4 * scale)
     drift = float(np.abs(audio - theirs).max() / scale)
     audio_s = ref["samples"] / SAMPLE_RATE
     ref_ms = 1000 * statistics.median(ref["seconds"]) / audio_s

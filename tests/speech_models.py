@@ -99,9 +99,28 @@ def random_state(names_shapes: dict[str, tuple], seed: int) -> dict[str, torch.T
     return state
 
 
-def write_realtime(folder: Path, seed: int = REALTIME_SEED) -> str:
-    """A tiny random VibeVoice-Realtime checkpoint (original layout) with its tokenizer; its
-    end-of-speech classifier never fires. Returns the sha256 of its weights file."""
+def real_realtime_config(vocab_size: int) -> dict:
+    """VibeVoice-Realtime-0.5B's shape: Qwen2.5-0.5B cut 4 + 20, VibeVoice's acoustic decoder
+    (hop 3200) and a 4-layer diffusion head."""
+    cfg = realtime_config(vocab_size)
+    cfg["tts_backbone_num_hidden_layers"] = 20
+    cfg["acoustic_vae_dim"] = 64
+    cfg["decoder_config"].update(
+        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, rope_theta=1000000.0, max_window_layers=24,
+        sliding_window=32768, rope_scaling=None, attention_dropout=0.0, use_cache=True)
+    cfg["acoustic_tokenizer_config"].update(
+        vae_dim=64, encoder_n_filters=32, decoder_n_filters=32, encoder_ratios=[8, 5, 5, 4, 2, 2],
+        encoder_depths="3-3-3-3-3-3-8", layer_scale_init_value=1e-6)
+    cfg["diffusion_head_config"].update(hidden_size=896, head_layers=4, head_ffn_ratio=3.0,
+                                        latent_size=64)
+    return cfg
+
+
+def write_realtime(folder: Path, seed: int = REALTIME_SEED, real_size: bool = False) -> str:
+    """A tiny random VibeVoice-Realtime checkpoint (original layout) with its tokenizer, or
+    one of the real shape (real_size); its end-of-speech classifier never fires. Returns the
+    sha256 of its weights file."""
     from safetensors.torch import save_file
 
     from cake.audio.vibevoice.random_model import write_tokenizer
@@ -109,7 +128,7 @@ def write_realtime(folder: Path, seed: int = REALTIME_SEED) -> str:
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = write_tokenizer(folder)
-    cfg = realtime_config(tokenizer.get_vocab_size())
+    cfg = (real_realtime_config if real_size else realtime_config)(tokenizer.get_vocab_size())
     shapes = {k: tuple(v.shape) for k, v in RealtimeModel(cfg).state_dict().items()}
     state = random_state(shapes, seed)
     state["model.latent_scaling_factor"] = torch.tensor(0.8)

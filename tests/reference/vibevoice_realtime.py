@@ -127,7 +127,8 @@ def bench(folder: Path, text: str, max_new_tokens: int, repeats: int):
     model = load(folder)
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     neg_id = tok.token_to_id("<|vision_pad|>")
-    preset = make_preset(model, tok, neg_id)  # the same as data/realtime-voice.pt
+    preset = make_preset(model, tok, neg_id)  # for the tiny model, data/realtime-voice.pt
+    torch.save(preset, folder / "bench-voice.pt")  # what cake reads, as it reads Microsoft's
     text_ids = tok.encode(text.strip() + "\n", add_special_tokens=False).ids
     seconds = []
     for _ in range(repeats + 1):
