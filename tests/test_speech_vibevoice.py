@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from speech_models import original_name
 
 HOP = 160  # samples per speech frame of the tiny model (downsampling 4 * 5 * 8)
 
@@ -119,45 +120,6 @@ def test_language_model_split_into_stages_gives_the_same_audio(tiny):
 
 
 # --- Microsoft's original checkpoint layout ------------------------------------------------
-# Written here from the original module tree (vibevoice/modular/*.py): SConv1d wraps
-# NormConv1d wraps nn.Conv1d (conv.conv.*), Block1D's mixer is a Convlayer around an SConv1d,
-# the stem is downsample_layers.0 / upsample_layers.0 and stages.0, connectors are
-# fc1/norm/fc2, the diffusion head has t_embedder.mlp and adaLN_modulation Sequentials.
-def original_name(name: str) -> str:
-    def tower(m):
-        prefix, part, rest = m[1], m[2], m[3]
-        conv = "upsample_layers" if part == "decoder" else "downsample_layers"
-        rest = re.sub(r"^stem\.conv\.conv\.", f"{conv}.0.0.conv.conv.", rest)
-        rest = re.sub(r"^stem\.stage\.", "stages.0.", rest)
-        rest = re.sub(r"^conv_layers\.(\d+)\.conv\.conv\.",
-                      lambda n: f"{conv}.{int(n[1]) + 1}.0.conv.conv.", rest)
-        rest = re.sub(r"^conv_layers\.(\d+)\.convtr\.convtr\.",
-                      lambda n: f"{conv}.{int(n[1]) + 1}.0.convtr.convtr.", rest)
-        rest = re.sub(r"^conv_layers\.(\d+)\.stage\.", lambda n: f"stages.{int(n[1]) + 1}.", rest)
-        rest = rest.replace(".mixer.conv.", ".mixer.conv.conv.conv.")
-        rest = re.sub(r"^head\.conv\.", "head.conv.conv.", rest)
-        return f"{prefix}.{part}.{rest}"
-
-    name = re.sub(r"^model\.audio_tower\.(encoder|decoder)\.(.*)$",
-                  lambda m: tower(re.match(r"(.*)\.(encoder|decoder)\.(.*)",
-                                           f"model.acoustic_tokenizer.{m[1]}.{m[2]}")), name)
-    name = re.sub(r"^model\.semantic_tokenizer_encoder\.(.*)$",
-                  lambda m: tower(re.match(r"(.*)\.(encoder)\.(.*)",
-                                           f"model.semantic_tokenizer.encoder.{m[1]}")), name)
-    for new, old in (("multi_modal_projector", "acoustic_connector"),
-                     ("semantic_connector", "semantic_connector")):
-        for a, b in (("linear_1", "fc1"), ("act", "norm"), ("linear_2", "fc2")):
-            name = name.replace(f"model.{new}.{a}.", f"model.{old}.{b}.")
-    name = name.replace("model.diffusion_head.", "model.prediction_head.")
-    name = name.replace(".timestep_proj.fc1.", ".t_embedder.mlp.0.")
-    name = name.replace(".timestep_proj.fc2.", ".t_embedder.mlp.2.")
-    name = re.sub(r"\.layers\.(\d+)\.linear\.", r".layers.\1.adaLN_modulation.1.", name)
-    name = name.replace(".final_layer.linear_1.", ".final_layer.adaLN_modulation.1.")
-    name = name.replace(".final_layer.linear_2.", ".final_layer.linear.")
-    return {"model.latent_scaling_factor": "model.speech_scaling_factor",
-            "model.latent_bias_factor": "model.speech_bias_factor"}.get(name, name)
-
-
 def write_original(model, folder, tokenizer_src):
     from safetensors.torch import save_file
 
@@ -294,11 +256,11 @@ def test_wrong_checkpoints_fail_clearly(original, tmp_path):
     save_file(state, str(broken / "model.safetensors"))
     with pytest.raises(checkpoint.UnsupportedCheckpoint, match="cond_proj.*mystery"):
         checkpoint.load_model(broken, torch.float32, "cpu")
-    realtime = tmp_path / "realtime"
-    realtime.mkdir()
-    (realtime / "config.json").write_text(json.dumps({"model_type": "vibevoice_streaming"}))
-    with pytest.raises(checkpoint.UnsupportedCheckpoint, match="Realtime"):
-        checkpoint.load_model(realtime, torch.float32, "cpu")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(checkpoint.UnsupportedCheckpoint, match="'llama' is not VibeVoice"):
+        checkpoint.load_model(other, torch.float32, "cpu")
 
 
 # --- served ---------------------------------------------------------------------------------

@@ -31,9 +31,9 @@ def add_args(p) -> None:
 
 def load(args: argparse.Namespace):
     """The bundled Piper voice when no model is named, a Piper .onnx voice file, or a
-    VibeVoice checkpoint (folder or Hugging Face repo id; Microsoft's original layout is
-    converted on load). A checkpoint cake recognises but cannot serve (LuxTTS,
-    VibeVoice-Realtime) ends the command with one line saying so."""
+    VibeVoice or VibeVoice-Realtime checkpoint (folder or Hugging Face repo id; Microsoft's
+    original layout is converted on load). A checkpoint cake recognises but cannot serve
+    (LuxTTS) ends the command with one line saying so."""
     from pathlib import Path
 
     from cake.audio.service import SpeechService
@@ -61,14 +61,27 @@ def load(args: argparse.Namespace):
         from cake.audio.unsupported import why_not
         from cake.audio.vibevoice.checkpoint import UnsupportedCheckpoint
         from cake.audio.vibevoice.model import VibeVoiceSpeech
+        from cake.audio.vibevoice.realtime import VibeVoiceRealtimeSpeech, is_realtime
 
         ref = hub.resolve(args.model)
         if reason := why_not(Path(ref.path)):
             raise SystemExit(f"cake: {reason}")
         try:
-            model = VibeVoiceSpeech.load(ref.path, ref.model_id, device=args.device,
-                                         dtype=args.dtype, cluster=cluster)
-        except UnsupportedCheckpoint as e:
+            if is_realtime(Path(ref.path)):
+                if cluster is not None:
+                    raise SystemExit("cake: VibeVoice-Realtime runs on one machine; its "
+                                     "voices are prefilled caches a cluster cannot take yet "
+                                     "(drop the cluster key)")
+                if args.voice_prompt:
+                    raise SystemExit("cake: VibeVoice-Realtime speaks in voice presets (.pt "
+                                     "files in its voices/ folder or a --voice-dir), it cannot "
+                                     "clone --voice-prompt")
+                model = VibeVoiceRealtimeSpeech.load(ref.path, ref.model_id, device=args.device,
+                                                     dtype=args.dtype, voice_dirs=args.voice_dir)
+            else:
+                model = VibeVoiceSpeech.load(ref.path, ref.model_id, device=args.device,
+                                             dtype=args.dtype, cluster=cluster)
+        except (UnsupportedCheckpoint, FileNotFoundError) as e:
             raise SystemExit(f"cake: {e}") from None
     return SpeechService(model, voices)
 

@@ -106,8 +106,8 @@ class SpeechService:
         wants_clone = voice_data is not None or voice_path is not None
         if wants_clone and not self.model.can_clone:
             raise ValueError(f"{self.model_id} cannot clone a voice: voice_data and voice_path "
-                             "need a VibeVoice model; use voice to pick one of "
-                             f"{', '.join(self.voice_names())}")
+                             "need a model that clones a sample (VibeVoice-1.5B); use voice "
+                             f"to pick one of {', '.join(self.voice_names())}")
         req = SpeechRequest(text=text, **params)
         if voice_data is not None:
             req.sample = load_sample(voice_data, "voice_data")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-SERVED = "cake serves Piper .onnx voices and VibeVoice-1.5B"
+SERVED = "cake serves Piper .onnx voices, VibeVoice-1.5B and VibeVoice-Realtime-0.5B"
 
 
 def is_luxtts(folder: Path) -> bool:

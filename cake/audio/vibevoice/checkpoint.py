@@ -72,7 +72,7 @@ def convert_state_dict(original: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {convert_name(k): v for k, v in original.items()}
 
 
-def _tokenizer_config(cfg: dict, with_decoder: bool) -> dict:
+def tokenizer_config(cfg: dict, with_decoder: bool) -> dict:
     """An original acoustic/semantic tokenizer config -> transformers' field names."""
     depths = cfg.get("encoder_depths", "3-3-3-3-3-3-8")
     if isinstance(depths, str):
@@ -99,18 +99,22 @@ def convert_config(cfg: dict) -> dict:
     """An original config.json -> keyword arguments of transformers' VibeVoiceConfig."""
     decoder = dict(cfg["decoder_config"])
     decoder.pop("torch_dtype", None)
-    head = cfg.get("diffusion_head_config", {})
-    hidden = decoder["hidden_size"]
     return {
         "text_config": decoder,
-        "audio_config": _tokenizer_config(cfg["acoustic_tokenizer_config"], with_decoder=True),
-        "semantic_model_config": _tokenizer_config(cfg["semantic_tokenizer_config"],
-                                                   with_decoder=False),
-        "diffusion_head_config": {
-            "num_hidden_layers": head.get("head_layers", 4),
-            "intermediate_size": int(head.get("head_ffn_ratio", 3.0) * hidden),
-            "rms_norm_eps": head.get("rms_norm_eps", 1e-5),
-        },
+        "audio_config": tokenizer_config(cfg["acoustic_tokenizer_config"], with_decoder=True),
+        "semantic_model_config": tokenizer_config(cfg["semantic_tokenizer_config"],
+                                                  with_decoder=False),
+        "diffusion_head_config": head_config(cfg, decoder["hidden_size"]),
+    }
+
+
+def head_config(cfg: dict, hidden: int) -> dict:
+    """An original diffusion_head_config -> transformers' VibeVoiceDiffusionHeadConfig fields."""
+    head = cfg.get("diffusion_head_config", {})
+    return {
+        "num_hidden_layers": head.get("head_layers", 4),
+        "intermediate_size": int(head.get("head_ffn_ratio", 3.0) * hidden),
+        "rms_norm_eps": head.get("rms_norm_eps", 1e-5),
     }
 
 
@@ -148,11 +152,7 @@ def load_model(folder: Path, dtype: torch.dtype, device: str):
 
     cfg = json.loads((folder / "config.json").read_text())
     kind = cfg.get("model_type")
-    if kind == "vibevoice_streaming":
-        raise UnsupportedCheckpoint(
-            f"{folder.name} is a VibeVoice-Realtime (streaming) checkpoint; transformers' "
-            "VibeVoice implementation, which cake uses, does not include that architecture")
-    if kind != "vibevoice":
+    if kind != "vibevoice":  # vibevoice_streaming loads through realtime.py
         raise UnsupportedCheckpoint(f"{folder}: model_type {kind!r} is not VibeVoice")
     original = "decoder_config" in cfg
     if original:
@@ -170,7 +170,8 @@ def check_loaded(model, state: dict) -> None:
     """Every parameter of the model came from the checkpoint (the tied head aside), and
     every checkpoint tensor found a place: a wrong mapping fails here, not as noise."""
     expected = set(model.state_dict())
-    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    config = getattr(model, "config", None)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     missing = sorted(expected - set(state) - tied)
     unused = sorted(set(state) - expected)
     if missing or unused:
