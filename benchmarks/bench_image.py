@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cake.image import tiny  # noqa: E402
+from cake.testing import tiny_images as tiny  # noqa: E402
 from cake.image.arch import describe  # noqa: E402
 from cake.image.generator import ImageModel  # noqa: E402
 

@@ -312,8 +312,8 @@ def stop_master(head_node, actors) -> None:
     for actor in actors:
         try:
             ray.kill(actor)
-        except Exception:  # already gone with its worker
-            pass
+        except Exception as e:  # most often already gone with its worker
+            log.info("ending actor %s: %s", actor, e)
     try:
         ray.shutdown()
     finally:

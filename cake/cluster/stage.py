@@ -122,8 +122,8 @@ def actor_threads() -> int:
         wanted = psutil.Process().parent().environ().get("OMP_NUM_THREADS")  # the raylet
         if wanted:
             return max(1, int(wanted))
-    except Exception:
-        pass
+    except Exception as e:  # no psutil, no parent, a bad value: every allowed core
+        log.info("cannot read the worker's OMP_NUM_THREADS (%s); using every allowed core", e)
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
@@ -147,7 +147,7 @@ class StageWorker:
 
     def __init__(self, name: str):
         actor_setup()
-        from cake.text.serving import best_device
+        from cake.device import best_device
 
         self.name = name
         self.device = torch.device(best_device())
@@ -184,8 +184,9 @@ class StageWorker:
                                            local_files_only=True, allow_patterns=TEXT_PATTERNS)
                 self.weights_from = "hf-cache"
                 return open_checkpoint(folder)
-            except Exception:
-                pass
+            except Exception as e:  # not cached here, or not readable: use shipped layers
+                log.info("%s@%s is not usable from this machine's HF cache (%s: %s)",
+                         hf["repo_id"], hf["revision"], type(e).__name__, e)
         path = self._bundle_path(spec)
         sums = path.with_suffix(".sha256")
         if path.exists() and sums.exists():

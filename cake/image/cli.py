@@ -39,7 +39,7 @@ def load(args):
     from cake.image.generator import ImageModel
     from cake.image.loader import load_pipeline, resolve
     from cake.text.loader import DTYPES
-    from cake.text.serving import best_device, default_dtype
+    from cake.device import best_device, default_dtype
 
     ref = resolve(args.model, args.sd_version)
     device = args.device or best_device()

@@ -324,7 +324,7 @@ class ComponentWorker:
     names), hf (repo and commit, or None), subfolder, variant, dtype and device type."""
 
     def __init__(self, name: str):
-        from cake.text.serving import best_device
+        from cake.device import best_device
 
         self.name = name
         self.device = torch.device(best_device())
@@ -360,8 +360,9 @@ class ComponentWorker:
                 folder = Path(snapshot) / spec["subfolder"]
                 if all((folder / f).is_file() for f in spec["files"]):
                     return folder, "hf-cache"
-            except Exception:
-                pass
+            except Exception as e:  # not cached here, or not readable: use shipped files
+                log.info("%s@%s is not usable from this machine's HF cache (%s: %s)",
+                         hf["repo_id"], hf["revision"], type(e).__name__, e)
         folder = self._cached(spec)
         manifest = folder / "manifest.json"
         if manifest.exists():
@@ -410,7 +411,7 @@ class ComponentWorker:
         if self.device.type == spec["device_type"]:
             dtype = master
         else:
-            from cake.text.serving import default_dtype
+            from cake.device import default_dtype
             dtype = default_dtype(str(self.device))
         cls = getattr(importlib.import_module(spec["library"]), spec["class"])
         module = load_component(cls, folder, dtype, self.device, spec.get("variant"))
@@ -615,8 +616,8 @@ class ImageCluster:
             del self.home[name]
         try:
             ray.kill(holder.actor)
-        except Exception:
-            pass
+        except Exception as e:  # most often already dead with its node
+            log.info("ending %s's actor: %s", worker, e)
         holder.status = "lost"
         self.events.append({"time": time.time(), "event": "taken back", "worker": worker,
                             "components": names, "error": holder.detail,

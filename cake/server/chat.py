@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from cake.server import metrics, schemas, tools
 from cake.server.disconnect import result_unless_gone
-from cake.server.errors import APIError
+from cake.server.errors import APIError, internal_error
 from cake.text import grammar
 from cake.text.engine import Output
 from cake.text.sampling import validate
@@ -199,6 +199,12 @@ def submit(text_model, prompt, params, n, outputs: OutputQueue, **kwargs):
         raise APIError(400, str(e))
 
 
+def failure(out: Output, seq, where: str) -> APIError:
+    """The engine's failure as a 500: its stack is in the log under the sequence's id."""
+    what = out.error or "inference failed"
+    return internal_error(what, where, f"{what} (sequence {seq.id})")
+
+
 def cancel_all(seqs):
     return lambda: [s.cancel() for s in seqs]
 
@@ -283,9 +289,9 @@ async def blocking(seqs, outputs: OutputQueue, meta, request: Request, answer: A
         return parts, logprobs, last
 
     parts, logprobs, last = await result_unless_gone(request, collect(), cancel_all(seqs))
-    for out in last.values():
+    for i, out in last.items():
         if out.finish_reason == "error":
-            raise APIError(500, out.error or "inference failed")
+            raise failure(out, seqs[i], request.url.path)
     choices = []
     for i in range(len(seqs)):
         message, reason = answer.message("".join(parts[i]), last[i].finish_reason)
@@ -313,7 +319,7 @@ async def stream(seqs, outputs: OutputQueue, meta, include_usage: bool, answer: 
             i, out = await outputs.get()
             timer.output()
             if out.finish_reason == "error":
-                yield sse({"error": out.error or "inference failed"})
+                yield sse({"error": failure(out, seqs[i], "a chat stream").message})
                 return
             lp = {"content": answer.logprob_content(out.logprobs), "refusal": None} \
                 if answer.logprobs and out.logprobs else None

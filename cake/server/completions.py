@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from cake.server import metrics, schemas
-from cake.server.chat import (OutputQueue, cancel_all, check_length, parse_body,
+from cake.server.chat import (OutputQueue, cancel_all, check_length, failure, parse_body,
                               sampling_params, per_choice, sse)
 from cake.server.disconnect import result_unless_gone
 from cake.server.errors import APIError
@@ -136,7 +136,7 @@ class Run:
             i, out = await self.outputs.get()
             self.timer.output()
             if out.finish_reason == "error":
-                raise APIError(500, out.error or "inference failed")
+                raise failure(out, self.seqs[i], "/v1/completions")
             text = out.text
             if i not in sent_echo:
                 sent_echo.add(i)

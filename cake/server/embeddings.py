@@ -9,7 +9,7 @@ import torch
 from fastapi import APIRouter, Request
 
 from cake.server import schemas
-from cake.server.chat import OutputQueue, cancel_all, parse_body
+from cake.server.chat import OutputQueue, cancel_all, failure, parse_body
 from cake.server.completions import prompts
 from cake.server.disconnect import result_unless_gone
 from cake.server.errors import APIError
@@ -42,7 +42,7 @@ async def embeddings(request: Request):
         while len(vectors) < len(seqs):
             i, out = await outputs.get()
             if out.finish_reason == "error" or out.embedding is None:
-                raise APIError(500, out.error or "embedding failed")
+                raise failure(out, seqs[i], request.url.path)
             vectors[i] = out.embedding
         return vectors
 

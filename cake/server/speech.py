@@ -18,7 +18,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
 from cake.server.disconnect import result_unless_gone
-from cake.server.errors import APIError
+from cake.server.errors import APIError, internal_error
 from cake.server.schemas import WireModel, body_doc
 
 router = APIRouter()
@@ -133,7 +133,7 @@ async def blocking(job, chunks: ChunkQueue, fmt: str, rate: int, request: Reques
     # the client left: its synthesis stops at the next frame
     parts, error = await result_unless_gone(request, collect(), job.cancel)
     if error is not None:
-        raise APIError(500, f"speech synthesis failed: {error}")
+        raise internal_error("speech synthesis failed", request.url.path, repr(error))
     samples = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
     content = wav_bytes(samples, rate) if fmt == "wav" else to_f32le(samples)
     return Response(content, media_type=MEDIA_TYPES[fmt], headers=headers)

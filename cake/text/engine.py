@@ -198,10 +198,11 @@ class Engine:
             worked = True
             try:
                 self.step()
-            except Exception as e:  # an engine failure ends every live request, not the server
-                log.exception("engine step failed")
-                for seq in list(self.prefilling) + self.running:
-                    self._finish(seq, "error", error=f"inference failed: {e}")
+            except Exception:  # an engine failure ends every live request, not the server
+                live = list(self.prefilling) + self.running
+                log.exception("engine step failed (sequences %s)", [s.id for s in live])
+                for seq in live:
+                    self._finish(seq, "error", error="inference failed")
 
     def step(self) -> None:
         self._drop_cancelled()
@@ -324,9 +325,9 @@ class Engine:
     def _sample_row(self, seq: Sequence, logits: torch.Tensor) -> Optional[int]:
         try:
             return seq.sampler.sample(logits)
-        except Exception as e:
+        except Exception:
             log.exception("sampling failed for sequence %d", seq.id)
-            self._finish(seq, "error", error=f"sampling failed: {e}")
+            self._finish(seq, "error", error="sampling failed")
             return None
 
     def _accept(self, seq: Sequence, token: int) -> None:
