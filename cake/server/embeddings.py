@@ -9,7 +9,8 @@ import torch
 from fastapi import APIRouter, Request
 
 from cake.server import schemas
-from cake.server.chat import OutputQueue, cancel_all, failure, parse_body
+from cake.server.chat import cancel_all, failure, parse_body
+from cake.server.events import EventQueue
 from cake.server.completions import prompts
 from cake.server.disconnect import result_unless_gone
 from cake.server.errors import APIError
@@ -32,7 +33,7 @@ async def embeddings(request: Request):
         raise APIError(400, "embeddings need the model's last layers on this machine; this "
                             "cluster runs them on a worker")
     batch = prompts(text_model, req.input)
-    outputs = OutputQueue()
+    outputs = EventQueue(request.app.state.cake)
     params = text_model.params(max_tokens=1)
     seqs = [text_model.engine.submit(ids, params, outputs.put_for(i), embed=True)
             for i, ids in enumerate(batch)]
