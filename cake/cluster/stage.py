@@ -31,11 +31,6 @@ def cache_root() -> Path:
 
 # --- bundles: a layer range's tensors in one safetensors file -----------------------------
 
-def range_tensor_names(checkpoint, start: int, end: int) -> list[str]:
-    prefixes = tuple(f"model.layers.{i}." for i in range(start, end))
-    return [n for n in checkpoint.tensor_names() if n.startswith(prefixes)]
-
-
 def make_bundle(checkpoint, names: list[str]) -> bytes:
     """Serialize tensors as a safetensors blob. GGUF tensors travel packed as they are in
     the file (4-bit types at about a sixth of fp32); metadata says how to unpack them."""
@@ -43,8 +38,9 @@ def make_bundle(checkpoint, names: list[str]) -> bytes:
 
     tensors, meta = {}, {}
     for name in names:
-        if hasattr(checkpoint, "raw"):
-            qtype, data, shape = checkpoint.raw(name)
+        packed = checkpoint.raw(name)
+        if packed is not None:
+            qtype, data, shape = packed
             data = np.ascontiguousarray(data)
             meta[name] = json.dumps({"qtype": int(qtype), "shape": list(shape),
                                      "np_dtype": data.dtype.str, "data_shape": list(data.shape)})
@@ -59,22 +55,38 @@ def checksum(data: bytes) -> str:
 
 
 class BundleCheckpoint:
-    """A shipped bundle read back as a checkpoint (.config, .tensor_names, .get, .raw)."""
+    """A shipped bundle read back as a Checkpoint (cake.text.weights)."""
 
     def __init__(self, path: Path, config: dict):
         from safetensors import safe_open
 
         self.path, self.config = path, config
         self._file = safe_open(path, "pt")
+        # GGUF tensors travel as the file's bytes: offered packed, as GGUFCheckpoint.raw does
         self._packed = {k: json.loads(v) for k, v in
                         json.loads((self._file.metadata() or {}).get("cake.packed", "{}")).items()}
-        if self._packed:  # GGUF blocks: offer them packed, as GGUFCheckpoint.raw does
-            self.raw = self._raw
 
     def tensor_names(self) -> list[str]:
         return list(self._file.keys())
 
-    def _raw(self, name: str):
+    def tensor_info(self) -> dict:
+        from gguf import GGMLQuantizationType
+
+        from cake.text.weights import TensorInfo, safetensors_info
+
+        info = safetensors_info({n: self.path for n in self.tensor_names()})
+        for name, m in self._packed.items():
+            qtype = GGMLQuantizationType(m["qtype"]).name
+            info[name] = TensorInfo(tuple(m["shape"]), qtype, info[name].n_bytes,
+                                    qtype not in ("F32", "F16", "BF16"))
+        return info
+
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    def raw(self, name: str):
+        if name not in self._packed:
+            return None
         from gguf import GGMLQuantizationType
 
         m = self._packed[name]
@@ -86,7 +98,7 @@ class BundleCheckpoint:
             return self._file.get_tensor(name)
         from gguf.quants import dequantize
 
-        qtype, data, shape = self._raw(name)
+        qtype, data, shape = self.raw(name)
         return torch.from_numpy(np.array(dequantize(data, qtype), dtype=np.float32).reshape(shape))
 
 

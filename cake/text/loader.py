@@ -116,8 +116,9 @@ def _quantize_matrices(model, checkpoint, mode: str) -> None:
 def _blocks(checkpoint, name: str, mode: str):
     """(GGUF blocks [rows, bytes], type) for a matrix in the chosen mode, None to keep it dense."""
     target = None if mode == "auto" else quant.QTYPES[mode]
-    if hasattr(checkpoint, "raw"):
-        qtype, data, shape = checkpoint.raw(name)
+    packed = checkpoint.raw(name)
+    if packed is not None:
+        qtype, data, shape = packed
         if target is None and qtype in _FLOAT_TYPES:
             return None
         if qtype == target or (target is None and qtype in quant.KERNEL_TYPES):
