@@ -73,12 +73,7 @@ def run(model, args) -> None:
         job = model.job(args.prompt)
     except ValueError as e:
         raise SystemExit(f"cake: {e}")
-    future = model.submit(job)
-    try:
-        (png,) = future.result()
-    except KeyboardInterrupt:
-        job.cancel()  # stops at the next denoising step
-        raise
+    (png,) = model.generate(job)  # here, in this thread: nothing else waits
     Path(args.image_output).write_bytes(png)
     print(f"cake: wrote {args.image_output} ({job.width}x{job.height}, seed {job.seed})",
           file=sys.stderr)

@@ -21,7 +21,6 @@ import importlib
 import inspect
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from typing import Optional
 import torch
 
 from cake.cluster import keys
+from cake.cluster.worker import NodeWorker, actor_setup, hf_snapshot, worker_cache
 from cake.image.generator import ImageModel
 
 log = logging.getLogger(__name__)
@@ -315,28 +315,20 @@ def stand_in(cls, folder: Path, name: str, link, device, dtype: torch.dtype):
 # --- the worker's actor ------------------------------------------------------------------
 
 def cache_root() -> Path:
-    return Path(os.environ.get("CAKE_CACHE", Path.home() / ".cache" / "cake")) / "components"
+    return worker_cache("components")
 
 
-class ComponentWorker:
+class ComponentWorker(NodeWorker):
     """Runs in a Ray actor on a worker node: holds pipeline components and runs calls on
     them. spec (from the master): name, library, class, fingerprint, files (relative
     names), hf (repo and commit, or None), subfolder, variant, dtype and device type."""
 
     def __init__(self, name: str):
-        from cake.device import best_device
-
-        self.name = name
-        self.device = torch.device(best_device())
+        super().__init__(name)
         self.modules: dict[str, torch.nn.Module] = {}
         self.dtypes: dict[str, tuple] = {}  # name -> (master's dtype, ours) now
         self.base: dict[str, tuple] = {}  # ... as loaded
         self.calls = 0
-
-    def describe(self) -> dict:
-        from cake.cluster.stage import node_info
-
-        return {"name": self.name, **node_info(self.device)}
 
     def ping(self) -> dict:
         return {"calls": self.calls}
@@ -349,20 +341,11 @@ class ComponentWorker:
     def _local_folder(self, spec: dict) -> Optional[tuple[Path, str]]:
         """The component in this machine's HF cache (same repo and commit), or a verified
         copy shipped earlier."""
-        hf = spec.get("hf")
-        if hf:
-            try:
-                from huggingface_hub import snapshot_download
-
-                snapshot = snapshot_download(hf["repo_id"], revision=hf["revision"],
-                                             local_files_only=True,
-                                             allow_patterns=[f"{spec['subfolder']}/*"])
-                folder = Path(snapshot) / spec["subfolder"]
-                if all((folder / f).is_file() for f in spec["files"]):
-                    return folder, "hf-cache"
-            except Exception as e:  # not cached here, or not readable: use shipped files
-                log.info("%s@%s is not usable from this machine's HF cache (%s: %s)",
-                         hf["repo_id"], hf["revision"], type(e).__name__, e)
+        snapshot = hf_snapshot(spec.get("hf"), [f"{spec['subfolder']}/*"])
+        if snapshot is not None:
+            folder = snapshot / spec["subfolder"]
+            if all((folder / f).is_file() for f in spec["files"]):
+                return folder, "hf-cache"
         folder = self._cached(spec)
         manifest = folder / "manifest.json"
         if manifest.exists():
@@ -450,8 +433,6 @@ class ComponentActor(ComponentWorker):
     """The worker as a Ray actor process: it dies with its node, and uses its threads."""
 
     def __init__(self, name: str):
-        from cake.cluster.stage import actor_setup
-
         actor_setup()
         super().__init__(name)
 

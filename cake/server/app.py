@@ -48,7 +48,12 @@ class ServerState:
             queue.end()
 
     def load_progress(self) -> dict:
-        return {**(self.loading or {}), "seconds": round(time.monotonic() - self.started, 1)}
+        """The phase, seconds so far, and where the loader can tell, bytes read of the
+        weights and their fraction."""
+        from cake import loading
+
+        return {**(self.loading or {}), **loading.progress(),
+                "seconds": round(time.monotonic() - self.started, 1)}
 
 
 def create_app(state: ServerState, access: Optional[auth.Access] = None) -> FastAPI:

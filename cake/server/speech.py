@@ -17,6 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
+from cake.jobs import Done
 from cake.server.disconnect import result_unless_gone
 from cake.server.errors import APIError, internal_error
 from cake.server.events import EventQueue, ShuttingDown
@@ -111,16 +112,14 @@ async def blocking(job, chunks: EventQueue, fmt: str, rate: int, request: Reques
 
     async def collect():
         parts = []
-        while True:
-            event = await chunks.get()
-            if event is None or isinstance(event, Exception):
-                return parts, event
+        while not isinstance(event := await chunks.get(), Done):
             parts.append(event)
+        return parts, event
 
     # the client left: its synthesis stops at the next frame
-    parts, error = await result_unless_gone(request, collect(), job.cancel)
-    if error is not None:
-        raise internal_error("speech synthesis failed", request.url.path, repr(error))
+    parts, done = await result_unless_gone(request, collect(), job.cancel)
+    if done.reason == "failed":
+        raise internal_error("speech synthesis failed", request.url.path, repr(done.error))
     samples = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
     content = wav_bytes(samples, rate) if fmt == "wav" else to_f32le(samples)
     return Response(content, media_type=MEDIA_TYPES[fmt], headers=headers)
@@ -134,10 +133,8 @@ async def stream(job, chunks: EventQueue, encode, fmt: str, rate: int):
             yield streaming_wav_header(rate)
         while True:
             event = await chunks.get()
-            if event is None:
-                return
-            if isinstance(event, Exception):
-                return  # the status is already sent; the log has the error, the stream ends
+            if isinstance(event, Done):
+                return  # after a failure too: the status is sent, the log has the error
             yield encode(event)
     except ShuttingDown:
         return  # audio has no error chunk: the stream ends short

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
+from cake.jobs import Job
 from cake.text.kv_cache import StepBatch
 from cake.text.pipeline import Pipeline
 from cake.text.grammar import Constraint, guidance_tokenizer
@@ -61,7 +62,9 @@ class Output:
 
 
 @dataclass
-class Sequence:
+class Sequence(Job):
+    """A text request as the engine runs it: a Job (cake/jobs.py) whose events are Outputs."""
+
     id: int
     prompt_ids: list[int]
     params: SamplingParams
@@ -84,9 +87,6 @@ class Sequence:
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.generated)
-
-    def cancel(self) -> None:
-        self.cancelled = True
 
 
 class Engine:

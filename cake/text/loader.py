@@ -10,6 +10,7 @@ import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
+from cake import loading
 from cake.text import kernels, quant, repack_cache
 from cake.text.models import model_class
 from cake.text.models.args import ModelArgs
@@ -55,10 +56,13 @@ def load_stage(checkpoint, start: int = 0, end: Optional[int] = None,
         model.model.embed_tokens = model.model.norm = model.lm_head = None
     materialize(model, device)
     model.reset_rope(device)  # materialize left the buffers uninitialised
+    info = checkpoint.tensor_info()
+    needed = {model.checkpoint_name(n) for n, _ in model.named_parameters()}
+    loading.expect({n: info[n].n_bytes for n in needed if n in info})  # for /health
     if mode:
         kernels.heap("load")
         _quantize_matrices(model, checkpoint, mode)
-    model.load_tensors(checkpoint.get)
+    model.load_tensors(loading.reading(checkpoint.get))
     model.fuse_projections()
     if mode:
         kernels.heap("serve")
@@ -108,6 +112,7 @@ def _quantize_matrices(model, checkpoint, mode: str) -> None:
         if isinstance(module, nn.Embedding):
             new = quant.QuantEmbedding.from_table(table, module.weight.dtype)
         model.set_submodule(path, new)
+        loading.loaded(model.checkpoint_name(f"{path}.weight"))
         model.quantized[f"{path}.weight"] = (GGMLQuantizationType(e["qtype"]).name, e["bytes"])
     if cached is None:
         repack_cache.save(cache, entries, tensors)
