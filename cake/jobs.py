@@ -20,17 +20,17 @@ log = logging.getLogger(__name__)
 
 class Job:
     """What the server holds of a request in any modality. Subclasses are dataclasses that
-    bring an `id`; `cancelled` is a plain flag, read between steps."""
+    bring an `id`; `cancelled` is a plain flag, read between steps; `on_event` is set when
+    the job is submitted (no class default: a dataclass would take it for its field's)."""
 
     cancelled: bool = False
-    on_event: Optional[Callable[[Any], None]] = None
+    on_event: Callable[[Any], None]
 
     def cancel(self) -> None:
         self.cancelled = True
 
     def emit(self, event) -> None:
-        if self.on_event is not None:
-            self.on_event(event)
+        self.on_event(event)
 
 
 class Cancelled(Exception):

@@ -71,13 +71,13 @@ class BundleCheckpoint:
     def tensor_info(self) -> dict:
         from gguf import GGMLQuantizationType
 
-        from cake.text.weights import TensorInfo, safetensors_info
+        from cake.text.weights import FLOAT_TYPES, TensorInfo, safetensors_info
 
         info = safetensors_info({n: self.path for n in self.tensor_names()})
         for name, m in self._packed.items():
             qtype = GGMLQuantizationType(m["qtype"]).name
             info[name] = TensorInfo(tuple(m["shape"]), qtype, info[name].n_bytes,
-                                    qtype not in ("F32", "F16", "BF16"))
+                                    qtype not in FLOAT_TYPES)
         return info
 
     def files(self) -> list[Path]:

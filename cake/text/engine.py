@@ -68,7 +68,7 @@ class Sequence(Job):
     id: int
     prompt_ids: list[int]
     params: SamplingParams
-    on_output: Callable[[Output], None]
+    on_event: Callable[[Output], None]  # (the Job interface)
     sampler: Sampler
     detok: IncrementalDetokenizer
     stops: StopMatcher
@@ -148,7 +148,7 @@ class Engine:
             constraint = Constraint(params.grammar,
                                     guidance_tokenizer(self.tokenizer, self.vocab_size))
         return Sequence(
-            id=next(self._ids), prompt_ids=list(prompt_ids), params=params, on_output=on_output,
+            id=next(self._ids), prompt_ids=list(prompt_ids), params=params, on_event=on_output,
             sampler=Sampler(params, prompt_ids, self.vocab_size, device=self.pipeline.device,
                             constraint=constraint),
             detok=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
@@ -357,7 +357,7 @@ class Engine:
         out.logprobs, seq.sampler.logprobs = seq.sampler.logprobs, []
         out.prompt_logprobs, seq.pending_prompt_logprobs = seq.pending_prompt_logprobs, None
         try:
-            seq.on_output(out)
+            seq.emit(out)
         except Exception:  # the receiver is gone (its event loop closed): stop generating
             log.warning("dropping output of sequence %d: receiver failed", seq.id, exc_info=True)
             seq.cancelled = True

@@ -209,10 +209,10 @@ class GGUFCheckpoint:
         return list(self._tensors)
 
     def tensor_info(self) -> dict:
-        from cake.text.weights import TensorInfo
+        from cake.text.weights import FLOAT_TYPES, TensorInfo
 
         return {n: TensorInfo(tuple(int(d) for d in reversed(t.shape)), t.tensor_type.name,
-                              int(t.n_bytes), t.tensor_type.name not in ("F32", "F16", "BF16"))
+                              int(t.n_bytes), t.tensor_type.name not in FLOAT_TYPES)
                 for n, t in self._tensors.items()}
 
     def files(self) -> list[Path]:

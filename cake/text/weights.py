@@ -16,6 +16,9 @@ SAFETENSORS_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I
                      "I64": 8, "U64": 8}
 
 
+FLOAT_TYPES = ("F32", "F16", "BF16")  # GGUF types that are no GGML blocks
+
+
 class TensorInfo(NamedTuple):
     shape: tuple[int, ...]  # in Hugging Face order
     type: str  # as stored: "F32", "BF16", "Q4_K", ...
