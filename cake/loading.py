@@ -1,5 +1,6 @@
 """How far loading has got, for /health while the server starts: the loader says which
-tensors it will read (and their stored bytes), then ticks each off as it is read."""
+tensors it will read (and their stored bytes), ticks each off as it is read, and clears the
+figures when it is done (so no later reader sees a finished load as one in progress)."""
 from __future__ import annotations
 
 import threading
@@ -20,6 +21,10 @@ def expect(sizes: dict[str, int], phase: str = "loading weights") -> None:
         _phase = phase
 
 
+def finished() -> None:
+    expect({})
+
+
 def loaded(name: str) -> None:
     with _lock:
         if name in _sizes:
@@ -36,7 +41,8 @@ def reading(get):
 
 
 def progress() -> dict:
-    """{} before any load; else the phase, bytes read and expected, and their fraction."""
+    """{} when no load is under way; else the phase, bytes read and expected, and their
+    fraction."""
     with _lock:
         if not _sizes:
             return {}

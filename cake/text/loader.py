@@ -59,10 +59,13 @@ def load_stage(checkpoint, start: int = 0, end: Optional[int] = None,
     info = checkpoint.tensor_info()
     needed = {model.checkpoint_name(n) for n, _ in model.named_parameters()}
     loading.expect({n: info[n].n_bytes for n in needed if n in info})  # for /health
-    if mode:
-        kernels.heap("load")
-        _quantize_matrices(model, checkpoint, mode)
-    model.load_tensors(loading.reading(checkpoint.get))
+    try:
+        if mode:
+            kernels.heap("load")
+            _quantize_matrices(model, checkpoint, mode)
+        model.load_tensors(loading.reading(checkpoint.get))
+    finally:
+        loading.finished()
     model.fuse_projections()
     if mode:
         kernels.heap("serve")
