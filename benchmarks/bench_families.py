@@ -11,6 +11,7 @@ within the run so the shared machine's load hits them alike. The goal: each fami
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -20,6 +21,7 @@ from cake.text.kv_cache import KVCache, StepBatch
 from cake.text.loader import load_stage
 from cake.text.models import model_class
 from cake.text.models.args import ModelArgs
+from cake.text.weights import TensorInfo
 
 
 def configs(hidden: int, layers: int, ffn: int, heads: int, kv: int, vocab: int) -> dict:
@@ -57,6 +59,15 @@ class RandomCheckpoint:
 
     def tensor_names(self) -> list[str]:
         return list(self.shapes)
+
+    def tensor_info(self) -> dict:
+        return {n: TensorInfo(tuple(s), "F32", 4 * math.prod(s)) for n, s in self.shapes.items()}
+
+    def raw(self, name: str) -> None:
+        return None
+
+    def files(self) -> list:
+        return []  # made here: no file holds them
 
     def get(self, name: str) -> torch.Tensor:
         shape = self.shapes[name]

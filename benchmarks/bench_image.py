@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import queue
 import statistics
 import sys
 import tempfile
@@ -26,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cake.image import tiny  # noqa: E402
+from cake.testing import tiny_images as tiny  # noqa: E402
 from cake.image.arch import describe  # noqa: E402
 from cake.image.generator import ImageModel  # noqa: E402
 
@@ -87,7 +88,10 @@ def plain_diffusers(pipe, steps: int, side: int, seed: int, guidance: float) -> 
 def cake_worker(model: ImageModel, steps: int, side: int, seed: int) -> float:
     start = time.perf_counter()
     job = model.job("a rusty robot on a beach", width=side, height=side, steps=steps, seed=seed)
-    model.submit(job).result()  # the path a request takes: queue, worker thread, PNG
+    done = queue.Queue()
+    model.submit(job, done.put)  # the path a request takes: queue, worker thread, PNG
+    if (end := done.get()).error is not None:
+        raise end.error
     return time.perf_counter() - start
 
 

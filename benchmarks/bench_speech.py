@@ -6,7 +6,7 @@ generate() on the same random-weight model, in the same run.
     python benchmarks/bench_speech.py --size 1.5b --device cuda # VibeVoice-1.5B's shape
 
 Weights are random (nothing is downloaded); the model is rigged to emit a speech frame at
-every step (cake/audio/vibevoice/random_model.py) so both loops make exactly --frames frames.
+every step (cake/testing/tiny_vibevoice.py) so both loops make exactly --frames frames.
 Both draw the same random numbers, and the script checks they produce the same audio.
 Prints one JSON line per run and the median of --repeats timed runs after a warm-up.
 """
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cake.audio.vibevoice import random_model  # noqa: E402
+from cake.testing import tiny_vibevoice as random_model  # noqa: E402
 from cake.audio.vibevoice.model import VibeVoiceSpeech  # noqa: E402
 
 SIZES = {  # language-model shapes; towers and diffusion head as in VibeVoice-1.5B except tiny

@@ -19,7 +19,7 @@ from PIL import Image
 
 from conftest import hf_cache_with
 
-tiny = pytest.importorskip("cake.image.tiny", reason="image models are not installed")
+tiny = pytest.importorskip("cake.testing.tiny_images", reason="image models are not installed")
 
 # family -> (how the server is started, its default (width, height), its default steps)
 SERVERS = {

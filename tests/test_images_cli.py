@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-pytest.importorskip("cake.image.tiny", reason="image models are not installed")
+pytest.importorskip("cake.testing.tiny_images", reason="image models are not installed")
 
 from conftest import free_port  # noqa: E402
 from test_images import ONE_THREAD, tiny_pipeline  # noqa: E402

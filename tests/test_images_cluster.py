@@ -25,7 +25,7 @@ from test_images import image_stats, send_raw, wait_stats
 SECRET = keys.link_secret("in-process test cluster")
 
 pytest.importorskip("ray")
-tiny = pytest.importorskip("cake.image.tiny", reason="image models are not installed")
+tiny = pytest.importorskip("cake.testing.tiny_images", reason="image models are not installed")
 
 SD_REPO = "tiny-org/tiny-sd"
 SD_ARGS = ["--model-type", "image-model", "--n-steps", "4", "--sd-width", "64",

@@ -16,7 +16,7 @@ import torch
 
 from conftest import ROOT, free_port, hf_cache_with
 
-tiny = pytest.importorskip("cake.image.tiny", reason="image models are not installed")
+tiny = pytest.importorskip("cake.testing.tiny_images", reason="image models are not installed")
 
 FP8 = torch.float8_e4m3fn
 # Tiny models gain nothing from a second thread, and on a busy machine lose a lot to it.

@@ -165,6 +165,15 @@ class Requantized:
     def tensor_names(self):
         return self.inner.tensor_names()
 
+    def tensor_info(self):
+        return self.inner.tensor_info()
+
+    def raw(self, name):
+        return None
+
+    def files(self):
+        return []  # computed weights: no file holds them
+
     def get(self, name):
         t = self.inner.get(name).float()
         if t.ndim != 2:

@@ -130,7 +130,13 @@ def test_internal_error_blocking_is_500(broken_server):
     r = httpx.post(broken_server.url + "/v1/chat/completions",
                    json={"messages": HELLO, "temperature": 1.0}, timeout=60)
     assert r.status_code == 500
-    assert "sampling failed" in r.json()["error"]
+    message = r.json()["error"]
+    assert message.startswith("sampling failed (request ")
+    # No exception text, stack or path reaches the client; the log has them under the id.
+    assert "Traceback" not in message and "/" not in message and "nan" not in message.lower()
+    request_id = message.split("(request ")[1].split(";")[0]
+    log = broken_server.output()
+    assert f"internal error {request_id}" in log and "Traceback" in log
 
 
 def test_internal_error_mid_stream(broken_server):
@@ -140,7 +146,7 @@ def test_internal_error_mid_stream(broken_server):
         assert r.status_code == 200
         events = [json.loads(l[6:]) for l in r.iter_lines() if l.startswith("data: {")]
     assert events[0]["choices"][0]["delta"] == {"role": "assistant"}
-    assert "error" in events[-1]
+    assert events[-1]["error"].startswith("sampling failed (request ")
     client = openai.OpenAI(base_url=broken_server.url + "/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.APIError):
         for _ in client.chat.completions.create(model="x", messages=HELLO, temperature=1.0,

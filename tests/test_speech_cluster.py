@@ -18,7 +18,7 @@ REQUEST = {"model": "x", "input": "Hello world, this is a test of speech.",
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from cake.audio.vibevoice.random_model import write_tiny
+    from cake.testing.tiny_vibevoice import write_tiny
 
     folder = tmp_path_factory.mktemp("vibevoice-tiny")
     write_tiny(folder)

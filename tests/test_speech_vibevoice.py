@@ -26,7 +26,7 @@ HOP = 160  # samples per speech frame of the tiny model (downsampling 4 * 5 * 8)
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from cake.audio.vibevoice.random_model import write_tiny
+    from cake.testing.tiny_vibevoice import write_tiny
 
     folder = tmp_path_factory.mktemp("vibevoice-tiny")
     return folder, write_tiny(folder)
@@ -229,7 +229,8 @@ def test_cluster_stages_read_the_language_model_of_both_layouts(tiny, original):
 
 
 def test_tied_original_checkpoint_without_a_head_loads_tied(tmp_path):
-    from cake.audio.vibevoice import checkpoint, random_model
+    from cake.audio.vibevoice import checkpoint
+    from cake.testing import tiny_vibevoice as random_model
 
     tokenizer = random_model.write_tokenizer(tmp_path / "tok")
     model = random_model.build(random_model.tiny_config(tokenizer, tie_word_embeddings=True),

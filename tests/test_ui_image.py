@@ -6,7 +6,7 @@ import pytest
 
 from test_ui import browser, ui_page  # noqa: F401  (the module's one browser)
 
-tiny = pytest.importorskip("cake.image.tiny", reason="image models are not installed")
+tiny = pytest.importorskip("cake.testing.tiny_images", reason="image models are not installed")
 
 
 @pytest.fixture(scope="module")

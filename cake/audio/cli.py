@@ -88,8 +88,6 @@ def load(args: argparse.Namespace):
 
 def run(service, args) -> None:
     """Synthesize args.prompt once and write it as a 16-bit WAV file."""
-    import threading
-
     import numpy as np
 
     from cake.audio.audio_io import wav_bytes
@@ -100,7 +98,7 @@ def run(service, args) -> None:
                               speed=args.speed, seed=getattr(args, "seed", None))
     except ValueError as e:
         raise SystemExit(f"cake: {e}")
-    chunks = list(service.model.synthesize(req, threading.Event()))
+    chunks = list(service.model.synthesize(req, lambda: False))
     samples = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
     with open(args.audio_output, "wb") as f:
         f.write(wav_bytes(samples, service.sample_rate))

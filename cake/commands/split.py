@@ -24,7 +24,8 @@ def run(args) -> int:
     from cake import hub
     from cake.cluster.placement import format_layers, load_topology
     from cake.cluster.ray_cluster import model_fingerprint
-    from cake.cluster.stage import checksum, make_bundle, range_tensor_names
+    from cake.cluster.stage import checksum, make_bundle
+    from cake.text.weights import layer_tensor_names
     from cake.text.weights import open_checkpoint
 
     checkpoint = open_checkpoint(hub.resolve(args.model_path).path)
@@ -38,7 +39,7 @@ def run(args) -> int:
         start, end = node.layers
         if end > num_layers:
             raise SystemExit(f"cake: {node.name}: layers past the model's {num_layers}")
-        bundle = make_bundle(checkpoint, range_tensor_names(checkpoint, start, end))
+        bundle = make_bundle(checkpoint, layer_tensor_names(checkpoint, start, end))
         path = out / node.name / "stages" / model_hash / f"{start}-{end}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(bundle)

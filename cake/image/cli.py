@@ -39,7 +39,7 @@ def load(args):
     from cake.image.generator import ImageModel
     from cake.image.loader import load_pipeline, resolve
     from cake.text.loader import DTYPES
-    from cake.text.serving import best_device, default_dtype
+    from cake.device import best_device, default_dtype
 
     ref = resolve(args.model, args.sd_version)
     device = args.device or best_device()
@@ -73,12 +73,7 @@ def run(model, args) -> None:
         job = model.job(args.prompt)
     except ValueError as e:
         raise SystemExit(f"cake: {e}")
-    future = model.submit(job)
-    try:
-        (png,) = future.result()
-    except KeyboardInterrupt:
-        job.cancel()  # stops at the next denoising step
-        raise
+    (png,) = model.generate(job)  # here, in this thread: nothing else waits
     Path(args.image_output).write_bytes(png)
     print(f"cake: wrote {args.image_output} ({job.width}x{job.height}, seed {job.seed})",
           file=sys.stderr)

@@ -21,7 +21,6 @@ import importlib
 import inspect
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from typing import Optional
 import torch
 
 from cake.cluster import keys
+from cake.cluster.worker import NodeWorker, actor_setup, hf_snapshot, worker_cache
 from cake.image.generator import ImageModel
 
 log = logging.getLogger(__name__)
@@ -315,28 +315,20 @@ def stand_in(cls, folder: Path, name: str, link, device, dtype: torch.dtype):
 # --- the worker's actor ------------------------------------------------------------------
 
 def cache_root() -> Path:
-    return Path(os.environ.get("CAKE_CACHE", Path.home() / ".cache" / "cake")) / "components"
+    return worker_cache("components")
 
 
-class ComponentWorker:
+class ComponentWorker(NodeWorker):
     """Runs in a Ray actor on a worker node: holds pipeline components and runs calls on
     them. spec (from the master): name, library, class, fingerprint, files (relative
     names), hf (repo and commit, or None), subfolder, variant, dtype and device type."""
 
     def __init__(self, name: str):
-        from cake.text.serving import best_device
-
-        self.name = name
-        self.device = torch.device(best_device())
+        super().__init__(name)
         self.modules: dict[str, torch.nn.Module] = {}
         self.dtypes: dict[str, tuple] = {}  # name -> (master's dtype, ours) now
         self.base: dict[str, tuple] = {}  # ... as loaded
         self.calls = 0
-
-    def describe(self) -> dict:
-        from cake.cluster.stage import node_info
-
-        return {"name": self.name, **node_info(self.device)}
 
     def ping(self) -> dict:
         return {"calls": self.calls}
@@ -349,19 +341,11 @@ class ComponentWorker:
     def _local_folder(self, spec: dict) -> Optional[tuple[Path, str]]:
         """The component in this machine's HF cache (same repo and commit), or a verified
         copy shipped earlier."""
-        hf = spec.get("hf")
-        if hf:
-            try:
-                from huggingface_hub import snapshot_download
-
-                snapshot = snapshot_download(hf["repo_id"], revision=hf["revision"],
-                                             local_files_only=True,
-                                             allow_patterns=[f"{spec['subfolder']}/*"])
-                folder = Path(snapshot) / spec["subfolder"]
-                if all((folder / f).is_file() for f in spec["files"]):
-                    return folder, "hf-cache"
-            except Exception:
-                pass
+        snapshot = hf_snapshot(spec.get("hf"), [f"{spec['subfolder']}/*"])
+        if snapshot is not None:
+            folder = snapshot / spec["subfolder"]
+            if all((folder / f).is_file() for f in spec["files"]):
+                return folder, "hf-cache"
         folder = self._cached(spec)
         manifest = folder / "manifest.json"
         if manifest.exists():
@@ -410,7 +394,7 @@ class ComponentWorker:
         if self.device.type == spec["device_type"]:
             dtype = master
         else:
-            from cake.text.serving import default_dtype
+            from cake.device import default_dtype
             dtype = default_dtype(str(self.device))
         cls = getattr(importlib.import_module(spec["library"]), spec["class"])
         module = load_component(cls, folder, dtype, self.device, spec.get("variant"))
@@ -449,8 +433,6 @@ class ComponentActor(ComponentWorker):
     """The worker as a Ray actor process: it dies with its node, and uses its threads."""
 
     def __init__(self, name: str):
-        from cake.cluster.stage import actor_setup
-
         actor_setup()
         super().__init__(name)
 
@@ -615,8 +597,8 @@ class ImageCluster:
             del self.home[name]
         try:
             ray.kill(holder.actor)
-        except Exception:
-            pass
+        except Exception as e:  # most often already dead with its node
+            log.info("ending %s's actor: %s", worker, e)
         holder.status = "lost"
         self.events.append({"time": time.time(), "event": "taken back", "worker": worker,
                             "components": names, "error": holder.detail,

@@ -1,25 +1,23 @@
 """A loaded image model: one diffusers pipeline behind a queue.
 
-A diffusers pipeline keeps per-call state on itself, so it renders one request at a time;
-requests wait in a FIFO and one worker thread runs them, which keeps the server's event loop
-free. A cancelled job stops between denoising steps (its step callback raises).
+A diffusers pipeline keeps per-call state on itself, so it renders one request at a time:
+jobs run on a SerialWorker (cake/jobs.py), which keeps the server's event loop free. A
+cancelled job stops between denoising steps (its step callback raises).
 """
 from __future__ import annotations
 
-import concurrent.futures
 import inspect
 import io
 import itertools
 import logging
-import queue
 import random
-import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from cake.image.arch import Arch, natural_size, size_multiple
+from cake.jobs import Cancelled, Job, SerialWorker
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +29,8 @@ SEED_SPACE = 2**64  # torch.Generator.manual_seed takes 64-bit seeds
 _job_ids = itertools.count(1)
 
 
-class Cancelled(Exception):
-    pass
-
-
 @dataclass
-class ImageJob:
+class ImageJob(Job):
     prompt: str
     width: int
     height: int
@@ -49,10 +43,6 @@ class ImageJob:
     init_image: Optional[object] = None  # PIL image for img2img
     strength: float = 0.8
     id: int = field(default_factory=lambda: next(_job_ids))
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    def cancel(self) -> None:
-        self.cancelled.set()
 
 
 def png_bytes(image) -> bytes:
@@ -78,11 +68,8 @@ class ImageModel:
         self.guidance = arch.guidance if guidance is None else guidance
         self.seed = seed
         self._img2img = None
-        self._jobs: queue.Queue = queue.Queue()
-        self._current: Optional[ImageJob] = None
-        self._counts = dict(completed=0, cancelled=0, failed=0, images=0, steps=0)
-        self._worker = threading.Thread(target=self._work, name="cake-image", daemon=True)
-        self._worker.start()
+        self._counts = dict(images=0, steps=0)
+        self.worker = SerialWorker(self.generate, "image")
 
     # -- validation: ValueError messages are shown to the client as they are
 
@@ -135,41 +122,15 @@ class ImageModel:
 
     # -- the queue
 
-    def submit(self, job: ImageJob) -> concurrent.futures.Future:
-        """Queue a job; the future's result is the PNGs (bytes), its exception Cancelled or
-        whatever went wrong."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._jobs.put((job, future))
-        return future
-
-    def _work(self) -> None:
-        while (item := self._jobs.get()) is not None:
-            job, future = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            self._current = job
-            try:
-                future.set_result(self.generate(job))
-            except Cancelled as e:
-                self._counts["cancelled"] += 1
-                future.set_exception(e)
-            except BaseException as e:  # reported to the client; the worker lives on
-                self._counts["failed"] += 1
-                log.exception("image %d failed", job.id)
-                future.set_exception(e)
-            finally:
-                self._current = None
+    def submit(self, job: ImageJob, on_event) -> ImageJob:
+        """Queue a job; its last event is a Done with the PNGs (bytes) as result."""
+        return self.worker.submit(job, on_event)
 
     def stats(self) -> dict:
-        return {"queued": self._jobs.qsize(), "running": int(self._current is not None),
-                **self._counts}
+        return {**self.worker.stats(), **self._counts}
 
     def close(self) -> None:
-        job = self._current
-        if job is not None:
-            job.cancel()
-        self._jobs.put(None)
-        self._worker.join(timeout=30)
+        self.worker.close()
 
     # -- rendering (worker thread, or the caller's thread for `cake run`)
 
@@ -181,7 +142,7 @@ class ImageModel:
         return self._img2img
 
     def generate(self, job: ImageJob) -> list[bytes]:
-        if job.cancelled.is_set():
+        if job.cancelled:
             raise Cancelled(f"image {job.id} cancelled before it started")
         pipe = self.pipe if job.init_image is None else self.img2img_pipeline()
         done = 0
@@ -190,7 +151,7 @@ class ImageModel:
             nonlocal done
             done += 1
             self._counts["steps"] += 1
-            if job.cancelled.is_set():
+            if job.cancelled:
                 raise Cancelled(f"image {job.id} cancelled after {done} steps")
             return {}
 
@@ -225,7 +186,6 @@ class ImageModel:
         except Cancelled:
             log.info("image %d cancelled after %d steps", job.id, done)
             raise
-        self._counts["completed"] += 1
         self._counts["images"] += len(pngs)
         return pngs
 

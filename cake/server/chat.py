@@ -2,7 +2,6 @@
 with tools, structured output, logprobs and n choices."""
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 
@@ -14,28 +13,14 @@ from fastapi.responses import StreamingResponse
 
 from cake.server import metrics, schemas, tools
 from cake.server.disconnect import result_unless_gone
-from cake.server.errors import APIError
+from cake.server.errors import APIError, internal_error
+from cake.server.events import EventQueue
 from cake.text import grammar
 from cake.text.engine import Output
 from cake.text.sampling import validate
 from cake.text.tokenizer import TemplateError
 
 router = APIRouter()
-
-
-class OutputQueue:
-    """Carries engine outputs (engine thread) into the request's event loop, tagged with
-    the choice they belong to."""
-
-    def __init__(self):
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
-
-    def put_for(self, index: int):
-        return lambda out: self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
-
-    async def get(self) -> tuple[int, Output]:
-        return await self.queue.get()
 
 
 def parse_body(request_model, body: bytes, kind: str):
@@ -189,7 +174,7 @@ def per_choice(params, n: int) -> list:
             dataclasses.replace(params, seed=params.seed + i) for i in range(n)]
 
 
-def submit(text_model, prompt, params, n, outputs: OutputQueue, **kwargs):
+def submit(text_model, prompt, params, n, outputs: EventQueue, **kwargs):
     try:
         if n == 1:
             return [text_model.engine.submit(prompt, params, outputs.put_for(0), **kwargs)]
@@ -197,6 +182,12 @@ def submit(text_model, prompt, params, n, outputs: OutputQueue, **kwargs):
                                                 [outputs.put_for(i) for i in range(n)])
     except ValueError as e:
         raise APIError(400, str(e))
+
+
+def failure(out: Output, seq, where: str) -> APIError:
+    """The engine's failure as a 500: its stack is in the log under the sequence's id."""
+    what = out.error or "inference failed"
+    return internal_error(what, where, f"{what} (sequence {seq.id})")
 
 
 def cancel_all(seqs):
@@ -223,7 +214,7 @@ async def chat_completions(request: Request):
                              (req.top_logprobs or 0) if req.logprobs else None, gram or fmt)
     if setup is not None and setup.family in tools.SPECIAL_MARKERS:
         params.skip_special_tokens = False  # the parser reads the family's marker token
-    outputs = OutputQueue()
+    outputs = EventQueue(state)
     seqs = submit(text_model, prompt, params, req.n, outputs)
     meta = (schemas.completion_id(), schemas.now(), text_model.model_id)
     timer = metrics.RequestTimer(metrics.of(request), text_model.model_id)
@@ -268,7 +259,7 @@ class Answer:
                                   self.setup.parallel)
 
 
-async def blocking(seqs, outputs: OutputQueue, meta, request: Request, answer: Answer, timer):
+async def blocking(seqs, outputs: EventQueue, meta, request: Request, answer: Answer, timer):
     async def collect():
         parts = [[] for _ in seqs]
         logprobs = [[] for _ in seqs]
@@ -283,9 +274,9 @@ async def blocking(seqs, outputs: OutputQueue, meta, request: Request, answer: A
         return parts, logprobs, last
 
     parts, logprobs, last = await result_unless_gone(request, collect(), cancel_all(seqs))
-    for out in last.values():
+    for i, out in last.items():
         if out.finish_reason == "error":
-            raise APIError(500, out.error or "inference failed")
+            raise failure(out, seqs[i], request.url.path)
     choices = []
     for i in range(len(seqs)):
         message, reason = answer.message("".join(parts[i]), last[i].finish_reason)
@@ -302,7 +293,7 @@ def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-async def stream(seqs, outputs: OutputQueue, meta, include_usage: bool, answer: Answer, timer):
+async def stream(seqs, outputs: EventQueue, meta, include_usage: bool, answer: Answer, timer):
     n = len(seqs)
     parsers = [answer.stream_parser() for _ in seqs]
     finished: dict[int, Output] = {}
@@ -313,7 +304,7 @@ async def stream(seqs, outputs: OutputQueue, meta, include_usage: bool, answer: 
             i, out = await outputs.get()
             timer.output()
             if out.finish_reason == "error":
-                yield sse({"error": out.error or "inference failed"})
+                yield sse({"error": failure(out, seqs[i], "a chat stream").message})
                 return
             lp = {"content": answer.logprob_content(out.logprobs), "refusal": None} \
                 if answer.logprobs and out.logprobs else None
@@ -339,6 +330,8 @@ async def stream(seqs, outputs: OutputQueue, meta, include_usage: bool, answer: 
             yield sse(schemas.chunk(*meta, None, usage=schemas.usage(prompt_tokens,
                                                                      completion_tokens)))
         yield sse("[DONE]")
+    except APIError as e:  # the server stops before this stream could end
+        yield sse({"error": e.message})
     finally:
         for seq in seqs:
             seq.cancel()  # no-op when finished; frees the slot when the client went away

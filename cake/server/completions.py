@@ -7,8 +7,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from cake.server import metrics, schemas
-from cake.server.chat import (OutputQueue, cancel_all, check_length, parse_body,
-                              sampling_params, per_choice, sse)
+from cake.server.chat import (cancel_all, check_length, failure, parse_body, sampling_params,
+                              per_choice, sse)
+from cake.server.events import EventQueue
 from cake.server.disconnect import result_unless_gone
 from cake.server.errors import APIError
 
@@ -84,7 +85,7 @@ async def completions(request: Request):
         raise APIError(400, "max_tokens 0 needs echo: true (nothing would be answered)")
     params = sampling_params(text_model, req, req.max_tokens, req.logprobs, min_tokens=0)
     score_prompt = req.logprobs if req.echo and req.logprobs is not None else None
-    outputs = OutputQueue()
+    outputs = EventQueue(state)
     seqs = []
     try:
         for p, ids in enumerate(batch):
@@ -136,7 +137,7 @@ class Run:
             i, out = await self.outputs.get()
             self.timer.output()
             if out.finish_reason == "error":
-                raise APIError(500, out.error or "inference failed")
+                raise failure(out, self.seqs[i], "/v1/completions")
             text = out.text
             if i not in sent_echo:
                 sent_echo.add(i)

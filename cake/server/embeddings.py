@@ -9,7 +9,8 @@ import torch
 from fastapi import APIRouter, Request
 
 from cake.server import schemas
-from cake.server.chat import OutputQueue, cancel_all, parse_body
+from cake.server.chat import cancel_all, failure, parse_body
+from cake.server.events import EventQueue
 from cake.server.completions import prompts
 from cake.server.disconnect import result_unless_gone
 from cake.server.errors import APIError
@@ -29,7 +30,7 @@ async def embeddings(request: Request):
     text_model = text_model_of(request)
     req = parse_body(schemas.EmbeddingRequest, await request.body(), "embeddings")
     batch = prompts(text_model, req.input)
-    outputs = OutputQueue()
+    outputs = EventQueue(request.app.state.cake)
     params = text_model.params(max_tokens=1)
     seqs = [text_model.engine.submit(ids, params, outputs.put_for(i), embed=True)
             for i, ids in enumerate(batch)]
@@ -39,7 +40,7 @@ async def embeddings(request: Request):
         while len(vectors) < len(seqs):
             i, out = await outputs.get()
             if out.finish_reason == "error" or out.embedding is None:
-                raise APIError(500, out.error or "embedding failed")
+                raise failure(out, seqs[i], request.url.path)
             vectors[i] = out.embedding
         return vectors
 

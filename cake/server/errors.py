@@ -24,6 +24,14 @@ def error_response(status: int, message: str, headers: dict | None = None) -> JS
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def internal_error(what: str, where: str, detail: str = "") -> APIError:
+    """A 500 the client can quote: `what` failed (our words, no exception text, stack or
+    path), with an id that the log line carrying the detail shares."""
+    request_id = uuid.uuid4().hex[:12]
+    log.error("internal error %s on %s: %s", request_id, where, detail or what)
+    return APIError(500, f"{what} (request {request_id}; the server log has the details)")
+
+
 def describe_validation(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():

@@ -6,7 +6,6 @@ b64_json. A client that disconnects cancels its image at the next denoising step
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import io
@@ -20,7 +19,8 @@ from fastapi.responses import Response
 from pydantic import AliasChoices, Field, ValidationError
 
 from cake.server.disconnect import ClientGone, result_unless_gone
-from cake.server.errors import APIError
+from cake.server.errors import APIError, internal_error
+from cake.server.events import EventQueue
 from cake.server.schemas import WireModel, body_doc
 
 router = APIRouter()
@@ -123,17 +123,14 @@ def make_job(model, **kwargs):
 async def render(request: Request, model, job) -> list[bytes]:
     """The job's PNGs; a client that leaves drops its job from the queue or stops it at its
     next denoising step."""
-    from cake.image.generator import Cancelled
-
-    future = asyncio.wrap_future(model.submit(job))
-    future.add_done_callback(lambda f: f.cancelled() or f.exception())  # read if nobody waits
-    try:
-        # Shielded: the job itself ends as it should (dropped from the queue, counted).
-        return await result_unless_gone(request, asyncio.shield(future), job.cancel)
-    except Cancelled:
+    events = EventQueue(request.app.state.cake)
+    model.submit(job, events.put)
+    done = await result_unless_gone(request, events.get(), job.cancel)
+    if done.reason == "cancelled":
         raise ClientGone()
-
-
+    if done.reason == "failed":
+        raise internal_error("image generation failed", request.url.path, repr(done.error))
+    return done.result
 
 
 def b64(png: bytes) -> str:

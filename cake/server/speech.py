@@ -17,8 +17,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
+from cake.jobs import Done
 from cake.server.disconnect import result_unless_gone
-from cake.server.errors import APIError
+from cake.server.errors import APIError, internal_error
+from cake.server.events import EventQueue, ShuttingDown
 from cake.server.schemas import WireModel, body_doc
 
 router = APIRouter()
@@ -73,20 +75,6 @@ def decode_voice_data(text: str) -> bytes:
         raise APIError(400, "voice_data is not valid base64")
 
 
-class ChunkQueue:
-    """Carries the worker's events into this request's event loop."""
-
-    def __init__(self):
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
-
-    def put(self, event) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-
-    async def get(self):
-        return await self.queue.get()
-
-
 @router.post("/v1/audio/speech", openapi_extra=body_doc(SpeechBody))
 async def speech(request: Request):
     service = audio_model(request)
@@ -100,7 +88,7 @@ async def speech(request: Request):
             diffusion_steps=body.diffusion_steps, speed=body.speed, seed=body.seed)
     except ValueError as e:
         raise APIError(400, str(e))
-    chunks = ChunkQueue()
+    chunks = EventQueue(request.app.state.cake)
     job = service.submit(req, chunks.put)
     encode = service_encoder(body.response_format)
     headers = {"X-Sample-Rate": str(service.sample_rate)}
@@ -117,29 +105,27 @@ def service_encoder(fmt: str):
     return to_int16 if fmt == "wav" else to_f32le
 
 
-async def blocking(job, chunks: ChunkQueue, fmt: str, rate: int, request: Request, headers):
+async def blocking(job, chunks: EventQueue, fmt: str, rate: int, request: Request, headers):
     import numpy as np
 
     from cake.audio.audio_io import to_f32le, wav_bytes
 
     async def collect():
         parts = []
-        while True:
-            event = await chunks.get()
-            if event is None or isinstance(event, Exception):
-                return parts, event
+        while not isinstance(event := await chunks.get(), Done):
             parts.append(event)
+        return parts, event
 
     # the client left: its synthesis stops at the next frame
-    parts, error = await result_unless_gone(request, collect(), job.cancel)
-    if error is not None:
-        raise APIError(500, f"speech synthesis failed: {error}")
+    parts, done = await result_unless_gone(request, collect(), job.cancel)
+    if done.reason == "failed":
+        raise internal_error("speech synthesis failed", request.url.path, repr(done.error))
     samples = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
     content = wav_bytes(samples, rate) if fmt == "wav" else to_f32le(samples)
     return Response(content, media_type=MEDIA_TYPES[fmt], headers=headers)
 
 
-async def stream(job, chunks: ChunkQueue, encode, fmt: str, rate: int):
+async def stream(job, chunks: EventQueue, encode, fmt: str, rate: int):
     from cake.audio.audio_io import streaming_wav_header
 
     try:
@@ -147,10 +133,10 @@ async def stream(job, chunks: ChunkQueue, encode, fmt: str, rate: int):
             yield streaming_wav_header(rate)
         while True:
             event = await chunks.get()
-            if event is None:
-                return
-            if isinstance(event, Exception):
-                return  # the status is already sent; the log has the error, the stream ends
+            if isinstance(event, Done):
+                return  # after a failure too: the status is sent, the log has the error
             yield encode(event)
+    except ShuttingDown:
+        return  # audio has no error chunk: the stream ends short
     finally:
         job.cancel()  # no-op when finished; stops the synthesis when the client went away

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
+from cake.jobs import Job
 from cake.text.kv_cache import StepBatch
 from cake.text.pipeline import Pipeline
 from cake.text.grammar import Constraint, guidance_tokenizer
@@ -61,11 +62,13 @@ class Output:
 
 
 @dataclass
-class Sequence:
+class Sequence(Job):
+    """A text request as the engine runs it: a Job (cake/jobs.py) whose events are Outputs."""
+
     id: int
     prompt_ids: list[int]
     params: SamplingParams
-    on_output: Callable[[Output], None]
+    on_event: Callable[[Output], None]  # (the Job interface)
     sampler: Sampler
     detok: IncrementalDetokenizer
     stops: StopMatcher
@@ -84,9 +87,6 @@ class Sequence:
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.generated)
-
-    def cancel(self) -> None:
-        self.cancelled = True
 
 
 class Engine:
@@ -148,7 +148,7 @@ class Engine:
             constraint = Constraint(params.grammar,
                                     guidance_tokenizer(self.tokenizer, self.vocab_size))
         return Sequence(
-            id=next(self._ids), prompt_ids=list(prompt_ids), params=params, on_output=on_output,
+            id=next(self._ids), prompt_ids=list(prompt_ids), params=params, on_event=on_output,
             sampler=Sampler(params, prompt_ids, self.vocab_size, device=self.pipeline.device,
                             constraint=constraint),
             detok=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
@@ -198,10 +198,11 @@ class Engine:
             worked = True
             try:
                 self.step()
-            except Exception as e:  # an engine failure ends every live request, not the server
-                log.exception("engine step failed")
-                for seq in list(self.prefilling) + self.running:
-                    self._finish(seq, "error", error=f"inference failed: {e}")
+            except Exception:  # an engine failure ends every live request, not the server
+                live = list(self.prefilling) + self.running
+                log.exception("engine step failed (sequences %s)", [s.id for s in live])
+                for seq in live:
+                    self._finish(seq, "error", error="inference failed")
 
     def step(self) -> None:
         self._drop_cancelled()
@@ -324,9 +325,9 @@ class Engine:
     def _sample_row(self, seq: Sequence, logits: torch.Tensor) -> Optional[int]:
         try:
             return seq.sampler.sample(logits)
-        except Exception as e:
+        except Exception:
             log.exception("sampling failed for sequence %d", seq.id)
-            self._finish(seq, "error", error=f"sampling failed: {e}")
+            self._finish(seq, "error", error="sampling failed")
             return None
 
     def _accept(self, seq: Sequence, token: int) -> None:
@@ -356,7 +357,7 @@ class Engine:
         out.logprobs, seq.sampler.logprobs = seq.sampler.logprobs, []
         out.prompt_logprobs, seq.pending_prompt_logprobs = seq.pending_prompt_logprobs, None
         try:
-            seq.on_output(out)
+            seq.emit(out)
         except Exception:  # the receiver is gone (its event loop closed): stop generating
             log.warning("dropping output of sequence %d: receiver failed", seq.id, exc_info=True)
             seq.cancelled = True

@@ -208,6 +208,16 @@ class GGUFCheckpoint:
     def tensor_names(self) -> list[str]:
         return list(self._tensors)
 
+    def tensor_info(self) -> dict:
+        from cake.text.weights import FLOAT_TYPES, TensorInfo
+
+        return {n: TensorInfo(tuple(int(d) for d in reversed(t.shape)), t.tensor_type.name,
+                              int(t.n_bytes), t.tensor_type.name not in FLOAT_TYPES)
+                for n, t in self._tensors.items()}
+
+    def files(self) -> list[Path]:
+        return [self.path]
+
     def raw(self, name: str) -> tuple[GGMLQuantizationType, np.ndarray, tuple[int, ...]]:
         """(ggml type, packed data [rows, bytes or values per row], Hugging Face shape).
         Rows are in Hugging Face order: llama's Q/K permutation is undone on the packed rows

@@ -10,6 +10,7 @@ import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
+from cake import loading
 from cake.text import kernels, quant, repack_cache
 from cake.text.models import model_class
 from cake.text.models.args import ModelArgs
@@ -55,10 +56,16 @@ def load_stage(checkpoint, start: int = 0, end: Optional[int] = None,
         model.model.embed_tokens = model.model.norm = model.lm_head = None
     materialize(model, device)
     model.reset_rope(device)  # materialize left the buffers uninitialised
-    if mode:
-        kernels.heap("load")
-        _quantize_matrices(model, checkpoint, mode)
-    model.load_tensors(checkpoint.get)
+    info = checkpoint.tensor_info()
+    needed = {model.checkpoint_name(n) for n, _ in model.named_parameters()}
+    loading.expect({n: info[n].n_bytes for n in needed if n in info})  # for /health
+    try:
+        if mode:
+            kernels.heap("load")
+            _quantize_matrices(model, checkpoint, mode)
+        model.load_tensors(loading.reading(checkpoint.get))
+    finally:
+        loading.finished()
     model.fuse_projections()
     if mode:
         kernels.heap("serve")
@@ -108,6 +115,7 @@ def _quantize_matrices(model, checkpoint, mode: str) -> None:
         if isinstance(module, nn.Embedding):
             new = quant.QuantEmbedding.from_table(table, module.weight.dtype)
         model.set_submodule(path, new)
+        loading.loaded(model.checkpoint_name(f"{path}.weight"))
         model.quantized[f"{path}.weight"] = (GGMLQuantizationType(e["qtype"]).name, e["bytes"])
     if cached is None:
         repack_cache.save(cache, entries, tensors)
@@ -116,8 +124,9 @@ def _quantize_matrices(model, checkpoint, mode: str) -> None:
 def _blocks(checkpoint, name: str, mode: str):
     """(GGUF blocks [rows, bytes], type) for a matrix in the chosen mode, None to keep it dense."""
     target = None if mode == "auto" else quant.QTYPES[mode]
-    if hasattr(checkpoint, "raw"):
-        qtype, data, shape = checkpoint.raw(name)
+    packed = checkpoint.raw(name)
+    if packed is not None:
+        qtype, data, shape = packed
         if target is None and qtype in _FLOAT_TYPES:
             return None
         if qtype == target or (target is None and qtype in quant.KERNEL_TYPES):

@@ -26,9 +26,12 @@ ALIGN = 4096
 
 
 def path_for(checkpoint, model) -> Optional[Path]:
-    source = getattr(checkpoint, "path", None)
-    if os.environ.get("CAKE_NO_REPACK_CACHE") or source is None or not hasattr(checkpoint, "raw"):
+    """Where a stage's weights repacked from one GGUF-style file are kept (None: not cached)."""
+    files, names = checkpoint.files(), checkpoint.tensor_names()
+    if os.environ.get("CAKE_NO_REPACK_CACHE") or len(files) != 1 or not names \
+            or checkpoint.raw(names[-1]) is None:  # plain tensors: nothing read as blocks
         return None
+    source = files[0]
     st = Path(source).stat()
     key = hashlib.sha256(f"{Path(source).resolve()}|{st.st_size}|{st.st_mtime_ns}|{model.start}|"
                          f"{model.end}|{model.is_first}|{model.is_last}".encode())

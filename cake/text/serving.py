@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from cake.device import best_device, default_dtype
 from cake.text.engine import Engine
 from cake.text.loader import load_stage, resolve_quant
 from cake.text.models.llama import ModelArgs
@@ -18,24 +19,6 @@ from cake.text.tokenizer import Tokenizer
 from cake.text.weights import open_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-def best_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def default_dtype(device: str) -> torch.dtype:
-    # GPUs: bf16 where supported (fast, range of fp32). CPU: fp32 is both exact and, for
-    # prompt processing, faster than bf16 on CPUs without native bf16 instructions.
-    if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device == "mps":
-        return torch.float16
-    return torch.float32
 
 
 def load_tokenizer(checkpoint) -> Tokenizer:

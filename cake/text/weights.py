@@ -1,15 +1,75 @@
-"""Checkpoint readers: a Hugging Face folder of safetensors, or a GGUF file.
-
-Both expose the same small interface so that a pipeline stage reads only the tensors of its
-own layers:  .config (a config.json-shaped dict), .tensor_names(), .get(name) -> Tensor.
-"""
+"""Checkpoint readers: a Hugging Face folder of safetensors, or a GGUF file (gguf_weights),
+and the Checkpoint protocol every format implements, so that a stage reads only the tensors
+of its own layers and placement sizes layers without reading any."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple, Optional, Protocol, runtime_checkable
 
 import torch
 from safetensors import safe_open
+
+# Bytes per element of safetensors' dtypes.
+SAFETENSORS_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2,
+                     "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8,
+                     "I64": 8, "U64": 8}
+
+
+FLOAT_TYPES = ("F32", "F16", "BF16")  # GGUF types that are no GGML blocks
+
+
+class TensorInfo(NamedTuple):
+    shape: tuple[int, ...]  # in Hugging Face order
+    type: str  # as stored: "F32", "BF16", "Q4_K", ...
+    n_bytes: int  # as stored
+    blocks: bool = False  # GGML quant blocks (kept packed where the kernels take them)
+
+
+@runtime_checkable
+class TensorIndex(Protocol):
+    """What sizing and the topology document read: names and sizes, no data."""
+
+    config: dict
+
+    def tensor_info(self) -> dict[str, TensorInfo]: ...
+
+
+@runtime_checkable
+class Checkpoint(TensorIndex, Protocol):
+    def tensor_names(self) -> list[str]: ...
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor, dense (GGML blocks dequantized), in Hugging Face layout."""
+
+    def raw(self, name: str) -> Optional[tuple]:
+        """(ggml type, packed rows, Hugging Face shape) of a tensor stored in GGML blocks or
+        floats of a GGUF; None where the format holds plain tensors."""
+
+    def files(self) -> list[Path]:
+        """The files holding the weights (what identifies them)."""
+
+
+def layer_tensor_names(checkpoint: Checkpoint, start: int, end: int) -> list[str]:
+    """The tensors of decoder layers [start, end)."""
+    prefixes = tuple(f"model.layers.{i}." for i in range(start, end))
+    return [n for n in checkpoint.tensor_names() if n.startswith(prefixes)]
+
+
+def safetensors_info(files: dict, stored: Optional[dict] = None) -> dict[str, TensorInfo]:
+    """name -> TensorInfo from the headers of the files (name -> file); stored: name -> the
+    name in the file, where they differ."""
+    info = {}
+    for f in sorted(set(files.values())):
+        with safe_open(f, "pt") as st:
+            for name in [n for n, g in files.items() if g == f]:
+                part = st.get_slice((stored or {}).get(name, name))
+                shape, dtype = tuple(part.get_shape()), part.get_dtype()
+                n = SAFETENSORS_SIZES.get(dtype, 4)
+                for d in shape:
+                    n *= d
+                info[name] = TensorInfo(shape, dtype, n)
+    return info
 
 
 class SafetensorsCheckpoint:
@@ -32,6 +92,15 @@ class SafetensorsCheckpoint:
 
     def tensor_names(self) -> list[str]:
         return list(self._file_of)
+
+    def tensor_info(self) -> dict[str, TensorInfo]:
+        return safetensors_info(self._file_of)
+
+    def files(self) -> list[Path]:
+        return sorted(set(self._file_of.values()))
+
+    def raw(self, name: str) -> None:
+        return None
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self._file_of:

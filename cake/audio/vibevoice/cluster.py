@@ -27,7 +27,6 @@ class LanguageModelCheckpoint:
         self.config = text_config
         self._file_of: dict[str, Path] = {}
         self._stored: dict[str, str] = {}  # our name -> the name in the file
-        self._shapes: dict[str, tuple[int, ...]] = {}
         for f in sorted(Path(folder).glob("*.safetensors")):
             with safe_open(f, "pt") as st:
                 for stored in st.keys():
@@ -38,7 +37,6 @@ class LanguageModelCheckpoint:
                     else:
                         continue
                     self._file_of[name], self._stored[name] = f, stored
-                    self._shapes[name] = tuple(st.get_slice(stored).get_shape())
         if not any(".layers." in n for n in self._file_of):
             raise FileNotFoundError(f"no language-model layers ({PREFIX}layers.*) in {folder}")
         self._open: dict[Path, object] = {}
@@ -46,8 +44,16 @@ class LanguageModelCheckpoint:
     def tensor_names(self) -> list[str]:
         return list(self._file_of)
 
-    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        return dict(self._shapes)
+    def tensor_info(self) -> dict:
+        from cake.text.weights import safetensors_info
+
+        return safetensors_info(self._file_of, self._stored)
+
+    def files(self) -> list[Path]:
+        return sorted(set(self._file_of.values()))
+
+    def raw(self, name: str) -> None:
+        return None
 
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open

@@ -12,9 +12,8 @@ unconditional branch when cfg_scale is 1, and yields each frame's audio as it is
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -90,7 +89,7 @@ class FrameGenerator:
 
     @torch.inference_mode()
     def frames(self, prompt: torch.Tensor, cfg_scale: float, diffusion_steps: int,
-               max_frames: int, cancelled: Optional[threading.Event] = None
+               max_frames: int, cancelled: Optional[Callable[[], bool]] = None
                ) -> Iterator[torch.Tensor]:
         """prompt: input embeddings [1, L, D] ending with the speech-start token. Yields the
         audio of each frame ([hop] samples at 24 kHz) until the model ends its speech,
@@ -114,7 +113,7 @@ class FrameGenerator:
         pos, neg_pos = length, 1
         acoustic_cache = semantic_cache = None
         for frame in range(max_frames):
-            if cancelled is not None and cancelled.is_set():
+            if cancelled is not None and cancelled():
                 return
             if lm.choose(h_pos)[0] != self.tokens.audio:
                 return

@@ -4,10 +4,9 @@ synthesis through the frame loop."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -139,7 +138,8 @@ class VibeVoiceSpeech:
             embeds[ids_t == self.tokens.audio] = voice.to(embeds.dtype)
         return embeds, ids
 
-    def synthesize(self, req: SpeechRequest, cancelled: threading.Event) -> Iterator[np.ndarray]:
+    def synthesize(self, req: SpeechRequest, cancelled: Callable[[], bool]
+                   ) -> Iterator[np.ndarray]:
         if req.seed is not None:
             torch.manual_seed(req.seed)
         embeds, _ = self.prompt_embeds(req.text, req.sample)
