@@ -123,7 +123,7 @@ def write_realtime(folder: Path, seed: int = REALTIME_SEED, real_size: bool = Fa
     sha256 of its weights file."""
     from safetensors.torch import save_file
 
-    from cake.audio.vibevoice.random_model import write_tokenizer
+    from cake.testing.tiny_vibevoice import write_tokenizer
     from cake.audio.vibevoice.realtime import RealtimeModel
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ import threading
 import time
 from itertools import count
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -206,7 +206,8 @@ class VibeVoiceRealtimeSpeech:
             raise ValueError(f"the voice, the text and max_frames need {needed} positions; "
                              f"this model's context holds {self.context}")
 
-    def synthesize(self, req: SpeechRequest, cancelled: threading.Event) -> Iterator[np.ndarray]:
+    def synthesize(self, req: SpeechRequest, cancelled: Callable[[], bool]
+                   ) -> Iterator[np.ndarray]:
         if req.seed is not None:
             torch.manual_seed(req.seed)
         for audio in self.frames(self.preset(req.voice), self.text_ids(req.text), req.cfg_scale,
@@ -215,7 +216,7 @@ class VibeVoiceRealtimeSpeech:
 
     @torch.inference_mode()
     def frames(self, preset: VoicePreset, text: list[int], cfg_scale: float, steps: int,
-               max_frames: int, cancelled: Optional[threading.Event] = None
+               max_frames: int, cancelled: Optional[Callable[[], bool]] = None
                ) -> Iterator[torch.Tensor]:
         """The audio of each frame ([hop] samples at 24 kHz) until the end-of-speech
         classifier says so, max_frames, or `cancelled` is set."""
@@ -246,7 +247,7 @@ class VibeVoiceRealtimeSpeech:
                                     [PROMPTED], tts_cache)
                 lm_pos, pos = lm_pos + n, pos + n
             for _ in range(SPEECH_WINDOW):
-                if cancelled is not None and cancelled.is_set():
+                if cancelled is not None and cancelled():
                     return
                 latent = self.sampler.sample(h_pos, h_neg, scheduler, cfg_scale, steps)
                 scaled = latent / m.latent_scaling_factor - m.latent_bias_factor
