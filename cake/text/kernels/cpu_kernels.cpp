@@ -469,22 +469,23 @@ inline void group_dot(const uint8_t* group, int64_t nb, const ActBlock* const* x
 // MR activation rows m.. against one weight group; a partial last group goes through tmp.
 template <int64_t QT, int MR>
 inline void tile(const ActBlock* x, int64_t m, int64_t nb, const uint8_t* group, int64_t g,
-                 int64_t N, float* y, float (*tmp)[R]) {
+                 int64_t N, float* y, int64_t ldy, float (*tmp)[R]) {
   const bool full = (g + 1) * R <= N;
   const ActBlock* rows[MR];
   float* ys[MR];
   for (int r = 0; r < MR; ++r) {
     rows[r] = x + (m + r) * nb;
-    ys[r] = full ? y + (m + r) * N + g * R : tmp[r];
+    ys[r] = full ? y + (m + r) * ldy + g * R : tmp[r];
   }
   group_dot<QT, MR>(group, nb, rows, ys);
   if (!full)
     for (int r = 0; r < MR; ++r)
-      for (int64_t n = g * R; n < N; ++n) y[(m + r) * N + n] = tmp[r][n - g * R];
+      for (int64_t n = g * R; n < N; ++n) y[(m + r) * ldy + n] = tmp[r][n - g * R];
 }
 
 template <int64_t QT>
-void matmul(const ActBlock* x, int64_t M, int64_t nb, const uint8_t* w, int64_t N, float* y) {
+void matmul(const ActBlock* x, int64_t M, int64_t nb, const uint8_t* w, int64_t N, float* y,
+            int64_t ldy) {
   constexpr int64_t MC = 64;  // activation rows kept in cache while the weights stream by
   const int64_t G = (N + R - 1) / R, gbytes = nb / (format_of(QT).values / QK) * format_of(QT).bytes();
   // One contiguous share per thread (the prefetchers stream it best); a thread that has not
@@ -499,9 +500,9 @@ void matmul(const ActBlock* x, int64_t M, int64_t nb, const uint8_t* w, int64_t 
         const uint8_t* group = w + g * gbytes;
         // Tiles of 8, 4, then single rows: each group is unpacked once per tile.
         int64_t m = m0;
-        for (; m + 8 <= m1; m += 8) tile<QT, 8>(x, m, nb, group, g, N, y, tmp);
-        for (; m + 4 <= m1; m += 4) tile<QT, 4>(x, m, nb, group, g, N, y, tmp);
-        for (; m < m1; ++m) tile<QT, 1>(x, m, nb, group, g, N, y, tmp);
+        for (; m + 8 <= m1; m += 8) tile<QT, 8>(x, m, nb, group, g, N, y, ldy, tmp);
+        for (; m + 4 <= m1; m += 4) tile<QT, 4>(x, m, nb, group, g, N, y, ldy, tmp);
+        for (; m < m1; ++m) tile<QT, 1>(x, m, nb, group, g, N, y, ldy, tmp);
       }
     }
   });
@@ -517,21 +518,32 @@ void check_packed(const at::Tensor& w, int64_t qtype, int64_t N, int64_t K) {
               " values of type ", qtype);
 }
 
-// y[M, N] = xq @ dequantize(w)^T (+ bias), xq already quantized.
+// y[M, N] = xq @ dequantize(w)^T (+ bias), xq already quantized; rows of y are ldy apart
+// (default N: the columns of a wider output can be filled a matrix at a time).
 void linear(const ActBlock* xq, int64_t M, int64_t nb, const at::Tensor& w, int64_t qtype,
-            int64_t N, const std::optional<at::Tensor>& bias, float* y) {
+            int64_t N, const std::optional<at::Tensor>& bias, float* y, int64_t ldy = 0) {
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  dispatch(qtype, [&](auto qt) { matmul<decltype(qt)::value>(xq, M, nb, wp, N, y); });
+  if (ldy == 0) ldy = N;
+  dispatch(qtype, [&](auto qt) { matmul<decltype(qt)::value>(xq, M, nb, wp, N, y, ldy); });
   if (bias.has_value()) {
     const float* b = bias->data_ptr<float>();
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) y[m * N + n] += b[n];
+      for (int64_t n = 0; n < N; ++n) y[m * ldy + n] += b[n];
   }
 }
 
 void check_bias(const std::optional<at::Tensor>& bias, int64_t N) {
   TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
                                     bias->numel() == N), "bias must be float32 [", N, "]");
+}
+
+// out[0..n) = RMS-normalized in times w (out may be in).
+void rms_norm(const float* in, float* out, int64_t n, const float* w, float eps) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < n; ++i) ss += in[i] * in[i];
+  const float r = 1.f / std::sqrt(ss / n + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = in[i] * r * w[i];
 }
 
 // Quantize M rows of K values; with `norm`, RMS-normalize each row (times norm) first.
@@ -544,11 +556,7 @@ void quantize_rows(const float* x, int64_t M, int64_t K, std::vector<ActBlock>& 
     for (int64_t m = m0; m < m1; ++m) {
       const float* row = x + m * K;
       if (norm) {
-        float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-        for (int64_t i = 0; i < K; ++i) ss += row[i] * row[i];
-        const float r = 1.f / std::sqrt(ss / K + eps);
-        for (int64_t i = 0; i < K; ++i) tmp[i] = row[i] * r * norm[i];
+        rms_norm(row, tmp.data(), K, norm, eps);
         row = tmp.data();
       }
       quantize_row(row, nb, &out[m * nb]);
@@ -946,73 +954,197 @@ at::Tensor decode_attention(const at::Tensor& qkv_in, at::Tensor k_cache, at::Te
   return out.to(qkv_in.scalar_type());
 }
 
-// A whole decoder layer (pre-norm Llama block) for one new token per row, with quantized
-// q/k/v (fused), o, gate/up (fused) and down matrices: x [B, dim] -> x after the layer.
-// One call instead of a dozen PyTorch ops: the Python per token stays flat as layers grow.
-at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& attn_norm,
-                        const at::Tensor& qkv_w, int64_t qkv_type,
-                        const std::optional<at::Tensor>& qkv_bias,
+// out[i] = gelu_tanh(gu[i]) * gu[F + i] (GeGLU): 0.5 x (1 + tanh(u)) is x * sigmoid(2u).
+void gelu_mul_row(const float* gu, int64_t F, float* out) {
+  constexpr float c = 0.7978845608028654f, c3 = 0.7978845608028654f * 0.044715f;
+  int64_t i = 0;
+#ifdef CAKE_AVX2
+  const __m256 one = _mm256_set1_ps(1.f), m2c = _mm256_set1_ps(-2.f * c),
+               m2c3 = _mm256_set1_ps(-2.f * c3);
+  for (; i + 8 <= F; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gu + i);
+    const __m256 m2u = _mm256_mul_ps(g, _mm256_fmadd_ps(_mm256_mul_ps(g, g), m2c3, m2c));
+    const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp256(m2u)));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(gu + F + i)));
+  }
+#endif
+  for (; i < F; ++i) {
+    const float g = gu[i], u = g * (c + c3 * g * g);
+    out[i] = g / (1.f + std::exp(-2.f * u)) * gu[F + i];
+  }
+}
+
+// v[0..n) <- RMS-normalized v times w, in groups of wn values (a head, or all of v) that
+// all take w[0..wn).
+void rms_norm_groups(float* v, int64_t n, const float* w, int64_t wn, float eps) {
+  for (int64_t g = 0; g < n; g += wn) rms_norm(v + g, v + g, wn, w, eps);
+}
+
+// The matrices that make up one wide product (q/k/v, or gate/up): one fused matrix, or
+// several whose outputs lie side by side (llama.cpp's K-quant mixes give v, or down, a type
+// of its own, so they cannot be joined). Each checked against its share of the columns.
+void check_parts(at::TensorList w, at::IntArrayRef types, const std::vector<int64_t>& sizes,
+                 int64_t K, const char* what) {
+  TORCH_CHECK(w.size() == types.size(), what, ": one type per matrix");
+  if (w.size() == 1) {
+    int64_t n = 0;
+    for (int64_t s : sizes) n += s;
+    return check_packed(w[0], types[0], n, K);
+  }
+  TORCH_CHECK(w.size() == sizes.size(), what, ": ", sizes.size(), " matrices or one fused");
+  for (size_t i = 0; i < w.size(); ++i) check_packed(w[i], types[i], sizes[i], K);
+}
+
+// y[B, sum(sizes)] = xq @ [w_0; w_1; ...]^T (+ bias)
+void linear_parts(const ActBlock* xq, int64_t B, int64_t nb, at::TensorList w,
+                  at::IntArrayRef types, const std::vector<int64_t>& sizes,
+                  const std::optional<at::Tensor>& bias, float* y) {
+  int64_t n = 0, at_col = 0;
+  for (int64_t s : sizes) n += s;
+  if (w.size() == 1) return linear(xq, B, nb, w[0], types[0], n, bias, y);
+  for (size_t i = 0; i < w.size(); ++i) {
+    linear(xq, B, nb, w[i], types[i], sizes[i], std::nullopt, y + at_col, n);
+    at_col += sizes[i];
+  }
+  if (bias.has_value()) {
+    const float* bp = bias->data_ptr<float>();
+    for (int64_t m = 0; m < B; ++m)
+      for (int64_t j = 0; j < n; ++j) y[m * n + j] += bp[j];
+  }
+}
+
+// q and k of one row [(H + Hkv) * D] rotated over their first 2 * inv_freq.numel() channels
+// (rotate-half within those), cos and sin scaled by factor: the rope variants the attention
+// kernel does not apply itself (partial rotary, YaRN's or longrope's attention factor).
+void rope_rows(float* qkv, int64_t B, int64_t row, int64_t heads, int64_t D,
+               const int64_t* positions, const at::Tensor& inv_freq, float factor) {
+  const int64_t half = inv_freq.numel();
+  const float* f = inv_freq.data_ptr<float>();
+  std::vector<float> cs(2 * half);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t i = 0; i < half; ++i) {  // fp32 angles, as the PyTorch path computes them
+      const float a = (float)positions[b] * f[i];
+      cs[i] = std::cos(a) * factor;
+      cs[half + i] = std::sin(a) * factor;
+    }
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = qkv + b * row + h * D;
+      for (int64_t i = 0; i < half; ++i) {
+        const float x0 = v[i], x1 = v[i + half], c = cs[i], s = cs[half + i];
+        v[i] = x0 * c - x1 * s;
+        v[i + half] = x1 * c + x0 * s;
+      }
+    }
+  }
+}
+
+const float* weights_or_null(const std::optional<at::Tensor>& t, int64_t n, const char* what) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n,
+              what, ": float32 [", n, "]");
+  return t->data_ptr<float>();
+}
+
+// A whole decoder layer for one new token per row, x [B, dim] -> x after the layer, with
+// quantized q/k/v, o, gate/up and down matrices. One call instead of a dozen PyTorch ops: the
+// Python per token stays flat as layers grow. What the families differ in is an argument:
+// - RMS norms before and after attention and the MLP, each optional (Llama: pre; OLMo 2,
+//   EXAONE 4: post; Gemma 3: both, its (1 + w) already added to w when loaded);
+// - q/k norms over groups of their weight's length: a head (Qwen3, Gemma 3, EXAONE 4) or the
+//   whole projection (OLMo 2);
+// - rope: inv_freq [rotary_dim / 2] and factor; the attention kernel rotates when it covers
+//   the whole head with factor 1 (zeros there: NoPE), else it is applied here first;
+// - q_scale: scores scaled by q_scale / sqrt(head_dim) (Gemma's query_pre_attn_scalar);
+// - gelu: GeGLU (tanh gelu) instead of SwiGLU; window: sliding-window attention.
+at::Tensor decode_layer(const at::Tensor& x_in, const std::optional<at::Tensor>& attn_norm,
+                        const std::optional<at::Tensor>& post_attn_norm,
+                        const std::optional<at::Tensor>& ffn_norm,
+                        const std::optional<at::Tensor>& post_ffn_norm, at::TensorList qkv_w,
+                        at::IntArrayRef qkv_types, const std::optional<at::Tensor>& qkv_bias,
                         const std::optional<at::Tensor>& q_norm,
-                        const std::optional<at::Tensor>& k_norm,
-                        const at::Tensor& o_w, int64_t o_type,
-                        const std::optional<at::Tensor>& o_bias, const at::Tensor& ffn_norm,
-                        const at::Tensor& gate_up_w, int64_t gate_up_type,
-                        const std::optional<at::Tensor>& gate_up_bias, const at::Tensor& down_w,
-                        int64_t down_type, const std::optional<at::Tensor>& down_bias,
-                        at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
-                        const at::Tensor& positions, const at::Tensor& inv_freq,
+                        const std::optional<at::Tensor>& k_norm, const at::Tensor& o_w,
+                        int64_t o_type, const std::optional<at::Tensor>& o_bias,
+                        at::TensorList gate_up_w, at::IntArrayRef gate_up_types,
+                        const std::optional<at::Tensor>& gate_up_bias, bool gelu,
+                        const at::Tensor& down_w, int64_t down_type,
+                        const std::optional<at::Tensor>& down_bias, at::Tensor k_cache,
+                        at::Tensor v_cache, const at::Tensor& slots, const at::Tensor& positions,
+                        const at::Tensor& inv_freq, double rope_factor, double q_scale,
                         int64_t n_heads, int64_t window, double eps_in) {
   NoGil no_gil;
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "x must be float32 [B, dim]");
   at::Tensor x = x_in.clone();
   const int64_t B = x.size(0), dim = x.size(1);
-  const AttentionShape S = check_attention(k_cache, v_cache, slots, positions, inv_freq, B,
+  TORCH_CHECK(!qkv_w.empty() && !gate_up_w.empty(), "decode_layer: no q/k/v or gate/up matrix");
+  TORCH_CHECK(down_w.dim() == 2, "down: a packed matrix");
+  const int64_t D = k_cache.size(-1);
+  TORCH_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.is_contiguous() &&
+              2 * inv_freq.numel() <= D, "rope: float32 inv_freq of at most head_dim / 2");
+  // The attention kernel's rotation covers whole heads with factor 1; others happen here.
+  const bool rope_here = !(2 * inv_freq.numel() == D && rope_factor == 1.0);
+  const at::Tensor table = rope_here ? at::zeros({D / 2}, inv_freq.options()) : inv_freq;
+  const AttentionShape S = check_attention(k_cache, v_cache, slots, positions, table, B,
                                            n_heads);
-  const int64_t n_qkv = (S.H + 2 * S.Hkv) * S.D, n_attn = S.H * S.D;
+  const int64_t n_q = S.H * S.D, n_kv = S.Hkv * S.D, n_qkv = n_q + 2 * n_kv, n_attn = n_q;
   const int64_t hidden = down_w.size(1) / format(down_type).bytes() * format(down_type).values;
   const float eps = (float)eps_in;
-  check_packed(qkv_w, qkv_type, n_qkv, dim);
+  check_parts(qkv_w, qkv_types, {n_q, n_kv, n_kv}, dim, "q/k/v");
   check_packed(o_w, o_type, dim, n_attn);
-  check_packed(gate_up_w, gate_up_type, 2 * hidden, dim);
+  check_parts(gate_up_w, gate_up_types, {hidden, hidden}, dim, "gate/up");
   check_packed(down_w, down_type, dim, hidden);
   check_bias(qkv_bias, n_qkv);
   check_bias(o_bias, dim);
   check_bias(gate_up_bias, 2 * hidden);
   check_bias(down_bias, dim);
-  for (const auto* t : {&attn_norm, &ffn_norm})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == dim, "norm weights: float32 [dim]");
-  for (const auto* t : {&q_norm, &k_norm})
-    TORCH_CHECK(!t->has_value() || ((*t)->scalar_type() == at::kFloat && (*t)->numel() == S.D),
-                "q/k norm weights: float32 [head dim]");
+  const float* norm[4];
+  const std::optional<at::Tensor>* norms[4] = {&attn_norm, &post_attn_norm, &ffn_norm,
+                                               &post_ffn_norm};
+  for (int i = 0; i < 4; ++i) norm[i] = weights_or_null(*norms[i], dim, "layer norm weights");
+  const int64_t qn = q_norm.has_value() ? q_norm->numel() : 0;
+  const int64_t kn = k_norm.has_value() ? k_norm->numel() : 0;
+  TORCH_CHECK(q_norm.has_value() == k_norm.has_value() && (!qn || (n_q % qn == 0 && qn % S.D == 0))
+              && (!kn || (n_kv % kn == 0 && kn % S.D == 0)),
+              "q/k norm weights: [head dim] or [the whole projection], both or neither");
+  const float* qw = weights_or_null(q_norm, qn, "q norm weights");
+  const float* kw = weights_or_null(k_norm, kn, "k norm weights");
 
   float* xp = x.data_ptr<float>();
   std::vector<ActBlock> xq;
   std::vector<float> qkv(B * n_qkv), attn(B * n_attn), y(B * dim), gu(B * 2 * hidden),
       act(B * hidden);
-  quantize_rows(xp, B, dim, xq, attn_norm.data_ptr<float>(), eps);
-  linear(xq.data(), B, dim / QK, qkv_w, qkv_type, n_qkv, qkv_bias, qkv.data());
-  if (q_norm.has_value()) {  // Qwen3: RMS norm over each head of q and k, before rope
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < S.H + S.Hkv; ++h) {
-        float* v = &qkv[b * n_qkv + h * S.D];
-        const float* w = (h < S.H ? *q_norm : *k_norm).data_ptr<float>();
-        float ss = 0.f;
-        for (int64_t i = 0; i < S.D; ++i) ss += v[i] * v[i];
-        const float r = 1.f / std::sqrt(ss / S.D + eps);
-        for (int64_t i = 0; i < S.D; ++i) v[i] = v[i] * r * w[i];
-      }
+  // x += f(y): the residual add, after the optional norm of the sublayer's output
+  auto add_residual = [&](const float* post) {
+    for (int64_t b = 0; b < B; ++b) {
+      float* yr = &y[b * dim];
+      if (post) rms_norm(yr, yr, dim, post, eps);
+      for (int64_t i = 0; i < dim; ++i) xp[b * dim + i] += yr[i];
+    }
+  };
+  quantize_rows(xp, B, dim, xq, norm[0], eps);
+  linear_parts(xq.data(), B, dim / QK, qkv_w, qkv_types, {n_q, n_kv, n_kv}, qkv_bias,
+               qkv.data());
+  for (int64_t b = 0; b < B && qw; ++b) {
+    rms_norm_groups(&qkv[b * n_qkv], n_q, qw, qn, eps);
+    rms_norm_groups(&qkv[b * n_qkv + n_q], n_kv, kw, kn, eps);
   }
-  attend_any(S, qkv.data(), k_cache, v_cache, slots, positions, inv_freq, window, attn.data());
+  if (rope_here && inv_freq.numel() > 0)
+    rope_rows(qkv.data(), B, n_qkv, S.H + S.Hkv, S.D, positions.data_ptr<int64_t>(), inv_freq,
+              (float)rope_factor);
+  if (q_scale != 1.0)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < n_q; ++i) qkv[b * n_qkv + i] *= (float)q_scale;
+  attend_any(S, qkv.data(), k_cache, v_cache, slots, positions, table, window, attn.data());
   quantize_rows(attn.data(), B, n_attn, xq);
   linear(xq.data(), B, n_attn / QK, o_w, o_type, dim, o_bias, y.data());
-  for (int64_t i = 0; i < B * dim; ++i) xp[i] += y[i];
-  quantize_rows(xp, B, dim, xq, ffn_norm.data_ptr<float>(), eps);
-  linear(xq.data(), B, dim / QK, gate_up_w, gate_up_type, 2 * hidden, gate_up_bias, gu.data());
+  add_residual(norm[1]);
+  quantize_rows(xp, B, dim, xq, norm[2], eps);
+  linear_parts(xq.data(), B, dim / QK, gate_up_w, gate_up_types, {hidden, hidden},
+               gate_up_bias, gu.data());
   for (int64_t b = 0; b < B; ++b)
-    silu_mul_row(&gu[b * 2 * hidden], hidden, &act[b * hidden]);
+    (gelu ? gelu_mul_row : silu_mul_row)(&gu[b * 2 * hidden], hidden, &act[b * hidden]);
   quantize_rows(act.data(), B, hidden, xq);
   linear(xq.data(), B, hidden / QK, down_w, down_type, dim, down_bias, y.data());
-  for (int64_t i = 0; i < B * dim; ++i) xp[i] += y[i];
+  add_residual(norm[3]);
   return x;
 }
 
@@ -1057,11 +1189,13 @@ TORCH_LIBRARY(cake, m) {
   m.def("decode_attention(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, "
         "Tensor positions, Tensor inv_freq, int n_heads, int window) -> Tensor",
         &decode_attention);
-  m.def("decode_layer(Tensor x, Tensor attn_norm, Tensor qkv_w, int qkv_type, Tensor? qkv_bias, "
+  m.def("decode_layer(Tensor x, Tensor? attn_norm, Tensor? post_attn_norm, Tensor? ffn_norm, "
+        "Tensor? post_ffn_norm, Tensor[] qkv_w, int[] qkv_types, Tensor? qkv_bias, "
         "Tensor? q_norm, Tensor? k_norm, Tensor o_w, int o_type, Tensor? o_bias, "
-        "Tensor ffn_norm, Tensor gate_up_w, int gate_up_type, Tensor? gate_up_bias, "
+        "Tensor[] gate_up_w, int[] gate_up_types, Tensor? gate_up_bias, bool gelu, "
         "Tensor down_w, int down_type, Tensor? down_bias, Tensor(a!) k_cache, "
-        "Tensor(b!) v_cache, Tensor slots, Tensor positions, Tensor inv_freq, int n_heads, "
-        "int window, float eps) -> Tensor", &decode_layer);
+        "Tensor(b!) v_cache, Tensor slots, Tensor positions, Tensor inv_freq, "
+        "float rope_factor, float q_scale, int n_heads, int window, float eps) -> Tensor",
+        &decode_layer);
   m.def("silu_mul(Tensor x) -> Tensor", &silu_mul);
 }
