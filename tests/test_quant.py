@@ -232,6 +232,33 @@ def test_quantized_model_matches_dequantized_reference(tiny_checkpoint, family, 
     assert (got - want).abs().max() <= 1e-3 * want.abs().max()
 
 
+def test_layer_kernel_takes_matrices_of_mixed_types(tiny_checkpoint):
+    """q/k/v and gate/up of different types (llama.cpp's K-quant mixes give v and down a type
+    of their own) stay separate matrices, and the one-call layer kernel computes what the
+    layer composed op by op from the same matrices computes."""
+    model = load_stage(tiny_checkpoint("qwen2"), quant_mode="q4_1")  # q/k/v biases
+    types = [Q.Q4_1, Q.Q4_0, Q.Q8_0]
+    for layer in model.model.layers.values():
+        attn, mlp = layer.self_attn, layer.mlp
+        sizes = [attn.n_heads * attn.head_dim] + [attn.n_kv * attn.head_dim] * 2
+        parts = zip(attn.qkv_proj.dequantize().split(sizes), attn.qkv_proj.bias.split(sizes))
+        attn.q_proj, attn.k_proj, attn.v_proj = [
+            quant.QuantLinear.from_weight(w, t, b) for (w, b), t in zip(parts, types)]
+        gate, up = mlp.gate_up_proj.dequantize().chunk(2)
+        mlp.gate_proj, mlp.up_proj = [quant.QuantLinear.from_weight(w, t)
+                                      for w, t in zip((gate, up), types[1:])]
+        attn.qkv_proj = mlp.gate_up_proj = None
+        layer.prepare_kernel()
+        assert [len(a) for a in layer.kernel_args if isinstance(a, list)] == [3, 3, 2, 2]
+    prompt = [3, 17, 99, 42, 7, 64, 5, 120]
+    fused = greedy_logits(model, prompt, 6)
+    for layer in model.model.layers.values():
+        layer.kernel_args = None
+    composed = greedy_logits(model, prompt, 6)
+    assert composed.abs().max() > 1
+    assert (fused - composed).abs().max() <= 1e-3 * composed.abs().max()
+
+
 def test_float16_cache_stays_close_to_float32(tiny_checkpoint):
     """What a CPU server stores (serving_dtype): logits within 1e-2 of a float32 cache's."""
     from cake.text.kv_cache import serving_dtype
