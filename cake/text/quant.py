@@ -82,10 +82,13 @@ class QuantLinear(nn.Module):
         """(packed, type, bias): how the fused kernels take this matrix."""
         return self.packed, self.qtype, self.bias
 
-    def dequantize(self) -> torch.Tensor:
-        rows = torch.arange(self.out_features)
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of the dequantized weight [..., in_features] (embedding lookups)."""
         return torch.ops.cake.dequantize_rows(self.packed, self.qtype, self.out_features,
-                                              self.in_features, rows)
+                                              self.in_features, ids)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.rows(torch.arange(self.out_features))
 
     def extra_repr(self) -> str:
         name = GGMLQuantizationType(self.qtype).name
@@ -109,10 +112,7 @@ class QuantEmbedding(nn.Module):
         return emb
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        t = self.table
-        rows = torch.ops.cake.dequantize_rows(t.packed, t.qtype, t.out_features, t.in_features,
-                                              ids)
-        return rows.to(self.dtype)
+        return self.table.rows(ids).to(self.dtype)
 
 
 def fuse_linears(layers: Sequence[nn.Module]) -> Optional[nn.Module]:
