@@ -296,63 +296,142 @@ at::Tensor repack(const at::Tensor& w_in, int64_t qtype) {
 }
 
 #ifdef CAKE_AVX2
-inline __m256i dot_pairs(__m256i acc, __m256i w, __m256i x) {
-#if defined(__AVXVNNI__)
-  return _mm256_dpwssd_avx_epi32(acc, w, x);
-#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpwssd_epi32(acc, w, x);
-#else
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x));
-#endif
-}
-
-template <int... J, typename F>
-inline void unroll(std::integer_sequence<int, J...>, F&& f) {
-  (f(std::integral_constant<int, J>{}), ...);
-}
-
-template <int S>  // S > 0: left, S < 0: right
-inline __m256i shift16(__m256i v) {
-  if constexpr (S >= 0) return _mm256_slli_epi16(v, S);
-  else return _mm256_srli_epi16(v, -S);
-}
-
-// The 16 vectors V_j of a slice's integers, handed in order to f(j, V_j), j a constant.
-template <int64_t QT, typename F>
-inline void for_each_vector(const uint8_t* words, F&& f) {
-  constexpr Format Fm = format_of(QT);
-  if constexpr (QT == Q8_0) {
-    unroll(std::make_integer_sequence<int, 8>{}, [&](auto c) {
-      const __m256i raw = _mm256_loadu_si256((const __m256i*)(words + 32 * c));
-      f(std::integral_constant<int, 2 * c>{}, _mm256_srai_epi16(_mm256_slli_epi16(raw, 8), 8));
-      f(std::integral_constant<int, 2 * c + 1>{}, _mm256_srai_epi16(raw, 8));
-    });
-  } else {
-    const __m256i m4 = _mm256_set1_epi16(15), bit4 = _mm256_set1_epi16(16),
-                  bits45 = _mm256_set1_epi16(48);
-    __m256i raw[4], high[2];
-    for (int c = 0; c < 4; ++c) raw[c] = _mm256_loadu_si256((const __m256i*)(words + 32 * c));
-    for (int c = 0; c < Fm.hbits; ++c)
-      high[c] = _mm256_loadu_si256((const __m256i*)(words + 128 + 32 * c));
-    unroll(std::make_integer_sequence<int, 16>{}, [&](auto jc) {
-      constexpr int j = decltype(jc)::value, t = j % 4;
-      __m256i v = raw[j / 4];
-      v = t == 3 ? _mm256_srli_epi16(v, 12) : _mm256_and_si256(shift16<-4 * t>(v), m4);
-      if constexpr (Fm.hbits == 1)
-        v = _mm256_or_si256(v, _mm256_and_si256(shift16<4 - j>(high[0]), bit4));
-      if constexpr (Fm.hbits == 2)
-        v = _mm256_or_si256(v, _mm256_and_si256(shift16<4 - 2 * (j % 8)>(high[j / 8]), bits45));
-      f(jc, v);
-    });
-  }
-}
-
 // 8 bytes (unsigned or signed) as 8 floats.
 inline __m256 u8_to_ps(const uint8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)));
 }
 inline __m256 i8_to_ps(const uint8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+
+// The vector width the products run at, as traits: Ymm takes one packed group (R = 8 rows,
+// a 32-bit lane each); Zmm two adjacent groups at once (16 rows, their outputs adjacent),
+// the same integer arithmetic per lane, so each output gets the same sums in the same order.
+// Loads take the group's address and the distance to the next group.
+struct Ymm {
+  using I = __m256i;
+  using F = __m256;
+  static constexpr int groups = 1;
+  static I load(const uint8_t* p, int64_t) { return _mm256_loadu_si256((const __m256i*)p); }
+  static F halves(const uint8_t* p, int64_t) {  // R fp16 values
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+  }
+  static F u8s(const uint8_t* p, int64_t) { return u8_to_ps(p); }
+  static F i8s(const uint8_t* p, int64_t) { return i8_to_ps(p); }
+  static I set16(int v) { return _mm256_set1_epi16((short)v); }
+  static I set32(int32_t v) { return _mm256_set1_epi32(v); }
+  static I zero() { return _mm256_setzero_si256(); }
+  static I and_(I a, I b) { return _mm256_and_si256(a, b); }
+  static I or_(I a, I b) { return _mm256_or_si256(a, b); }
+  template <int S> static I shl(I v) { return _mm256_slli_epi16(v, S); }
+  template <int S> static I shr(I v) { return _mm256_srli_epi16(v, S); }
+  template <int S> static I sar(I v) { return _mm256_srai_epi16(v, S); }
+  static I add32(I a, I b) { return _mm256_add_epi32(a, b); }
+  static I sub32(I a, I b) { return _mm256_sub_epi32(a, b); }
+  static I dot(I acc, I w, I x) {  // acc += pairwise products of int16 lanes
+#if defined(__AVXVNNI__)
+    return _mm256_dpwssd_avx_epi32(acc, w, x);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpwssd_epi32(acc, w, x);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x));
+#endif
+  }
+  static F fzero() { return _mm256_setzero_ps(); }
+  static F set(float v) { return _mm256_set1_ps(v); }
+  static F cvt(I v) { return _mm256_cvtepi32_ps(v); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+  static void store(float* y, F v) { _mm256_storeu_ps(y, v); }
+};
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define CAKE_ZMM 1
+struct Zmm {
+  using I = __m512i;
+  using F = __m512;
+  static constexpr int groups = 2;
+  static I load(const uint8_t* p, int64_t next) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)p)),
+                              _mm256_loadu_si256((const __m256i*)(p + next)), 1);
+  }
+  static F halves(const uint8_t* p, int64_t next) {
+    const __m256i h = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)p)),
+        _mm_loadu_si128((const __m128i*)(p + next)), 1);
+    return _mm512_cvtph_ps(h);
+  }
+  static __m128i bytes(const uint8_t* p, int64_t next) {  // 8 bytes of each group
+    return _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i*)p),
+                              _mm_loadl_epi64((const __m128i*)(p + next)));
+  }
+  static F u8s(const uint8_t* p, int64_t next) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes(p, next)));
+  }
+  static F i8s(const uint8_t* p, int64_t next) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes(p, next)));
+  }
+  static I set16(int v) { return _mm512_set1_epi16((short)v); }
+  static I set32(int32_t v) { return _mm512_set1_epi32(v); }
+  static I zero() { return _mm512_setzero_si512(); }
+  static I and_(I a, I b) { return _mm512_and_si512(a, b); }
+  static I or_(I a, I b) { return _mm512_or_si512(a, b); }
+  template <int S> static I shl(I v) { return _mm512_slli_epi16(v, S); }
+  template <int S> static I shr(I v) { return _mm512_srli_epi16(v, S); }
+  template <int S> static I sar(I v) { return _mm512_srai_epi16(v, S); }
+  static I add32(I a, I b) { return _mm512_add_epi32(a, b); }
+  static I sub32(I a, I b) { return _mm512_sub_epi32(a, b); }
+  static I dot(I acc, I w, I x) { return _mm512_dpwssd_epi32(acc, w, x); }
+  static F fzero() { return _mm512_setzero_ps(); }
+  static F set(float v) { return _mm512_set1_ps(v); }
+  static F cvt(I v) { return _mm512_cvtepi32_ps(v); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+  static void store(float* y, F v) { _mm512_storeu_ps(y, v); }
+};
+#endif
+
+template <int... J, typename F>
+inline void unroll(std::integer_sequence<int, J...>, F&& f) {
+  (f(std::integral_constant<int, J>{}), ...);
+}
+
+template <typename V, int S>  // S > 0: left, S < 0: right
+inline typename V::I shift16(typename V::I v) {
+  if constexpr (S >= 0) return V::template shl<S>(v);
+  else return V::template shr<-S>(v);
+}
+
+// The 16 vectors V_j of a slice's integers, handed in order to f(j, V_j), j a constant;
+// `next`: the distance to the same slice of the next group (Zmm).
+template <typename V, int64_t QT, typename F>
+inline void for_each_vector(const uint8_t* words, int64_t next, F&& f) {
+  constexpr Format Fm = format_of(QT);
+  using I = typename V::I;
+  if constexpr (QT == Q8_0) {
+    unroll(std::make_integer_sequence<int, 8>{}, [&](auto c) {
+      const I raw = V::load(words + 32 * c, next);
+      f(std::integral_constant<int, 2 * c>{}, V::template sar<8>(V::template shl<8>(raw)));
+      f(std::integral_constant<int, 2 * c + 1>{}, V::template sar<8>(raw));
+    });
+  } else {
+    const I m4 = V::set16(15), bit4 = V::set16(16), bits45 = V::set16(48);
+    I raw[4], high[2];
+    for (int c = 0; c < 4; ++c) raw[c] = V::load(words + 32 * c, next);
+    for (int c = 0; c < Fm.hbits; ++c) high[c] = V::load(words + 128 + 32 * c, next);
+    unroll(std::make_integer_sequence<int, 16>{}, [&](auto jc) {
+      constexpr int j = decltype(jc)::value, t = j % 4;
+      I v = raw[j / 4];
+      v = t == 3 ? V::template shr<12>(v) : V::and_(shift16<V, -4 * t>(v), m4);
+      if constexpr (Fm.hbits == 1)
+        v = V::or_(v, V::and_(shift16<V, 4 - j>(high[0]), bit4));
+      if constexpr (Fm.hbits == 2)
+        v = V::or_(v, V::and_(shift16<V, 4 - 2 * (j % 8)>(high[j / 8]), bits45));
+      f(jc, v);
+    });
+  }
 }
 
 inline float hsum(__m256 v) {
@@ -383,9 +462,13 @@ inline __m256 exp256(__m256 x) {
 }
 
 
-// y[r][0..R) = group rows . activation rows x[r], for MR activation rows.
-template <int64_t QT, int MR>
-inline void group_dot(const uint8_t* group, int64_t nb, const ActBlock* const* x, float* const* y) {
+// y[r][0..R * V::groups) = group rows . activation rows x[r], for MR activation rows; with
+// Zmm the group at group + next too.
+template <typename V, int64_t QT, int MR>
+inline void group_dot(const uint8_t* group, int64_t next, int64_t nb, const ActBlock* const* x,
+                      float* const* y) {
+  using I = typename V::I;
+  using Fv = typename V::F;
   constexpr Format F = format_of(QT);
   constexpr int SUBS = F.values / QK;
   constexpr bool kmin = QT == Q4_K || QT == Q5_K, offset = QT == Q4_1 || QT == Q5_1;
@@ -393,57 +476,59 @@ inline void group_dot(const uint8_t* group, int64_t nb, const ActBlock* const* x
   constexpr int ZERO = QT == Q4_0 ? 8 : QT == Q5_0 ? 16 : QT == Q6_K ? 32 : 0;
   // NA independent sums per row hide the latency of the multiply-add chain.
   constexpr int NA = MR >= 4 ? 1 : 4 / MR;
-  __m256 acc[MR];
-  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+  Fv acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = V::fzero();
   for (int64_t b = 0; b < nb / SUBS; ++b) {
     const uint8_t* gb = group + b * F.bytes();
-    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)gb));
-    __m256 m = d;  // Q4_1/Q5_1's m, the K-quants' dmin
-    if constexpr (kmin || offset) m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 2 * R)));
+    const Fv d = V::halves(gb, next);
+    Fv m = d;  // Q4_1/Q5_1's m, the K-quants' dmin
+    if constexpr (kmin || offset) m = V::halves(gb + 2 * R, next);
     for (int s = 0; s < SUBS; ++s) {
       const ActBlock* a[MR];
       for (int r = 0; r < MR; ++r) a[r] = &x[r][b * SUBS + s];
-      __m256i part[MR][NA];
+      I part[MR][NA];
       for (int r = 0; r < MR; ++r)
-        for (int i = 0; i < NA; ++i) part[r][i] = _mm256_setzero_si256();
-      for_each_vector<QT>(gb + F.header + s * F.slice, [&](auto jc, __m256i v) {
+        for (int i = 0; i < NA; ++i) part[r][i] = V::zero();
+      for_each_vector<V, QT>(gb + F.header + s * F.slice, next, [&](auto jc, I v) {
         constexpr int j = decltype(jc)::value;
         for (int r = 0; r < MR; ++r)
-          part[r][j % NA] = dot_pairs(part[r][j % NA], v,
-                                      _mm256_set1_epi32(*(const int32_t*)&a[r]->q[2 * j]));
+          part[r][j % NA] = V::dot(part[r][j % NA], v,
+                                   V::set32(*(const int32_t*)&a[r]->q[2 * j]));
         if constexpr (j % JG == JG - 1) {  // the values under this scale are summed: apply it
-          __m256 scale = d;
-          if constexpr (kmin) scale = _mm256_mul_ps(d, u8_to_ps(gb + 4 * R + s * R));
-          if constexpr (QT == Q6_K) scale = _mm256_mul_ps(d, i8_to_ps(gb + 2 * R + (2 * s + j / 8) * R));
+          Fv scale = d;
+          if constexpr (kmin) scale = V::mul(d, V::u8s(gb + 4 * R + s * R, next));
+          if constexpr (QT == Q6_K)
+            scale = V::mul(d, V::i8s(gb + 2 * R + (2 * s + j / 8) * R, next));
           for (int r = 0; r < MR; ++r) {
-            __m256i p = part[r][0];
-            for (int i = 1; i < NA; ++i) p = _mm256_add_epi32(p, part[r][i]);
-            for (int i = 0; i < NA; ++i) part[r][i] = _mm256_setzero_si256();
+            I p = part[r][0];
+            for (int i = 1; i < NA; ++i) p = V::add32(p, part[r][i]);
+            for (int i = 0; i < NA; ++i) part[r][i] = V::zero();
             if constexpr (ZERO != 0) {
               const int32_t qs = QT != Q6_K ? a[r]->qsum : j < 8 ? a[r]->qsum_lo
                                                                  : a[r]->qsum - a[r]->qsum_lo;
-              p = _mm256_sub_epi32(p, _mm256_set1_epi32(ZERO * qs));
+              p = V::sub32(p, V::set32(ZERO * qs));
             }
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
-                                     _mm256_mul_ps(scale, _mm256_set1_ps(a[r]->d)), acc[r]);
+            acc[r] = V::fmadd(V::cvt(p), V::mul(scale, V::set(a[r]->d)), acc[r]);
           }
         }
       });
       if constexpr (offset)
-        for (int r = 0; r < MR; ++r) acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(a[r]->sum), acc[r]);
+        for (int r = 0; r < MR; ++r) acc[r] = V::fmadd(m, V::set(a[r]->sum), acc[r]);
       if constexpr (kmin) {
-        const __m256 mins = _mm256_mul_ps(m, u8_to_ps(gb + 12 * R + s * R));
-        for (int r = 0; r < MR; ++r)
-          acc[r] = _mm256_fnmadd_ps(mins, _mm256_set1_ps(a[r]->sum), acc[r]);
+        const Fv mins = V::mul(m, V::u8s(gb + 12 * R + s * R, next));
+        for (int r = 0; r < MR; ++r) acc[r] = V::fnmadd(mins, V::set(a[r]->sum), acc[r]);
       }
     }
   }
-  for (int r = 0; r < MR; ++r) _mm256_storeu_ps(y[r], acc[r]);
+  for (int r = 0; r < MR; ++r) V::store(y[r], acc[r]);
 }
 #else
 // Portable fallback: the same integer arithmetic, one value at a time.
-template <int64_t QT, int MR>
-inline void group_dot(const uint8_t* group, int64_t nb, const ActBlock* const* x, float* const* y) {
+struct Ymm { static constexpr int groups = 1; };  // one group at a time
+
+template <typename V, int64_t QT, int MR>
+inline void group_dot(const uint8_t* group, int64_t, int64_t nb, const ActBlock* const* x,
+                      float* const* y) {
   constexpr Format F = format_of(QT);
   constexpr int SUBS = F.values / QK;
   for (int r = 0; r < MR; ++r)
@@ -466,21 +551,34 @@ inline void group_dot(const uint8_t* group, int64_t nb, const ActBlock* const* x
 }
 #endif
 
-// MR activation rows m.. against one weight group; a partial last group goes through tmp.
-template <int64_t QT, int MR>
-inline void tile(const ActBlock* x, int64_t m, int64_t nb, const uint8_t* group, int64_t g,
-                 int64_t N, float* y, int64_t ldy, float (*tmp)[R]) {
-  const bool full = (g + 1) * R <= N;
+// MR activation rows m.. against V::groups weight groups from g (their stride: gbytes); a
+// partial last group goes through tmp.
+template <typename V, int64_t QT, int MR>
+inline void tile(const ActBlock* x, int64_t m, int64_t nb, const uint8_t* group, int64_t gbytes,
+                 int64_t g, int64_t N, float* y, int64_t ldy, float (*tmp)[2 * R]) {
+  const bool full = (g + V::groups) * R <= N;
   const ActBlock* rows[MR];
   float* ys[MR];
   for (int r = 0; r < MR; ++r) {
     rows[r] = x + (m + r) * nb;
     ys[r] = full ? y + (m + r) * ldy + g * R : tmp[r];
   }
-  group_dot<QT, MR>(group, nb, rows, ys);
+  group_dot<V, QT, MR>(group, gbytes, nb, rows, ys);
   if (!full)
     for (int r = 0; r < MR; ++r)
       for (int64_t n = g * R; n < N; ++n) y[(m + r) * ldy + n] = tmp[r][n - g * R];
+}
+
+// Rows m0..m1 of activations against V::groups groups from g: tiles of 8, 4, then single
+// rows, each group unpacked once per tile.
+template <typename V, int64_t QT>
+inline void tiles(const ActBlock* x, int64_t m0, int64_t m1, int64_t nb, const uint8_t* group,
+                  int64_t gbytes, int64_t g, int64_t N, float* y, int64_t ldy,
+                  float (*tmp)[2 * R]) {
+  int64_t m = m0;
+  for (; m + 8 <= m1; m += 8) tile<V, QT, 8>(x, m, nb, group, gbytes, g, N, y, ldy, tmp);
+  for (; m + 4 <= m1; m += 4) tile<V, QT, 4>(x, m, nb, group, gbytes, g, N, y, ldy, tmp);
+  for (; m < m1; ++m) tile<V, QT, 1>(x, m, nb, group, gbytes, g, N, y, ldy, tmp);
 }
 
 template <int64_t QT>
@@ -493,16 +591,20 @@ void matmul(const ActBlock* x, int64_t M, int64_t nb, const uint8_t* w, int64_t 
   const int64_t threads = std::max(1, at::get_num_threads());
   const int64_t grain = (G + threads - 1) / threads;
   parallel(G, grain, [&](int64_t g0, int64_t g1) {
-    float tmp[8][R];
+    float tmp[8][2 * R];
     for (int64_t m0 = 0; m0 < M; m0 += MC) {
       const int64_t m1 = std::min(M, m0 + MC);
-      for (int64_t g = g0; g < g1; ++g) {
+      for (int64_t g = g0; g < g1;) {
         const uint8_t* group = w + g * gbytes;
-        // Tiles of 8, 4, then single rows: each group is unpacked once per tile.
-        int64_t m = m0;
-        for (; m + 8 <= m1; m += 8) tile<QT, 8>(x, m, nb, group, g, N, y, ldy, tmp);
-        for (; m + 4 <= m1; m += 4) tile<QT, 4>(x, m, nb, group, g, N, y, ldy, tmp);
-        for (; m < m1; ++m) tile<QT, 1>(x, m, nb, group, g, N, y, ldy, tmp);
+#ifdef CAKE_ZMM
+        if (g + 2 <= g1 && (g + 2) * R <= N) {  // two whole groups at once
+          tiles<Zmm, QT>(x, m0, m1, nb, group, gbytes, g, N, y, ldy, tmp);
+          g += 2;
+          continue;
+        }
+#endif
+        tiles<Ymm, QT>(x, m0, m1, nb, group, gbytes, g, N, y, ldy, tmp);
+        g += 1;
       }
     }
   });
@@ -624,7 +726,7 @@ inline void dequantize_group_bf16(const uint8_t* gb, int rows, int64_t K, c10::B
       lane_off[h][1] = _mm256_permutevar8x32_ps(off[h], hi_rows);
     }
     __m256i pairs[16];
-    for_each_vector<QT>(gb + F.header + s * F.slice, [&](auto jc, __m256i v) {
+    for_each_vector<Ymm, QT>(gb + F.header + s * F.slice, 0, [&](auto jc, __m256i v) {
       constexpr int j = decltype(jc)::value, h = QT == Q6_K ? j / 8 : 0;
       if constexpr (ZERO != 0) v = _mm256_sub_epi16(v, _mm256_set1_epi16(ZERO));
       const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(v)));
