@@ -77,7 +77,7 @@ class RandomCheckpoint:
 
 
 @torch.inference_mode()
-def decode_tok_s(model, prompt_len: int, steps: int) -> float:
+def decode_tok_s(model, prompt_len: int, steps: int, clock=time.perf_counter) -> float:
     a = model.args
     cache = KVCache(range(a.num_hidden_layers), 1, prompt_len + steps + 1,
                     a.num_key_value_heads, a.head_dim, torch.float16, "cpu")
@@ -85,12 +85,12 @@ def decode_tok_s(model, prompt_len: int, steps: int) -> float:
                            .manual_seed(1))
     logits = model(tokens, StepBatch.make([list(range(prompt_len))], [0], "cpu"), cache,
                    logits_at=torch.tensor([prompt_len - 1]))
-    start = time.perf_counter()
+    start = clock()
     for i in range(steps):
         nxt = logits.argmax(-1).view(1, 1)
         pos = prompt_len + i
         logits = model(nxt, StepBatch.make([[pos]], [0], "cpu"), cache)[:, -1]
-    return steps / (time.perf_counter() - start)
+    return steps / (clock() - start)
 
 
 def main() -> None:
@@ -106,7 +106,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--families", default="llama,gemma3,phi3,olmo2,exaone4,smollm3")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time by this process's CPU time (with --threads 1: robust to other "
+                         "jobs on shared cores, which wall time measures more than the model)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.cpu_time else time.perf_counter
     cfgs = configs(args.hidden, args.layers, args.ffn, args.heads, args.kv_heads, args.vocab)
     names = args.families.split(",")
     models = {}
@@ -119,10 +125,11 @@ def main() -> None:
     results = {n: [] for n in names}
     for _ in range(args.runs):  # alternate, so load changes hit every family alike
         for name in names:
-            results[name].append(decode_tok_s(models[name], args.prompt, args.steps))
+            results[name].append(decode_tok_s(models[name], args.prompt, args.steps, clock))
     print(f"\n{args.qtype}, hidden {args.hidden}, {args.layers} layers, ffn {args.ffn}, "
           f"heads {args.heads}/{args.kv_heads}, vocab {args.vocab}, threads "
-          f"{torch.get_num_threads()}, decode after a {args.prompt}-token prompt")
+          f"{torch.get_num_threads()}, decode after a {args.prompt}-token prompt, "
+          f"{'CPU' if args.cpu_time else 'wall'} time")
     base = statistics.median(results["llama"]) if "llama" in results else None
     for name in names:
         med = statistics.median(results[name])

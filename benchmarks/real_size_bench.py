@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from text_bench import QUESTIONS, ROOT, ServerProcess, default_gguf, free_port  # noqa: E402
+from text_bench import (QUESTIONS, ROOT, ServerProcess, default_gguf, free_port,  # noqa: E402
+                        rss_kib)
 
 SHAPES = {
     "1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, ffn=8192),
@@ -156,9 +157,12 @@ class Server(ServerProcess):
         return time.perf_counter() - t, text, n
 
 
-def measure(server: Server, rep: int) -> dict:
-    wall, _, n = server.timed_chat(f"{QUESTIONS[rep % len(QUESTIONS)]} ({rep})", NEW_TOKENS)
+def measure(server: Server, rep: int, ttft_only: bool = False) -> dict:
     ttft, _, _ = server.timed_chat(long_prompt(rep), 1)
+    if ttft_only:  # decode and streams stand in as 0, RSS as what the server holds now
+        return {"decode": 0.0, "ttft": ttft, "streams": 0.0, "tokens": 0,
+                "rss": rss_kib(server.proc.pid) / 1024}
+    wall, _, n = server.timed_chat(f"{QUESTIONS[rep % len(QUESTIONS)]} ({rep})", NEW_TOKENS)
     served = server.serve_all([f"{q} [{rep}]" for q in QUESTIONS[:STREAMS]], NEW_TOKENS)
     return {"decode": n / wall, "ttft": ttft, "streams": served["tok_s"],
             "rss": served["rss_mib"], "tokens": n}
@@ -173,6 +177,8 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path.home() / ".cache" / "cake" / "bench")
     ap.add_argument("--llama-extra-bufts", action="store_true",
                     help="let llama.cpp use its AMX/repacked weight layouts (SIGILL on some VMs)")
+    ap.add_argument("--ttft-only", action="store_true",
+                    help="only the ~512-token prompt (and start, RSS): a quick prefill check")
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -187,13 +193,15 @@ def main() -> None:
                         "127.0.0.1", "--port"], args.threads)
         runs = {"cake": [], "llama.cpp": []}
         try:
-            alone = [cake.chat(f"{q} [0]", NEW_TOKENS)[0] for q in QUESTIONS[:STREAMS]]
-            together = cake.serve_all([f"{q} [0]" for q in QUESTIONS[:STREAMS]], NEW_TOKENS)
-            identical = together["texts"] == alone
+            identical = None
+            if not args.ttft_only:
+                alone = [cake.chat(f"{q} [0]", NEW_TOKENS)[0] for q in QUESTIONS[:STREAMS]]
+                together = cake.serve_all([f"{q} [0]" for q in QUESTIONS[:STREAMS]], NEW_TOKENS)
+                identical = together["texts"] == alone
             for rep in range(args.reps):
                 order = [("cake", cake), ("llama.cpp", llama)]
                 for name, server in order[::-1] if rep % 2 else order:
-                    runs[name].append(measure(server, rep + 1))
+                    runs[name].append(measure(server, rep + 1, args.ttft_only))
                     print(f"{qtype} rep {rep + 1} {name}: {runs[name][-1]}", file=sys.stderr)
         finally:
             cake.stop()
@@ -205,11 +213,11 @@ def main() -> None:
         c, ll = best["cake"], best["llama.cpp"]
         results[qtype] = {
             "decode_tok_s": [round(c["decode"], 1), round(ll["decode"], 1)],
-            "decode_ratio": round(c["decode"] / ll["decode"], 2),
+            "decode_ratio": round(c["decode"] / max(ll["decode"], 1e-9), 2),
             "ttft_s": [round(c["ttft"], 2), round(ll["ttft"], 2)],
             "ttft_ratio": round(c["ttft"] / ll["ttft"], 2),
             "streams8_tok_s": round(c["streams"], 1),
-            "streams8_vs_llama_single": round(c["streams"] / ll["decode"], 2),
+            "streams8_vs_llama_single": round(c["streams"] / max(ll["decode"], 1e-9), 2),
             "llama_streams8_tok_s": round(ll["streams"], 1),
             "start_s": [round(c["start"], 1), round(ll["start"], 1)],
             "start_ratio": round(c["start"] / ll["start"], 2),

@@ -90,10 +90,24 @@ def unpermute_rows(x: np.ndarray, n_head: int) -> np.ndarray:
     return x.reshape(n_head, half, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
 
 
+class _Reader(GGUFReader):
+    """GGUFReader reading through a plain array view of its memory map: np.memmap's
+    bookkeeping on each of the ~250k small slices of a 49k-token vocabulary made opening a
+    GGUF the largest part of a second start (~4x its time). Tensors stay views of the map."""
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        if getattr(self, "_mapped", None) is not self.data:
+            self._mapped, self._plain = self.data, self.data.view(np.ndarray)
+        count = int(count)
+        end = offset + np.dtype(dtype).itemsize * count
+        arr = self._plain[offset:end].view(dtype=dtype)[:count]
+        return arr.view(arr.dtype.newbyteorder(override_order or self.byte_order))
+
+
 class GGUFCheckpoint:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._reader = GGUFReader(self.path)
+        self._reader = _Reader(self.path)
         self.arch = self.meta("general.architecture")
         if self.arch not in ARCHS:
             raise ValueError(f"unsupported GGUF architecture {self.arch!r}; "

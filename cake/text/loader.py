@@ -14,6 +14,7 @@ from cake import loading
 from cake.text import kernels, quant, repack_cache
 from cake.text.models import model_class
 from cake.text.models.args import ModelArgs
+from cake.text.quant_torch import TorchQuantLinear
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 QUANT_MODES = ("auto", "none", *quant.QTYPES)
@@ -21,17 +22,17 @@ _FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantiza
 
 
 def resolve_quant(mode: Optional[str], device: str) -> Optional[str]:
-    """The weight format a stage is loaded with. "auto": a GGUF keeps its blocks on a CPU with
-    our kernels; anything else (safetensors, GPUs, no compiler) runs in full precision."""
+    """The weight format a stage is loaded with. "auto": a GGUF keeps its blocks on a CPU (in
+    our kernels' layout, or torch's int4/int8 ones where the kernels are missing: quant_torch);
+    anything else (safetensors, GPUs) runs in full precision."""
     if mode in (None, "none"):
         return None
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose from {', '.join(QUANT_MODES)}")
-    if torch.device(device).type != "cpu" or not quant.available():
+    if torch.device(device).type != "cpu":
         if mode == "auto":
             return None
-        raise ValueError(f"--quant {mode} needs the CPU kernels, which are not available "
-                         f"on {device}")
+        raise ValueError(f"--quant {mode} runs on CPU only, not on {device}")
     return mode
 
 
@@ -86,7 +87,8 @@ def materialize(model: nn.Module, device) -> None:
 def _quantize_matrices(model, checkpoint, mode: str) -> None:
     """Replace Linear/Embedding modules by quantized ones read from the checkpoint, or from
     the cache of their repacked weights (repack_cache) that a first start writes."""
-    cache = repack_cache.path_for(checkpoint, model) if mode == "auto" else None
+    fast = quant.available()  # else torch's int4/int8 layouts (quant_torch), not cached
+    cache = repack_cache.path_for(checkpoint, model) if mode == "auto" and fast else None
     cached = repack_cache.load(cache)
     entries, tensors = {}, {}
     for path, module in list(model.named_modules()):
@@ -106,10 +108,17 @@ def _quantize_matrices(model, checkpoint, mode: str) -> None:
             if found is None:
                 continue
             blocks, qtype = found
-            table = quant.QuantLinear(blocks, qtype, module.weight.shape[1], bias)
+            if fast:
+                table = quant.QuantLinear(blocks, qtype, module.weight.shape[1], bias)
+                held = int(blocks.nbytes)
+            else:
+                table = TorchQuantLinear(blocks, qtype, module.weight.shape[1], bias,
+                                         rows=isinstance(module, nn.Embedding))
+                held = table.nbytes()
             e = {"qtype": int(qtype), "in": table.in_features, "out": table.out_features,
-                 "bytes": int(blocks.nbytes)}
-            entries[path], tensors[path] = e, table.packed
+                 "bytes": held}
+            if fast:
+                entries[path], tensors[path] = e, table.packed
             _drop_pages(blocks)
         new = table
         if isinstance(module, nn.Embedding):

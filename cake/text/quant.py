@@ -82,10 +82,13 @@ class QuantLinear(nn.Module):
         """(packed, type, bias): how the fused kernels take this matrix."""
         return self.packed, self.qtype, self.bias
 
-    def dequantize(self) -> torch.Tensor:
-        rows = torch.arange(self.out_features)
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of the dequantized weight [..., in_features] (embedding lookups)."""
         return torch.ops.cake.dequantize_rows(self.packed, self.qtype, self.out_features,
-                                              self.in_features, rows)
+                                              self.in_features, ids)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.rows(torch.arange(self.out_features))
 
     def extra_repr(self) -> str:
         name = GGMLQuantizationType(self.qtype).name
@@ -109,10 +112,7 @@ class QuantEmbedding(nn.Module):
         return emb
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        t = self.table
-        rows = torch.ops.cake.dequantize_rows(t.packed, t.qtype, t.out_features, t.in_features,
-                                              ids)
-        return rows.to(self.dtype)
+        return self.table.rows(ids).to(self.dtype)
 
 
 def fuse_linears(layers: Sequence[nn.Module]) -> Optional[nn.Module]:
@@ -144,12 +144,18 @@ def fuse_linears(layers: Sequence[nn.Module]) -> Optional[nn.Module]:
         parts = [m.packed for m in layers]
         joined = _adjacent(parts)
         fused.register_buffer("packed", torch.cat(parts) if joined is None else joined)
-        biases = [m.bias for m in layers]
-        fused.register_buffer("bias", None if all(b is None for b in biases) else torch.cat(
-            [b if b is not None else torch.zeros(m.out_features) for b, m in zip(biases, layers)]))
+        fused.register_buffer("bias", joined_bias(layers))
         fused._qlinear = first._qlinear
         return fused
     return None
+
+
+def joined_bias(layers: Sequence[nn.Module]) -> Optional[torch.Tensor]:
+    """The biases of layers side by side (zeros where one has none), None if none has one."""
+    if all(m.bias is None for m in layers):
+        return None
+    return torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features)
+                      for m in layers])
 
 
 def _adjacent(parts: list[torch.Tensor]) -> Optional[torch.Tensor]:

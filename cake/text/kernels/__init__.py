@@ -4,7 +4,8 @@ The library is built with the system C++ compiler straight against the installed
 (no ninja, no pybind11), for this machine's instruction set (-march=native, or $CAKE_KERNEL_MARCH), into
 ~/.cache/cake/kernels/<hash of source, flags, torch and CPU>/; later processes just load it.
 `python -m cake.text.kernels` builds it ahead of time (the Makefile's install step does).
-When no compiler is there, or on other platforms, ops() is None and callers use plain PyTorch.
+When no compiler is there, or on other platforms (or with CAKE_NO_KERNELS set), ops() is None
+and callers use plain PyTorch, quantized weights in torch's int4/int8 layouts (quant_torch).
 """
 from __future__ import annotations
 
@@ -123,8 +124,10 @@ def ops():
                     _ops = torch.ops.cake
                     _tune_process()
                 except Exception as e:  # no compiler, odd platform: PyTorch fallback
-                    _error = str(e)
-                    log.warning("CPU kernels unavailable, using plain PyTorch: %s", e)
+                    _error = str(e).strip().splitlines()[0]
+            if _ops is None:
+                log.warning("CPU kernels unavailable (%s): quantized weights run on torch's "
+                            "int4/int8 kernels, slower", _error)
     return _ops
 
 

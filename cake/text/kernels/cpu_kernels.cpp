@@ -296,63 +296,142 @@ at::Tensor repack(const at::Tensor& w_in, int64_t qtype) {
 }
 
 #ifdef CAKE_AVX2
-inline __m256i dot_pairs(__m256i acc, __m256i w, __m256i x) {
-#if defined(__AVXVNNI__)
-  return _mm256_dpwssd_avx_epi32(acc, w, x);
-#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpwssd_epi32(acc, w, x);
-#else
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x));
-#endif
-}
-
-template <int... J, typename F>
-inline void unroll(std::integer_sequence<int, J...>, F&& f) {
-  (f(std::integral_constant<int, J>{}), ...);
-}
-
-template <int S>  // S > 0: left, S < 0: right
-inline __m256i shift16(__m256i v) {
-  if constexpr (S >= 0) return _mm256_slli_epi16(v, S);
-  else return _mm256_srli_epi16(v, -S);
-}
-
-// The 16 vectors V_j of a slice's integers, handed in order to f(j, V_j), j a constant.
-template <int64_t QT, typename F>
-inline void for_each_vector(const uint8_t* words, F&& f) {
-  constexpr Format Fm = format_of(QT);
-  if constexpr (QT == Q8_0) {
-    unroll(std::make_integer_sequence<int, 8>{}, [&](auto c) {
-      const __m256i raw = _mm256_loadu_si256((const __m256i*)(words + 32 * c));
-      f(std::integral_constant<int, 2 * c>{}, _mm256_srai_epi16(_mm256_slli_epi16(raw, 8), 8));
-      f(std::integral_constant<int, 2 * c + 1>{}, _mm256_srai_epi16(raw, 8));
-    });
-  } else {
-    const __m256i m4 = _mm256_set1_epi16(15), bit4 = _mm256_set1_epi16(16),
-                  bits45 = _mm256_set1_epi16(48);
-    __m256i raw[4], high[2];
-    for (int c = 0; c < 4; ++c) raw[c] = _mm256_loadu_si256((const __m256i*)(words + 32 * c));
-    for (int c = 0; c < Fm.hbits; ++c)
-      high[c] = _mm256_loadu_si256((const __m256i*)(words + 128 + 32 * c));
-    unroll(std::make_integer_sequence<int, 16>{}, [&](auto jc) {
-      constexpr int j = decltype(jc)::value, t = j % 4;
-      __m256i v = raw[j / 4];
-      v = t == 3 ? _mm256_srli_epi16(v, 12) : _mm256_and_si256(shift16<-4 * t>(v), m4);
-      if constexpr (Fm.hbits == 1)
-        v = _mm256_or_si256(v, _mm256_and_si256(shift16<4 - j>(high[0]), bit4));
-      if constexpr (Fm.hbits == 2)
-        v = _mm256_or_si256(v, _mm256_and_si256(shift16<4 - 2 * (j % 8)>(high[j / 8]), bits45));
-      f(jc, v);
-    });
-  }
-}
-
 // 8 bytes (unsigned or signed) as 8 floats.
 inline __m256 u8_to_ps(const uint8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)));
 }
 inline __m256 i8_to_ps(const uint8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+
+// The vector width the products run at, as traits: Ymm takes one packed group (R = 8 rows,
+// a 32-bit lane each); Zmm two adjacent groups at once (16 rows, their outputs adjacent),
+// the same integer arithmetic per lane, so each output gets the same sums in the same order.
+// Loads take the group's address and the distance to the next group.
+struct Ymm {
+  using I = __m256i;
+  using F = __m256;
+  static constexpr int groups = 1;
+  static I load(const uint8_t* p, int64_t) { return _mm256_loadu_si256((const __m256i*)p); }
+  static F halves(const uint8_t* p, int64_t) {  // R fp16 values
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+  }
+  static F u8s(const uint8_t* p, int64_t) { return u8_to_ps(p); }
+  static F i8s(const uint8_t* p, int64_t) { return i8_to_ps(p); }
+  static I set16(int v) { return _mm256_set1_epi16((short)v); }
+  static I set32(int32_t v) { return _mm256_set1_epi32(v); }
+  static I zero() { return _mm256_setzero_si256(); }
+  static I and_(I a, I b) { return _mm256_and_si256(a, b); }
+  static I or_(I a, I b) { return _mm256_or_si256(a, b); }
+  template <int S> static I shl(I v) { return _mm256_slli_epi16(v, S); }
+  template <int S> static I shr(I v) { return _mm256_srli_epi16(v, S); }
+  template <int S> static I sar(I v) { return _mm256_srai_epi16(v, S); }
+  static I add32(I a, I b) { return _mm256_add_epi32(a, b); }
+  static I sub32(I a, I b) { return _mm256_sub_epi32(a, b); }
+  static I dot(I acc, I w, I x) {  // acc += pairwise products of int16 lanes
+#if defined(__AVXVNNI__)
+    return _mm256_dpwssd_avx_epi32(acc, w, x);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpwssd_epi32(acc, w, x);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x));
+#endif
+  }
+  static F fzero() { return _mm256_setzero_ps(); }
+  static F set(float v) { return _mm256_set1_ps(v); }
+  static F cvt(I v) { return _mm256_cvtepi32_ps(v); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+  static void store(float* y, F v) { _mm256_storeu_ps(y, v); }
+};
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define CAKE_ZMM 1
+struct Zmm {
+  using I = __m512i;
+  using F = __m512;
+  static constexpr int groups = 2;
+  static I load(const uint8_t* p, int64_t next) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)p)),
+                              _mm256_loadu_si256((const __m256i*)(p + next)), 1);
+  }
+  static F halves(const uint8_t* p, int64_t next) {
+    const __m256i h = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)p)),
+        _mm_loadu_si128((const __m128i*)(p + next)), 1);
+    return _mm512_cvtph_ps(h);
+  }
+  static __m128i bytes(const uint8_t* p, int64_t next) {  // 8 bytes of each group
+    return _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i*)p),
+                              _mm_loadl_epi64((const __m128i*)(p + next)));
+  }
+  static F u8s(const uint8_t* p, int64_t next) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes(p, next)));
+  }
+  static F i8s(const uint8_t* p, int64_t next) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes(p, next)));
+  }
+  static I set16(int v) { return _mm512_set1_epi16((short)v); }
+  static I set32(int32_t v) { return _mm512_set1_epi32(v); }
+  static I zero() { return _mm512_setzero_si512(); }
+  static I and_(I a, I b) { return _mm512_and_si512(a, b); }
+  static I or_(I a, I b) { return _mm512_or_si512(a, b); }
+  template <int S> static I shl(I v) { return _mm512_slli_epi16(v, S); }
+  template <int S> static I shr(I v) { return _mm512_srli_epi16(v, S); }
+  template <int S> static I sar(I v) { return _mm512_srai_epi16(v, S); }
+  static I add32(I a, I b) { return _mm512_add_epi32(a, b); }
+  static I sub32(I a, I b) { return _mm512_sub_epi32(a, b); }
+  static I dot(I acc, I w, I x) { return _mm512_dpwssd_epi32(acc, w, x); }
+  static F fzero() { return _mm512_setzero_ps(); }
+  static F set(float v) { return _mm512_set1_ps(v); }
+  static F cvt(I v) { return _mm512_cvtepi32_ps(v); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+  static void store(float* y, F v) { _mm512_storeu_ps(y, v); }
+};
+#endif
+
+template <int... J, typename F>
+inline void unroll(std::integer_sequence<int, J...>, F&& f) {
+  (f(std::integral_constant<int, J>{}), ...);
+}
+
+template <typename V, int S>  // S > 0: left, S < 0: right
+inline typename V::I shift16(typename V::I v) {
+  if constexpr (S >= 0) return V::template shl<S>(v);
+  else return V::template shr<-S>(v);
+}
+
+// The 16 vectors V_j of a slice's integers, handed in order to f(j, V_j), j a constant;
+// `next`: the distance to the same slice of the next group (Zmm).
+template <typename V, int64_t QT, typename F>
+inline void for_each_vector(const uint8_t* words, int64_t next, F&& f) {
+  constexpr Format Fm = format_of(QT);
+  using I = typename V::I;
+  if constexpr (QT == Q8_0) {
+    unroll(std::make_integer_sequence<int, 8>{}, [&](auto c) {
+      const I raw = V::load(words + 32 * c, next);
+      f(std::integral_constant<int, 2 * c>{}, V::template sar<8>(V::template shl<8>(raw)));
+      f(std::integral_constant<int, 2 * c + 1>{}, V::template sar<8>(raw));
+    });
+  } else {
+    const I m4 = V::set16(15), bit4 = V::set16(16), bits45 = V::set16(48);
+    I raw[4], high[2];
+    for (int c = 0; c < 4; ++c) raw[c] = V::load(words + 32 * c, next);
+    for (int c = 0; c < Fm.hbits; ++c) high[c] = V::load(words + 128 + 32 * c, next);
+    unroll(std::make_integer_sequence<int, 16>{}, [&](auto jc) {
+      constexpr int j = decltype(jc)::value, t = j % 4;
+      I v = raw[j / 4];
+      v = t == 3 ? V::template shr<12>(v) : V::and_(shift16<V, -4 * t>(v), m4);
+      if constexpr (Fm.hbits == 1)
+        v = V::or_(v, V::and_(shift16<V, 4 - j>(high[0]), bit4));
+      if constexpr (Fm.hbits == 2)
+        v = V::or_(v, V::and_(shift16<V, 4 - 2 * (j % 8)>(high[j / 8]), bits45));
+      f(jc, v);
+    });
+  }
 }
 
 inline float hsum(__m256 v) {
@@ -383,9 +462,13 @@ inline __m256 exp256(__m256 x) {
 }
 
 
-// y[r][0..R) = group rows . activation rows x[r], for MR activation rows.
-template <int64_t QT, int MR>
-inline void group_dot(const uint8_t* group, int64_t nb, const ActBlock* const* x, float* const* y) {
+// y[r][0..R * V::groups) = group rows . activation rows x[r], for MR activation rows; with
+// Zmm the group at group + next too.
+template <typename V, int64_t QT, int MR>
+inline void group_dot(const uint8_t* group, int64_t next, int64_t nb, const ActBlock* const* x,
+                      float* const* y) {
+  using I = typename V::I;
+  using Fv = typename V::F;
   constexpr Format F = format_of(QT);
   constexpr int SUBS = F.values / QK;
   constexpr bool kmin = QT == Q4_K || QT == Q5_K, offset = QT == Q4_1 || QT == Q5_1;
@@ -393,57 +476,59 @@ inline void group_dot(const uint8_t* group, int64_t nb, const ActBlock* const* x
   constexpr int ZERO = QT == Q4_0 ? 8 : QT == Q5_0 ? 16 : QT == Q6_K ? 32 : 0;
   // NA independent sums per row hide the latency of the multiply-add chain.
   constexpr int NA = MR >= 4 ? 1 : 4 / MR;
-  __m256 acc[MR];
-  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+  Fv acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = V::fzero();
   for (int64_t b = 0; b < nb / SUBS; ++b) {
     const uint8_t* gb = group + b * F.bytes();
-    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)gb));
-    __m256 m = d;  // Q4_1/Q5_1's m, the K-quants' dmin
-    if constexpr (kmin || offset) m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(gb + 2 * R)));
+    const Fv d = V::halves(gb, next);
+    Fv m = d;  // Q4_1/Q5_1's m, the K-quants' dmin
+    if constexpr (kmin || offset) m = V::halves(gb + 2 * R, next);
     for (int s = 0; s < SUBS; ++s) {
       const ActBlock* a[MR];
       for (int r = 0; r < MR; ++r) a[r] = &x[r][b * SUBS + s];
-      __m256i part[MR][NA];
+      I part[MR][NA];
       for (int r = 0; r < MR; ++r)
-        for (int i = 0; i < NA; ++i) part[r][i] = _mm256_setzero_si256();
-      for_each_vector<QT>(gb + F.header + s * F.slice, [&](auto jc, __m256i v) {
+        for (int i = 0; i < NA; ++i) part[r][i] = V::zero();
+      for_each_vector<V, QT>(gb + F.header + s * F.slice, next, [&](auto jc, I v) {
         constexpr int j = decltype(jc)::value;
         for (int r = 0; r < MR; ++r)
-          part[r][j % NA] = dot_pairs(part[r][j % NA], v,
-                                      _mm256_set1_epi32(*(const int32_t*)&a[r]->q[2 * j]));
+          part[r][j % NA] = V::dot(part[r][j % NA], v,
+                                   V::set32(*(const int32_t*)&a[r]->q[2 * j]));
         if constexpr (j % JG == JG - 1) {  // the values under this scale are summed: apply it
-          __m256 scale = d;
-          if constexpr (kmin) scale = _mm256_mul_ps(d, u8_to_ps(gb + 4 * R + s * R));
-          if constexpr (QT == Q6_K) scale = _mm256_mul_ps(d, i8_to_ps(gb + 2 * R + (2 * s + j / 8) * R));
+          Fv scale = d;
+          if constexpr (kmin) scale = V::mul(d, V::u8s(gb + 4 * R + s * R, next));
+          if constexpr (QT == Q6_K)
+            scale = V::mul(d, V::i8s(gb + 2 * R + (2 * s + j / 8) * R, next));
           for (int r = 0; r < MR; ++r) {
-            __m256i p = part[r][0];
-            for (int i = 1; i < NA; ++i) p = _mm256_add_epi32(p, part[r][i]);
-            for (int i = 0; i < NA; ++i) part[r][i] = _mm256_setzero_si256();
+            I p = part[r][0];
+            for (int i = 1; i < NA; ++i) p = V::add32(p, part[r][i]);
+            for (int i = 0; i < NA; ++i) part[r][i] = V::zero();
             if constexpr (ZERO != 0) {
               const int32_t qs = QT != Q6_K ? a[r]->qsum : j < 8 ? a[r]->qsum_lo
                                                                  : a[r]->qsum - a[r]->qsum_lo;
-              p = _mm256_sub_epi32(p, _mm256_set1_epi32(ZERO * qs));
+              p = V::sub32(p, V::set32(ZERO * qs));
             }
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
-                                     _mm256_mul_ps(scale, _mm256_set1_ps(a[r]->d)), acc[r]);
+            acc[r] = V::fmadd(V::cvt(p), V::mul(scale, V::set(a[r]->d)), acc[r]);
           }
         }
       });
       if constexpr (offset)
-        for (int r = 0; r < MR; ++r) acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(a[r]->sum), acc[r]);
+        for (int r = 0; r < MR; ++r) acc[r] = V::fmadd(m, V::set(a[r]->sum), acc[r]);
       if constexpr (kmin) {
-        const __m256 mins = _mm256_mul_ps(m, u8_to_ps(gb + 12 * R + s * R));
-        for (int r = 0; r < MR; ++r)
-          acc[r] = _mm256_fnmadd_ps(mins, _mm256_set1_ps(a[r]->sum), acc[r]);
+        const Fv mins = V::mul(m, V::u8s(gb + 12 * R + s * R, next));
+        for (int r = 0; r < MR; ++r) acc[r] = V::fnmadd(mins, V::set(a[r]->sum), acc[r]);
       }
     }
   }
-  for (int r = 0; r < MR; ++r) _mm256_storeu_ps(y[r], acc[r]);
+  for (int r = 0; r < MR; ++r) V::store(y[r], acc[r]);
 }
 #else
 // Portable fallback: the same integer arithmetic, one value at a time.
-template <int64_t QT, int MR>
-inline void group_dot(const uint8_t* group, int64_t nb, const ActBlock* const* x, float* const* y) {
+struct Ymm { static constexpr int groups = 1; };  // one group at a time
+
+template <typename V, int64_t QT, int MR>
+inline void group_dot(const uint8_t* group, int64_t, int64_t nb, const ActBlock* const* x,
+                      float* const* y) {
   constexpr Format F = format_of(QT);
   constexpr int SUBS = F.values / QK;
   for (int r = 0; r < MR; ++r)
@@ -466,25 +551,39 @@ inline void group_dot(const uint8_t* group, int64_t nb, const ActBlock* const* x
 }
 #endif
 
-// MR activation rows m.. against one weight group; a partial last group goes through tmp.
-template <int64_t QT, int MR>
-inline void tile(const ActBlock* x, int64_t m, int64_t nb, const uint8_t* group, int64_t g,
-                 int64_t N, float* y, float (*tmp)[R]) {
-  const bool full = (g + 1) * R <= N;
+// MR activation rows m.. against V::groups weight groups from g (their stride: gbytes); a
+// partial last group goes through tmp.
+template <typename V, int64_t QT, int MR>
+inline void tile(const ActBlock* x, int64_t m, int64_t nb, const uint8_t* group, int64_t gbytes,
+                 int64_t g, int64_t N, float* y, int64_t ldy, float (*tmp)[2 * R]) {
+  const bool full = (g + V::groups) * R <= N;
   const ActBlock* rows[MR];
   float* ys[MR];
   for (int r = 0; r < MR; ++r) {
     rows[r] = x + (m + r) * nb;
-    ys[r] = full ? y + (m + r) * N + g * R : tmp[r];
+    ys[r] = full ? y + (m + r) * ldy + g * R : tmp[r];
   }
-  group_dot<QT, MR>(group, nb, rows, ys);
+  group_dot<V, QT, MR>(group, gbytes, nb, rows, ys);
   if (!full)
     for (int r = 0; r < MR; ++r)
-      for (int64_t n = g * R; n < N; ++n) y[(m + r) * N + n] = tmp[r][n - g * R];
+      for (int64_t n = g * R; n < N; ++n) y[(m + r) * ldy + n] = tmp[r][n - g * R];
+}
+
+// Rows m0..m1 of activations against V::groups groups from g: tiles of 8, 4, then single
+// rows, each group unpacked once per tile.
+template <typename V, int64_t QT>
+inline void tiles(const ActBlock* x, int64_t m0, int64_t m1, int64_t nb, const uint8_t* group,
+                  int64_t gbytes, int64_t g, int64_t N, float* y, int64_t ldy,
+                  float (*tmp)[2 * R]) {
+  int64_t m = m0;
+  for (; m + 8 <= m1; m += 8) tile<V, QT, 8>(x, m, nb, group, gbytes, g, N, y, ldy, tmp);
+  for (; m + 4 <= m1; m += 4) tile<V, QT, 4>(x, m, nb, group, gbytes, g, N, y, ldy, tmp);
+  for (; m < m1; ++m) tile<V, QT, 1>(x, m, nb, group, gbytes, g, N, y, ldy, tmp);
 }
 
 template <int64_t QT>
-void matmul(const ActBlock* x, int64_t M, int64_t nb, const uint8_t* w, int64_t N, float* y) {
+void matmul(const ActBlock* x, int64_t M, int64_t nb, const uint8_t* w, int64_t N, float* y,
+            int64_t ldy) {
   constexpr int64_t MC = 64;  // activation rows kept in cache while the weights stream by
   const int64_t G = (N + R - 1) / R, gbytes = nb / (format_of(QT).values / QK) * format_of(QT).bytes();
   // One contiguous share per thread (the prefetchers stream it best); a thread that has not
@@ -492,16 +591,20 @@ void matmul(const ActBlock* x, int64_t M, int64_t nb, const uint8_t* w, int64_t 
   const int64_t threads = std::max(1, at::get_num_threads());
   const int64_t grain = (G + threads - 1) / threads;
   parallel(G, grain, [&](int64_t g0, int64_t g1) {
-    float tmp[8][R];
+    float tmp[8][2 * R];
     for (int64_t m0 = 0; m0 < M; m0 += MC) {
       const int64_t m1 = std::min(M, m0 + MC);
-      for (int64_t g = g0; g < g1; ++g) {
+      for (int64_t g = g0; g < g1;) {
         const uint8_t* group = w + g * gbytes;
-        // Tiles of 8, 4, then single rows: each group is unpacked once per tile.
-        int64_t m = m0;
-        for (; m + 8 <= m1; m += 8) tile<QT, 8>(x, m, nb, group, g, N, y, tmp);
-        for (; m + 4 <= m1; m += 4) tile<QT, 4>(x, m, nb, group, g, N, y, tmp);
-        for (; m < m1; ++m) tile<QT, 1>(x, m, nb, group, g, N, y, tmp);
+#ifdef CAKE_ZMM
+        if (g + 2 <= g1 && (g + 2) * R <= N) {  // two whole groups at once
+          tiles<Zmm, QT>(x, m0, m1, nb, group, gbytes, g, N, y, ldy, tmp);
+          g += 2;
+          continue;
+        }
+#endif
+        tiles<Ymm, QT>(x, m0, m1, nb, group, gbytes, g, N, y, ldy, tmp);
+        g += 1;
       }
     }
   });
@@ -517,21 +620,32 @@ void check_packed(const at::Tensor& w, int64_t qtype, int64_t N, int64_t K) {
               " values of type ", qtype);
 }
 
-// y[M, N] = xq @ dequantize(w)^T (+ bias), xq already quantized.
+// y[M, N] = xq @ dequantize(w)^T (+ bias), xq already quantized; rows of y are ldy apart
+// (default N: the columns of a wider output can be filled a matrix at a time).
 void linear(const ActBlock* xq, int64_t M, int64_t nb, const at::Tensor& w, int64_t qtype,
-            int64_t N, const std::optional<at::Tensor>& bias, float* y) {
+            int64_t N, const std::optional<at::Tensor>& bias, float* y, int64_t ldy = 0) {
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  dispatch(qtype, [&](auto qt) { matmul<decltype(qt)::value>(xq, M, nb, wp, N, y); });
+  if (ldy == 0) ldy = N;
+  dispatch(qtype, [&](auto qt) { matmul<decltype(qt)::value>(xq, M, nb, wp, N, y, ldy); });
   if (bias.has_value()) {
     const float* b = bias->data_ptr<float>();
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) y[m * N + n] += b[n];
+      for (int64_t n = 0; n < N; ++n) y[m * ldy + n] += b[n];
   }
 }
 
 void check_bias(const std::optional<at::Tensor>& bias, int64_t N) {
   TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
                                     bias->numel() == N), "bias must be float32 [", N, "]");
+}
+
+// out[0..n) = RMS-normalized in times w (out may be in).
+void rms_norm(const float* in, float* out, int64_t n, const float* w, float eps) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < n; ++i) ss += in[i] * in[i];
+  const float r = 1.f / std::sqrt(ss / n + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = in[i] * r * w[i];
 }
 
 // Quantize M rows of K values; with `norm`, RMS-normalize each row (times norm) first.
@@ -544,11 +658,7 @@ void quantize_rows(const float* x, int64_t M, int64_t K, std::vector<ActBlock>& 
     for (int64_t m = m0; m < m1; ++m) {
       const float* row = x + m * K;
       if (norm) {
-        float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-        for (int64_t i = 0; i < K; ++i) ss += row[i] * row[i];
-        const float r = 1.f / std::sqrt(ss / K + eps);
-        for (int64_t i = 0; i < K; ++i) tmp[i] = row[i] * r * norm[i];
+        rms_norm(row, tmp.data(), K, norm, eps);
         row = tmp.data();
       }
       quantize_row(row, nb, &out[m * nb]);
@@ -616,7 +726,7 @@ inline void dequantize_group_bf16(const uint8_t* gb, int rows, int64_t K, c10::B
       lane_off[h][1] = _mm256_permutevar8x32_ps(off[h], hi_rows);
     }
     __m256i pairs[16];
-    for_each_vector<QT>(gb + F.header + s * F.slice, [&](auto jc, __m256i v) {
+    for_each_vector<Ymm, QT>(gb + F.header + s * F.slice, 0, [&](auto jc, __m256i v) {
       constexpr int j = decltype(jc)::value, h = QT == Q6_K ? j / 8 : 0;
       if constexpr (ZERO != 0) v = _mm256_sub_epi16(v, _mm256_set1_epi16(ZERO));
       const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(v)));
@@ -946,73 +1056,197 @@ at::Tensor decode_attention(const at::Tensor& qkv_in, at::Tensor k_cache, at::Te
   return out.to(qkv_in.scalar_type());
 }
 
-// A whole decoder layer (pre-norm Llama block) for one new token per row, with quantized
-// q/k/v (fused), o, gate/up (fused) and down matrices: x [B, dim] -> x after the layer.
-// One call instead of a dozen PyTorch ops: the Python per token stays flat as layers grow.
-at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& attn_norm,
-                        const at::Tensor& qkv_w, int64_t qkv_type,
-                        const std::optional<at::Tensor>& qkv_bias,
+// out[i] = gelu_tanh(gu[i]) * gu[F + i] (GeGLU): 0.5 x (1 + tanh(u)) is x * sigmoid(2u).
+void gelu_mul_row(const float* gu, int64_t F, float* out) {
+  constexpr float c = 0.7978845608028654f, c3 = 0.7978845608028654f * 0.044715f;
+  int64_t i = 0;
+#ifdef CAKE_AVX2
+  const __m256 one = _mm256_set1_ps(1.f), m2c = _mm256_set1_ps(-2.f * c),
+               m2c3 = _mm256_set1_ps(-2.f * c3);
+  for (; i + 8 <= F; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gu + i);
+    const __m256 m2u = _mm256_mul_ps(g, _mm256_fmadd_ps(_mm256_mul_ps(g, g), m2c3, m2c));
+    const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp256(m2u)));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(gu + F + i)));
+  }
+#endif
+  for (; i < F; ++i) {
+    const float g = gu[i], u = g * (c + c3 * g * g);
+    out[i] = g / (1.f + std::exp(-2.f * u)) * gu[F + i];
+  }
+}
+
+// v[0..n) <- RMS-normalized v times w, in groups of wn values (a head, or all of v) that
+// all take w[0..wn).
+void rms_norm_groups(float* v, int64_t n, const float* w, int64_t wn, float eps) {
+  for (int64_t g = 0; g < n; g += wn) rms_norm(v + g, v + g, wn, w, eps);
+}
+
+// The matrices that make up one wide product (q/k/v, or gate/up): one fused matrix, or
+// several whose outputs lie side by side (llama.cpp's K-quant mixes give v, or down, a type
+// of its own, so they cannot be joined). Each checked against its share of the columns.
+void check_parts(at::TensorList w, at::IntArrayRef types, const std::vector<int64_t>& sizes,
+                 int64_t K, const char* what) {
+  TORCH_CHECK(w.size() == types.size(), what, ": one type per matrix");
+  if (w.size() == 1) {
+    int64_t n = 0;
+    for (int64_t s : sizes) n += s;
+    return check_packed(w[0], types[0], n, K);
+  }
+  TORCH_CHECK(w.size() == sizes.size(), what, ": ", sizes.size(), " matrices or one fused");
+  for (size_t i = 0; i < w.size(); ++i) check_packed(w[i], types[i], sizes[i], K);
+}
+
+// y[B, sum(sizes)] = xq @ [w_0; w_1; ...]^T (+ bias)
+void linear_parts(const ActBlock* xq, int64_t B, int64_t nb, at::TensorList w,
+                  at::IntArrayRef types, const std::vector<int64_t>& sizes,
+                  const std::optional<at::Tensor>& bias, float* y) {
+  int64_t n = 0, at_col = 0;
+  for (int64_t s : sizes) n += s;
+  if (w.size() == 1) return linear(xq, B, nb, w[0], types[0], n, bias, y);
+  for (size_t i = 0; i < w.size(); ++i) {
+    linear(xq, B, nb, w[i], types[i], sizes[i], std::nullopt, y + at_col, n);
+    at_col += sizes[i];
+  }
+  if (bias.has_value()) {
+    const float* bp = bias->data_ptr<float>();
+    for (int64_t m = 0; m < B; ++m)
+      for (int64_t j = 0; j < n; ++j) y[m * n + j] += bp[j];
+  }
+}
+
+// q and k of one row [(H + Hkv) * D] rotated over their first 2 * inv_freq.numel() channels
+// (rotate-half within those), cos and sin scaled by factor: the rope variants the attention
+// kernel does not apply itself (partial rotary, YaRN's or longrope's attention factor).
+void rope_rows(float* qkv, int64_t B, int64_t row, int64_t heads, int64_t D,
+               const int64_t* positions, const at::Tensor& inv_freq, float factor) {
+  const int64_t half = inv_freq.numel();
+  const float* f = inv_freq.data_ptr<float>();
+  std::vector<float> cs(2 * half);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t i = 0; i < half; ++i) {  // fp32 angles, as the PyTorch path computes them
+      const float a = (float)positions[b] * f[i];
+      cs[i] = std::cos(a) * factor;
+      cs[half + i] = std::sin(a) * factor;
+    }
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = qkv + b * row + h * D;
+      for (int64_t i = 0; i < half; ++i) {
+        const float x0 = v[i], x1 = v[i + half], c = cs[i], s = cs[half + i];
+        v[i] = x0 * c - x1 * s;
+        v[i + half] = x1 * c + x0 * s;
+      }
+    }
+  }
+}
+
+const float* weights_or_null(const std::optional<at::Tensor>& t, int64_t n, const char* what) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n,
+              what, ": float32 [", n, "]");
+  return t->data_ptr<float>();
+}
+
+// A whole decoder layer for one new token per row, x [B, dim] -> x after the layer, with
+// quantized q/k/v, o, gate/up and down matrices. One call instead of a dozen PyTorch ops: the
+// Python per token stays flat as layers grow. What the families differ in is an argument:
+// - RMS norms before and after attention and the MLP, each optional (Llama: pre; OLMo 2,
+//   EXAONE 4: post; Gemma 3: both, its (1 + w) already added to w when loaded);
+// - q/k norms over groups of their weight's length: a head (Qwen3, Gemma 3, EXAONE 4) or the
+//   whole projection (OLMo 2);
+// - rope: inv_freq [rotary_dim / 2] and factor; the attention kernel rotates when it covers
+//   the whole head with factor 1 (zeros there: NoPE), else it is applied here first;
+// - q_scale: scores scaled by q_scale / sqrt(head_dim) (Gemma's query_pre_attn_scalar);
+// - gelu: GeGLU (tanh gelu) instead of SwiGLU; window: sliding-window attention.
+at::Tensor decode_layer(const at::Tensor& x_in, const std::optional<at::Tensor>& attn_norm,
+                        const std::optional<at::Tensor>& post_attn_norm,
+                        const std::optional<at::Tensor>& ffn_norm,
+                        const std::optional<at::Tensor>& post_ffn_norm, at::TensorList qkv_w,
+                        at::IntArrayRef qkv_types, const std::optional<at::Tensor>& qkv_bias,
                         const std::optional<at::Tensor>& q_norm,
-                        const std::optional<at::Tensor>& k_norm,
-                        const at::Tensor& o_w, int64_t o_type,
-                        const std::optional<at::Tensor>& o_bias, const at::Tensor& ffn_norm,
-                        const at::Tensor& gate_up_w, int64_t gate_up_type,
-                        const std::optional<at::Tensor>& gate_up_bias, const at::Tensor& down_w,
-                        int64_t down_type, const std::optional<at::Tensor>& down_bias,
-                        at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
-                        const at::Tensor& positions, const at::Tensor& inv_freq,
+                        const std::optional<at::Tensor>& k_norm, const at::Tensor& o_w,
+                        int64_t o_type, const std::optional<at::Tensor>& o_bias,
+                        at::TensorList gate_up_w, at::IntArrayRef gate_up_types,
+                        const std::optional<at::Tensor>& gate_up_bias, bool gelu,
+                        const at::Tensor& down_w, int64_t down_type,
+                        const std::optional<at::Tensor>& down_bias, at::Tensor k_cache,
+                        at::Tensor v_cache, const at::Tensor& slots, const at::Tensor& positions,
+                        const at::Tensor& inv_freq, double rope_factor, double q_scale,
                         int64_t n_heads, int64_t window, double eps_in) {
   NoGil no_gil;
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "x must be float32 [B, dim]");
   at::Tensor x = x_in.clone();
   const int64_t B = x.size(0), dim = x.size(1);
-  const AttentionShape S = check_attention(k_cache, v_cache, slots, positions, inv_freq, B,
+  TORCH_CHECK(!qkv_w.empty() && !gate_up_w.empty(), "decode_layer: no q/k/v or gate/up matrix");
+  TORCH_CHECK(down_w.dim() == 2, "down: a packed matrix");
+  const int64_t D = k_cache.size(-1);
+  TORCH_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.is_contiguous() &&
+              2 * inv_freq.numel() <= D, "rope: float32 inv_freq of at most head_dim / 2");
+  // The attention kernel's rotation covers whole heads with factor 1; others happen here.
+  const bool rope_here = !(2 * inv_freq.numel() == D && rope_factor == 1.0);
+  const at::Tensor table = rope_here ? at::zeros({D / 2}, inv_freq.options()) : inv_freq;
+  const AttentionShape S = check_attention(k_cache, v_cache, slots, positions, table, B,
                                            n_heads);
-  const int64_t n_qkv = (S.H + 2 * S.Hkv) * S.D, n_attn = S.H * S.D;
+  const int64_t n_q = S.H * S.D, n_kv = S.Hkv * S.D, n_qkv = n_q + 2 * n_kv, n_attn = n_q;
   const int64_t hidden = down_w.size(1) / format(down_type).bytes() * format(down_type).values;
   const float eps = (float)eps_in;
-  check_packed(qkv_w, qkv_type, n_qkv, dim);
+  check_parts(qkv_w, qkv_types, {n_q, n_kv, n_kv}, dim, "q/k/v");
   check_packed(o_w, o_type, dim, n_attn);
-  check_packed(gate_up_w, gate_up_type, 2 * hidden, dim);
+  check_parts(gate_up_w, gate_up_types, {hidden, hidden}, dim, "gate/up");
   check_packed(down_w, down_type, dim, hidden);
   check_bias(qkv_bias, n_qkv);
   check_bias(o_bias, dim);
   check_bias(gate_up_bias, 2 * hidden);
   check_bias(down_bias, dim);
-  for (const auto* t : {&attn_norm, &ffn_norm})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->numel() == dim, "norm weights: float32 [dim]");
-  for (const auto* t : {&q_norm, &k_norm})
-    TORCH_CHECK(!t->has_value() || ((*t)->scalar_type() == at::kFloat && (*t)->numel() == S.D),
-                "q/k norm weights: float32 [head dim]");
+  const float* norm[4];
+  const std::optional<at::Tensor>* norms[4] = {&attn_norm, &post_attn_norm, &ffn_norm,
+                                               &post_ffn_norm};
+  for (int i = 0; i < 4; ++i) norm[i] = weights_or_null(*norms[i], dim, "layer norm weights");
+  const int64_t qn = q_norm.has_value() ? q_norm->numel() : 0;
+  const int64_t kn = k_norm.has_value() ? k_norm->numel() : 0;
+  TORCH_CHECK(q_norm.has_value() == k_norm.has_value() && (!qn || (n_q % qn == 0 && qn % S.D == 0))
+              && (!kn || (n_kv % kn == 0 && kn % S.D == 0)),
+              "q/k norm weights: [head dim] or [the whole projection], both or neither");
+  const float* qw = weights_or_null(q_norm, qn, "q norm weights");
+  const float* kw = weights_or_null(k_norm, kn, "k norm weights");
 
   float* xp = x.data_ptr<float>();
   std::vector<ActBlock> xq;
   std::vector<float> qkv(B * n_qkv), attn(B * n_attn), y(B * dim), gu(B * 2 * hidden),
       act(B * hidden);
-  quantize_rows(xp, B, dim, xq, attn_norm.data_ptr<float>(), eps);
-  linear(xq.data(), B, dim / QK, qkv_w, qkv_type, n_qkv, qkv_bias, qkv.data());
-  if (q_norm.has_value()) {  // Qwen3: RMS norm over each head of q and k, before rope
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < S.H + S.Hkv; ++h) {
-        float* v = &qkv[b * n_qkv + h * S.D];
-        const float* w = (h < S.H ? *q_norm : *k_norm).data_ptr<float>();
-        float ss = 0.f;
-        for (int64_t i = 0; i < S.D; ++i) ss += v[i] * v[i];
-        const float r = 1.f / std::sqrt(ss / S.D + eps);
-        for (int64_t i = 0; i < S.D; ++i) v[i] = v[i] * r * w[i];
-      }
+  // x += f(y): the residual add, after the optional norm of the sublayer's output
+  auto add_residual = [&](const float* post) {
+    for (int64_t b = 0; b < B; ++b) {
+      float* yr = &y[b * dim];
+      if (post) rms_norm(yr, yr, dim, post, eps);
+      for (int64_t i = 0; i < dim; ++i) xp[b * dim + i] += yr[i];
+    }
+  };
+  quantize_rows(xp, B, dim, xq, norm[0], eps);
+  linear_parts(xq.data(), B, dim / QK, qkv_w, qkv_types, {n_q, n_kv, n_kv}, qkv_bias,
+               qkv.data());
+  for (int64_t b = 0; b < B && qw; ++b) {
+    rms_norm_groups(&qkv[b * n_qkv], n_q, qw, qn, eps);
+    rms_norm_groups(&qkv[b * n_qkv + n_q], n_kv, kw, kn, eps);
   }
-  attend_any(S, qkv.data(), k_cache, v_cache, slots, positions, inv_freq, window, attn.data());
+  if (rope_here && inv_freq.numel() > 0)
+    rope_rows(qkv.data(), B, n_qkv, S.H + S.Hkv, S.D, positions.data_ptr<int64_t>(), inv_freq,
+              (float)rope_factor);
+  if (q_scale != 1.0)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < n_q; ++i) qkv[b * n_qkv + i] *= (float)q_scale;
+  attend_any(S, qkv.data(), k_cache, v_cache, slots, positions, table, window, attn.data());
   quantize_rows(attn.data(), B, n_attn, xq);
   linear(xq.data(), B, n_attn / QK, o_w, o_type, dim, o_bias, y.data());
-  for (int64_t i = 0; i < B * dim; ++i) xp[i] += y[i];
-  quantize_rows(xp, B, dim, xq, ffn_norm.data_ptr<float>(), eps);
-  linear(xq.data(), B, dim / QK, gate_up_w, gate_up_type, 2 * hidden, gate_up_bias, gu.data());
+  add_residual(norm[1]);
+  quantize_rows(xp, B, dim, xq, norm[2], eps);
+  linear_parts(xq.data(), B, dim / QK, gate_up_w, gate_up_types, {hidden, hidden},
+               gate_up_bias, gu.data());
   for (int64_t b = 0; b < B; ++b)
-    silu_mul_row(&gu[b * 2 * hidden], hidden, &act[b * hidden]);
+    (gelu ? gelu_mul_row : silu_mul_row)(&gu[b * 2 * hidden], hidden, &act[b * hidden]);
   quantize_rows(act.data(), B, hidden, xq);
   linear(xq.data(), B, hidden / QK, down_w, down_type, dim, down_bias, y.data());
-  for (int64_t i = 0; i < B * dim; ++i) xp[i] += y[i];
+  add_residual(norm[3]);
   return x;
 }
 
@@ -1057,11 +1291,13 @@ TORCH_LIBRARY(cake, m) {
   m.def("decode_attention(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, "
         "Tensor positions, Tensor inv_freq, int n_heads, int window) -> Tensor",
         &decode_attention);
-  m.def("decode_layer(Tensor x, Tensor attn_norm, Tensor qkv_w, int qkv_type, Tensor? qkv_bias, "
+  m.def("decode_layer(Tensor x, Tensor? attn_norm, Tensor? post_attn_norm, Tensor? ffn_norm, "
+        "Tensor? post_ffn_norm, Tensor[] qkv_w, int[] qkv_types, Tensor? qkv_bias, "
         "Tensor? q_norm, Tensor? k_norm, Tensor o_w, int o_type, Tensor? o_bias, "
-        "Tensor ffn_norm, Tensor gate_up_w, int gate_up_type, Tensor? gate_up_bias, "
+        "Tensor[] gate_up_w, int[] gate_up_types, Tensor? gate_up_bias, bool gelu, "
         "Tensor down_w, int down_type, Tensor? down_bias, Tensor(a!) k_cache, "
-        "Tensor(b!) v_cache, Tensor slots, Tensor positions, Tensor inv_freq, int n_heads, "
-        "int window, float eps) -> Tensor", &decode_layer);
+        "Tensor(b!) v_cache, Tensor slots, Tensor positions, Tensor inv_freq, "
+        "float rope_factor, float q_scale, int n_heads, int window, float eps) -> Tensor",
+        &decode_layer);
   m.def("silu_mul(Tensor x) -> Tensor", &silu_mul);
 }

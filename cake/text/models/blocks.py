@@ -2,8 +2,8 @@
 head or over the whole projection, sliding window, rope variant or none, score scale), the
 gated MLP (SwiGLU or GeGLU) and the decoder block with its norm layout (pre, post or both).
 
-Decoding one token per row on CPU goes through our kernels: the whole Llama-shaped block in
-one call (decode_layer) where a block fits it, otherwise composed from the matrix kernel
+Decoding one token per row on CPU goes through our kernels: the whole block in one call
+(decode_layer) when its matrices are quantized, otherwise composed from the matrix kernel
 (qlinear, in QuantLinear) and decode_attention, with any rope the kernel lacks applied here
 first and the kernel given a zero table (so it does not rotate).
 """
@@ -215,30 +215,39 @@ class TransformerBlock(nn.Module):
             x = x + self._norm(1, h)
             return x + self._norm(3, self.mlp(self._norm(2, x)))
         k_cache, v_cache = cache.buffers(layer, batch.kv_len)
-        table = ropes.table(self.self_attn.rope)
-        B = x.shape[0]
+        attn, B = self.self_attn, x.shape[0]
+        factor = 1.0 if attn.rope is None else attn.rope.attention_factor
         return self._decode_layer(x.view(B, -1), *self.kernel_args, k_cache, v_cache,
-                                  batch.slots, batch.positions.view(-1), table,
-                                  self.self_attn.n_heads, self.window or 0,
-                                  self.input_layernorm.eps).view(B, 1, -1)
+                                  batch.slots, batch.positions.view(-1), ropes.table(attn.rope),
+                                  factor, attn.q_scale, attn.n_heads, self.window or 0,
+                                  self.eps).view(B, 1, -1)
 
     def prepare_kernel(self) -> None:
-        """Arguments of the one-call decoder layer kernel, when the block is Llama-shaped (pre
-        norms, SwiGLU, per-head or no q/k norm, the kernel's rope or none, the default score
-        scale) and every matrix is quantized and fused (else decoding goes op by op)."""
+        """Arguments of the one-call decoder layer kernel (any norm layout, q/k norm, rope and
+        MLP kind of the shared blocks), when every matrix is quantized; else decoding goes op
+        by op."""
         attn, mlp = self.self_attn, self.mlp
-        mats = [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+        qkv = [attn.qkv_proj] if attn.qkv_proj is not None else [
+            attn.q_proj, attn.k_proj, attn.v_proj]
+        gate_up = [mlp.gate_up_proj] if mlp.gate_up_proj is not None else [
+            mlp.gate_proj, mlp.up_proj]
         self.kernel_args = None
-        llama_shaped = (self.norm_names == NORM_LAYOUTS["pre"] and mlp.act == "silu"
-                        and attn.qk_norm in (None, "head") and attn.q_scale == 1.0
-                        and (attn.rope is None or attn.rope.in_kernel))
-        if not llama_shaped or not all(isinstance(m, quant.QuantLinear) for m in mats):
+        if not all(isinstance(m, quant.QuantLinear)
+                   for m in [*qkv, attn.o_proj, *gate_up, mlp.down_proj]):
             return
-        if self.input_layernorm.weight.dtype != torch.float32:
+        norms = [None if name is None else getattr(self, name) for name in self.norm_names]
+        if attn.q_norm is not None:
+            norms += [attn.q_norm, attn.k_norm]
+        if any(n is not None and n.weight.dtype != torch.float32 for n in norms):
             return
-        norm = (lambda n: None if n is None else n.weight)  # noqa: E731
+        weight = (lambda n: None if n is None else n.weight)  # noqa: E731
+
+        def parts(mats):
+            return ([m.packed for m in mats], [m.qtype for m in mats], quant.joined_bias(mats))
+
         self.kernel_args = (
-            self.input_layernorm.weight, *mats[0].kernel_args(), norm(attn.q_norm),
-            norm(attn.k_norm), *mats[1].kernel_args(), self.post_attention_layernorm.weight,
-            *mats[2].kernel_args(), *mats[3].kernel_args())
+            *[weight(n) for n in norms[:4]], *parts(qkv), weight(attn.q_norm),
+            weight(attn.k_norm), *attn.o_proj.kernel_args(), *parts(gate_up),
+            mlp.act != "silu", *mlp.down_proj.kernel_args())
+        self.eps = next(n for n in norms if n is not None).eps
         self._decode_layer = torch.ops.cake.decode_layer.default
