@@ -14,9 +14,9 @@ from fastapi.responses import StreamingResponse
 
 from cake.server import metrics, schemas, tools
 from cake.server.disconnect import result_unless_gone
-from cake.server.errors import APIError
+from cake.server.errors import APIError, busy
 from cake.text import grammar
-from cake.text.engine import Output
+from cake.text.engine import Output, QueueFull
 from cake.text.sampling import validate
 from cake.text.tokenizer import TemplateError
 
@@ -197,6 +197,8 @@ def submit(text_model, prompt, params, n, outputs: OutputQueue, **kwargs):
                                                 [outputs.put_for(i) for i in range(n)])
     except ValueError as e:
         raise APIError(400, str(e))
+    except QueueFull as e:
+        raise busy(e)
 
 
 def cancel_all(seqs):
@@ -295,7 +297,8 @@ async def blocking(seqs, outputs: OutputQueue, meta, request: Request, answer: A
     prompt_tokens = last[0].prompt_tokens
     completion_tokens = sum(o.completion_tokens for o in last.values())
     timer.finished(choices[0]["finish_reason"], prompt_tokens, completion_tokens)
-    return schemas.completion(*meta, choices, schemas.usage(prompt_tokens, completion_tokens))
+    return schemas.completion(*meta, choices, schemas.usage(prompt_tokens, completion_tokens,
+                                                            last[0].cached_tokens))
 
 
 def sse(payload: dict | str) -> str:
@@ -336,8 +339,8 @@ async def stream(seqs, outputs: OutputQueue, meta, include_usage: bool, answer: 
         completion_tokens = sum(o.completion_tokens for o in finished.values())
         timer.finished(finished[0].finish_reason, prompt_tokens, completion_tokens)
         if include_usage:
-            yield sse(schemas.chunk(*meta, None, usage=schemas.usage(prompt_tokens,
-                                                                     completion_tokens)))
+            yield sse(schemas.chunk(*meta, None, usage=schemas.usage(
+                prompt_tokens, completion_tokens, finished[0].cached_tokens)))
         yield sse("[DONE]")
     finally:
         for seq in seqs:
