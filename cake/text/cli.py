@@ -21,6 +21,9 @@ def add_args(p) -> None:
                         "(default: a quarter of the free RAM, or of a GPU's free memory)")
     g.add_argument("--max-queue", type=int, default=1024,
                    help="requests that may wait for a place; more get 429 Too Many Requests")
+    g.add_argument("--draft-tokens", type=int, default=4,
+                   help="tokens greedy decoding guesses ahead by prompt lookup and verifies "
+                        "in the same forward (0: off)")
     g.add_argument("--ctx-size", type=int, default=None,
                    help="context length (default: the model's)")
     g.add_argument("--quant", choices=["auto", "none", "q8_0", "q4_0", "q4_1"], default="auto",
@@ -56,7 +59,8 @@ def load(args):
                            cluster=getattr(args, "cluster", None),
                            quant=getattr(args, "quant", "auto"),
                            kv_memory=getattr(args, "kv_memory", None),
-                           max_queue=getattr(args, "max_queue", 1024))
+                           max_queue=getattr(args, "max_queue", 1024),
+                           draft_tokens=getattr(args, "draft_tokens", 4))
 
 
 def run(model, args) -> None:

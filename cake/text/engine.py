@@ -37,6 +37,10 @@ from cake.text.tokenizer import IncrementalDetokenizer, StopMatcher, Tokenizer
 log = logging.getLogger(__name__)
 
 
+SPECULATE_UPTO = 8  # running sequences up to which decoding guesses ahead: past that, the
+# batch's rows keep the matrix kernels busy and extra rows would cost about what they win
+
+
 class QueueFull(RuntimeError):
     """More requests wait than the engine queues (max_queue): try again later."""
 
@@ -93,6 +97,8 @@ class Sequence:
     prompt_logprobs: Optional[int] = None  # top-k for every prompt token (echo), None: off
     pending_prompt_logprobs: Optional[list] = None
     embed: bool = False  # prefill only and answer the last token's final hidden state
+    ngrams: dict = field(default_factory=dict)  # 3 tokens -> where they last began (drafts)
+    ngrams_upto: int = 0  # tokens[:ngrams_upto + 2] are indexed
 
     @property
     def tokens(self) -> list[int]:
@@ -114,12 +120,15 @@ class Sequence:
 
 class Engine:
     def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer, vocab_size: int,
-                 token_budget: int = 512, max_batch: int = 64, max_queue: int = 1024):
+                 token_budget: int = 512, max_batch: int = 64, max_queue: int = 1024,
+                 draft_tokens: int = 4):
         """token_budget: tokens one step computes at most (decode rows plus prefill chunks);
         max_batch: sequences running at most (the KV pool bounds them too); max_queue:
-        requests waiting at most, beyond which submit raises QueueFull."""
+        requests waiting at most, beyond which submit raises QueueFull; draft_tokens: most
+        tokens a greedy sequence guesses ahead by prompt lookup (0: no speculation)."""
         self.pipeline, self.tokenizer, self.vocab_size = pipeline, tokenizer, vocab_size
         self.token_budget, self.max_batch, self.max_queue = token_budget, max_batch, max_queue
+        self.draft_tokens = draft_tokens
         self.pool = BlockPool(pipeline.num_blocks, pipeline.block_size)
         self.block_size = pipeline.block_size
         self.waiting: deque[Sequence] = deque()
@@ -135,6 +144,7 @@ class Engine:
         self.requests_finished = 0
         self.preemptions = 0
         self.rejected = 0  # requests turned away with the queue full
+        self.drafted = self.draft_accepted = 0  # speculative tokens guessed, and confirmed
 
     @property
     def max_len(self) -> int:
@@ -221,7 +231,8 @@ class Engine:
         return {"waiting": len(self.waiting), "prefilling": len(self.prefilling),
                 "running": len(self.running), "tokens_generated": self.tokens_generated,
                 "requests_finished": self.requests_finished, "preemptions": self.preemptions,
-                "rejected": self.rejected, **self.pool.stats(), **kv}
+                "rejected": self.rejected, "draft_tokens": self.drafted,
+                "draft_tokens_accepted": self.draft_accepted, **self.pool.stats(), **kv}
 
     # -- scheduler thread --------------------------------------------------------------
 
@@ -421,13 +432,18 @@ class Engine:
                                               seq.prompt_logprobs))
         return logits[-1:]
 
-    def _decode_inputs(self, seqs: list[Sequence]):
-        """The newest token of each sequence (not yet in the cache), where it goes, and
-        which logits to take."""
+    def _decode_inputs(self, seqs: list[Sequence], drafts: Optional[list[list[int]]] = None):
+        """The newest token of each sequence (not yet in the cache) and then its draft, one
+        row per token, each at its position in the sequence's blocks: a draft is verified by
+        the same single-token rows as a plain decode, in the same forward."""
         device = self.pipeline.device
-        tokens = torch.tensor([[s.generated[-1]] for s in seqs], device=device)
-        batch = StepBatch.make([[s.length - 1] for s in seqs], [s.blocks for s in seqs], device)
-        return tokens, batch, torch.zeros(len(seqs), dtype=torch.long, device=device)
+        drafts = drafts or [[] for _ in seqs]
+        feed = [[s.generated[-1], *d] for s, d in zip(seqs, drafts)]
+        tokens = torch.tensor([[t] for f in feed for t in f], device=device)
+        positions = [[s.length - 1 + j] for s, f in zip(seqs, feed) for j in range(len(f))]
+        tables = [s.blocks for s, f in zip(seqs, feed) for _ in f]
+        batch = StepBatch.make(positions, tables, device)
+        return tokens, batch, torch.zeros(len(positions), dtype=torch.long, device=device)
 
     def _decoded(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         for s in seqs:
@@ -439,8 +455,58 @@ class Engine:
         if self._in_flight or self.pipeline.depth > 1:
             return self._decode_in_flight()
         seqs = self._room_for([s for s in self.running if not s.done])
-        if seqs:
-            self._decoded(seqs, self.pipeline.forward(*self._decode_inputs(seqs)))
+        drafts = [self._draft(s) for s in seqs] if len(seqs) <= SPECULATE_UPTO else []
+        if not any(drafts):
+            if seqs:
+                self._decoded(seqs, self.pipeline.forward(*self._decode_inputs(seqs)))
+            return
+        logits = self.pipeline.forward(*self._decode_inputs(seqs, drafts))
+        rows = 0
+        for s, d in zip(seqs, drafts):
+            if d:
+                self._verify(s, d, logits[rows:rows + 1 + len(d)])
+            else:
+                self._decoded([s], logits[rows:rows + 1])
+            rows += 1 + len(d)
+
+    def _draft(self, seq: Sequence) -> list[int]:
+        """Prompt lookup: the tokens that followed the last earlier occurrence of the
+        sequence's newest three tokens (copied text repeats itself), where they have room.
+        Only plain greedy sequences guess: a sampled one would need rejection sampling."""
+        k = min(self.draft_tokens, seq.max_new - len(seq.generated) - 1,
+                self.max_len - seq.length - 1)
+        if k <= 0 or not seq.sampler.plain_greedy:
+            return []
+        tokens = seq.tokens
+        for i in range(seq.ngrams_upto, len(tokens) - 3):  # index what is new
+            seq.ngrams[tuple(tokens[i:i + 3])] = i
+        seq.ngrams_upto = max(seq.ngrams_upto, len(tokens) - 3)
+        at = seq.ngrams.get(tuple(tokens[-3:]))
+        if at is None:
+            return []
+        draft = tokens[at + 3:at + 3 + k]
+        for j in range(len(draft)):  # positions the pool has no block for are not guessed
+            if not self._writable(seq, seq.length + j):
+                return draft[:j]
+        return draft
+
+    def _verify(self, seq: Sequence, draft: list[int], logits: torch.Tensor) -> None:
+        """Greedy verification: row j's choice is the token after draft[:j]; the draft holds
+        while it agrees, and the first disagreement is the model's own next token. The
+        output is exactly what decoding one token at a time gives."""
+        choices = logits.argmax(-1).tolist()
+        agreed = 0
+        while agreed < len(draft) and choices[agreed] == draft[agreed]:
+            agreed += 1
+        self.drafted += len(draft)
+        self.draft_accepted += agreed
+        seq.num_cached = seq.length + agreed  # the rows fed after a wrong guess are void
+        for token in choices[:agreed + 1]:
+            seq.sampler.record(token)
+            self._accept(seq, token)
+            if seq.done:
+                return
+        self._register(seq)
 
     def _decode_in_flight(self) -> None:
         """Stages on several machines: split the running sequences into pipeline.depth groups
