@@ -11,6 +11,8 @@
    greedy text equals the same request alone
 4. copy-heavy decoding (repeat a given list) against free text, with prompt-lookup drafts,
    and free text with drafts against without (--draft-tokens 0)
+5. the decode-attention kernel reading scattered blocks in place, against a slot cache and
+   against gathering the blocks into one first
 The machine is shared: ratios within one run are what to compare. Last line: JSON.
 """
 from __future__ import annotations
@@ -127,11 +129,55 @@ def decode_speeds(server, reps: int = 3) -> dict:
     return speed
 
 
+def attention_layouts(rows: int = 8, length: int = 1024, reps: int = 200) -> dict:
+    """The decode-attention kernel over the default model's shape (9 heads, 3 KV heads of 64,
+    float16), rows of `length` cached positions: a slot cache, a pool of scattered 16-position
+    blocks read in place through block tables, and the pool gathered into slots first."""
+    import torch
+
+    from cake.text import kernels
+
+    assert kernels.ops() is not None, kernels.error()
+    H, Hkv, D, bs = 9, 3, 64, 16
+    per_row = length // bs
+    g = torch.Generator().manual_seed(0)
+    pool_k = torch.randn(rows * per_row, bs, Hkv, D, generator=g).half()
+    pool_v = torch.randn(rows * per_row, bs, Hkv, D, generator=g).half()
+    tables = torch.randperm(rows * per_row, generator=g).view(rows, per_row).contiguous()
+    slot_k = pool_k[tables].reshape(rows, length, Hkv, D).contiguous()
+    slot_v = pool_v[tables].reshape(rows, length, Hkv, D).contiguous()
+    qkv = torch.randn(rows, (H + 2 * Hkv) * D, generator=g)
+    positions = torch.full((rows,), length - 1, dtype=torch.long)
+    freq = torch.zeros(D // 2)
+    slots = torch.arange(rows)
+    attend = torch.ops.cake.decode_attention
+
+    def timed(fn) -> float:
+        fn()
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - start) / reps * 1e6
+
+    def gathered():
+        k = pool_k[tables].reshape(rows, length, Hkv, D)
+        v = pool_v[tables].reshape(rows, length, Hkv, D)
+        return attend(qkv, k, v, slots, positions, freq, H, 0)
+
+    out_slot = attend(qkv, slot_k.clone(), slot_v.clone(), slots, positions, freq, H, 0)
+    out_paged = attend(qkv, pool_k.clone(), pool_v.clone(), tables, positions, freq, H, 0)
+    assert torch.allclose(out_slot, out_paged, atol=1e-4)
+    return {"slot_us": timed(lambda: attend(qkv, slot_k, slot_v, slots, positions, freq, H, 0)),
+            "paged_in_place_us": timed(lambda: attend(qkv, pool_k, pool_v, tables, positions,
+                                                      freq, H, 0)),
+            "gather_then_slot_us": timed(gathered)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    results = {}
+    results = {"attention": attention_layouts()}
     server = serve(args.threads)
     try:
         results["follow_up"] = follow_up(server)
@@ -158,6 +204,10 @@ def main() -> None:
         "copy_vs_free_decode": round(spec["copy"] / spec["free"], 2),
         "copy_spec_vs_plain": round(spec["copy"] / plain["copy"], 2),
         "free_spec_vs_plain": round(spec["free"] / plain["free"], 2),
+        "attention_paged_vs_slot": round(results["attention"]["paged_in_place_us"]
+                                         / results["attention"]["slot_us"], 2),
+        "attention_gather_vs_paged": round(results["attention"]["gather_then_slot_us"]
+                                           / results["attention"]["paged_in_place_us"], 2),
     }
     print(json.dumps(results, indent=1))
     print(json.dumps(summary))

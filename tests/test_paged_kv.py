@@ -176,3 +176,16 @@ def test_speculative_greedy_equals_plain_decoding(server, start_server):
     with cf.ThreadPoolExecutor(len(prompts)) as pool:
         assert list(pool.map(lambda q: ask(spec, q, 80), prompts)) == want
     assert health(server)["draft_tokens_accepted"] > before
+
+
+def test_forks_copy_their_shared_block_on_write(server):
+    """n sampled choices share the prompt's blocks, its last partial block too, until each
+    writes its own tokens there: every choice is what the same seed gives alone."""
+    client = client_of(server)
+    ask = dict(model="m", messages=[{"role": "user", "content": "Tell me a story."}],
+               temperature=1.0, max_tokens=24)
+    forked = client.chat.completions.create(**ask, n=3, seed=5)
+    alone = [client.chat.completions.create(**ask, seed=5 + i).choices[0].message.content
+             for i in range(3)]
+    assert [c.message.content for c in forked.choices] == alone
+    assert len(set(alone)) > 1
