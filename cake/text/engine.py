@@ -99,6 +99,7 @@ class Sequence:
     embed: bool = False  # prefill only and answer the last token's final hidden state
     ngrams: dict = field(default_factory=dict)  # 3 tokens -> where they last began (drafts)
     ngrams_upto: int = 0  # tokens[:ngrams_upto + 2] are indexed
+    draft_len: int = 1  # how far it guesses next: grows while guesses hold, shrinks if not
 
     @property
     def tokens(self) -> list[int]:
@@ -473,7 +474,7 @@ class Engine:
         """Prompt lookup: the tokens that followed the last earlier occurrence of the
         sequence's newest three tokens (copied text repeats itself), where they have room.
         Only plain greedy sequences guess: a sampled one would need rejection sampling."""
-        k = min(self.draft_tokens, seq.max_new - len(seq.generated) - 1,
+        k = min(seq.draft_len, self.draft_tokens, seq.max_new - len(seq.generated) - 1,
                 self.max_len - seq.length - 1)
         if k <= 0 or not seq.sampler.plain_greedy:
             return []
@@ -500,6 +501,8 @@ class Engine:
             agreed += 1
         self.drafted += len(draft)
         self.draft_accepted += agreed
+        # free text rarely repeats: guess one token at a time there, more where copies hold
+        seq.draft_len = agreed + 1 if agreed == len(draft) else max(1, agreed)
         seq.num_cached = seq.length + agreed  # the rows fed after a wrong guess are void
         for token in choices[:agreed + 1]:
             seq.sampler.record(token)
