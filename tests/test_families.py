@@ -269,13 +269,14 @@ def test_serve_answers_like_transformers(models, start_server, name):
     assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(want)
     assert r.choices[0].message.content == tok.decode(want, skip_special_tokens=True)
 
-    # /health and the topology count the KV cache with sliding layers at their window
-    # (float16 keys and values on CPU, 2 slots of 256 positions).
+    # /health and the topology count the KV block pool (float16 keys and values on CPU;
+    # --max-batch 2 of 256 positions, twice over: 64 blocks of 16), and nothing held once
+    # the request is done.
     args = ModelArgs.from_config(hf.config.to_dict())
     row = 2 * args.num_key_value_heads * args.head_dim * 2
-    capacity = 2 * row * sum(min(256, args.window(i) or 256)
-                             for i in range(args.num_hidden_layers))
     engine = httpx.get(server.url + "/health", timeout=10).json()["engine"]
+    assert (engine["kv_blocks_total"], engine["kv_block_size"]) == (64, 16)
+    capacity = 64 * 16 * row * args.num_hidden_layers
     assert engine["kv_cache_capacity_bytes"] == capacity and engine["kv_cache_bytes"] == 0
     topology = httpx.get(server.url + "/api/v1/topology", timeout=10).json()
     assert topology["master"]["kv_cache_capacity_bytes"] == capacity

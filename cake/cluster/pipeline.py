@@ -75,7 +75,13 @@ class ClusterPipeline:
     """headless: every stage is layers only (a speech model's language model: the caller
     feeds input embeddings [B, T, D] and gets the last layer's hidden states back, and keeps
     the embeddings, final norm and head itself). Otherwise the master embeds token ids and
-    returns logits, as the engine expects."""
+    returns logits, as the engine expects.
+
+    Its KV caches are slot caches: to the engine, num_slots blocks of the whole context (so
+    neither prefix reuse nor copy-on-write forks)."""
+
+    prefix_reusable = False
+    can_copy_blocks = False
 
     def __init__(self, checkpoint, dtype: torch.dtype, device: str, num_slots: int,
                  max_len: int, opts: rc.ClusterOptions, head_node, master_ip: str,
@@ -84,6 +90,7 @@ class ClusterPipeline:
 
         self.checkpoint, self.dtype, self.device = checkpoint, dtype, torch.device(device)
         self.num_slots, self.max_len, self.opts = num_slots, max_len, opts
+        self.num_blocks, self.block_size = num_slots, max_len
         self.quant, self.headless = quant, headless
         self.head_node, self.master_ip = head_node, master_ip
         self.args = ModelArgs.from_config(checkpoint.config)
@@ -372,6 +379,9 @@ class ClusterPipeline:
         if self.headless:
             raise TypeError("a headless pipeline returns hidden states from forward itself")
         return final_hidden(self, self.stages[-1].model.norm, tokens, batch, logits_at)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        raise NotImplementedError("cluster stages do not copy their caches")
 
     def release(self, slot: int) -> None:
         # A finished sequence's cached positions are masked out on every node until its slot

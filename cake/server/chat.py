@@ -13,10 +13,10 @@ from fastapi.responses import StreamingResponse
 
 from cake.server import metrics, schemas, tools
 from cake.server.disconnect import result_unless_gone
-from cake.server.errors import APIError, internal_error
+from cake.server.errors import APIError, busy, internal_error
 from cake.server.events import EventQueue
 from cake.text import grammar
-from cake.text.engine import Output
+from cake.text.engine import Output, QueueFull
 from cake.text.sampling import validate
 from cake.text.tokenizer import TemplateError
 
@@ -182,6 +182,8 @@ def submit(text_model, prompt, params, n, outputs: EventQueue, **kwargs):
                                                 [outputs.put_for(i) for i in range(n)])
     except ValueError as e:
         raise APIError(400, str(e))
+    except QueueFull as e:
+        raise busy(e)
 
 
 def failure(out: Output, seq, where: str) -> APIError:
@@ -286,7 +288,8 @@ async def blocking(seqs, outputs: EventQueue, meta, request: Request, answer: An
     prompt_tokens = last[0].prompt_tokens
     completion_tokens = sum(o.completion_tokens for o in last.values())
     timer.finished(choices[0]["finish_reason"], prompt_tokens, completion_tokens)
-    return schemas.completion(*meta, choices, schemas.usage(prompt_tokens, completion_tokens))
+    return schemas.completion(*meta, choices, schemas.usage(prompt_tokens, completion_tokens,
+                                                            last[0].cached_tokens))
 
 
 def sse(payload: dict | str) -> str:
@@ -327,8 +330,8 @@ async def stream(seqs, outputs: EventQueue, meta, include_usage: bool, answer: A
         completion_tokens = sum(o.completion_tokens for o in finished.values())
         timer.finished(finished[0].finish_reason, prompt_tokens, completion_tokens)
         if include_usage:
-            yield sse(schemas.chunk(*meta, None, usage=schemas.usage(prompt_tokens,
-                                                                     completion_tokens)))
+            yield sse(schemas.chunk(*meta, None, usage=schemas.usage(
+                prompt_tokens, completion_tokens, finished[0].cached_tokens)))
         yield sse("[DONE]")
     except APIError as e:  # the server stops before this stream could end
         yield sse({"error": e.message})

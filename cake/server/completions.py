@@ -11,7 +11,8 @@ from cake.server.chat import (cancel_all, check_length, failure, parse_body, sam
                               per_choice, sse)
 from cake.server.events import EventQueue
 from cake.server.disconnect import result_unless_gone
-from cake.server.errors import APIError
+from cake.server.errors import APIError, busy
+from cake.text.engine import QueueFull
 
 router = APIRouter()
 
@@ -100,6 +101,9 @@ async def completions(request: Request):
     except ValueError as e:
         cancel_all(seqs)()
         raise APIError(400, str(e))
+    except QueueFull as e:
+        cancel_all(seqs)()
+        raise busy(e)
     # echo gives a text prompt back as sent, token ids as their text
     echoes = [(p if isinstance(p, str) else text_model.tokenizer.decode(ids)) if req.echo
               else "" for p, ids in zip(prompt_list(req.prompt), batch) for _ in range(req.n)]
@@ -153,7 +157,8 @@ class Run:
     def usage(self) -> dict:
         done = self.finished.items()  # a prompt's tokens count once, whatever n
         prompt = sum(o.prompt_tokens for i, o in done if i % self.n == 0)
-        return schemas.usage(prompt, sum(o.completion_tokens for _, o in done))
+        cached = sum(o.cached_tokens for i, o in done if i % self.n == 0)
+        return schemas.usage(prompt, sum(o.completion_tokens for _, o in done), cached)
 
     def _finish_metrics(self) -> dict:
         usage = self.usage()

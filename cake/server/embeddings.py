@@ -13,7 +13,8 @@ from cake.server.chat import cancel_all, failure, parse_body
 from cake.server.events import EventQueue
 from cake.server.completions import prompts
 from cake.server.disconnect import result_unless_gone
-from cake.server.errors import APIError
+from cake.server.errors import APIError, busy
+from cake.text.engine import QueueFull
 
 router = APIRouter()
 
@@ -32,8 +33,13 @@ async def embeddings(request: Request):
     batch = prompts(text_model, req.input)
     outputs = EventQueue(request.app.state.cake)
     params = text_model.params(max_tokens=1)
-    seqs = [text_model.engine.submit(ids, params, outputs.put_for(i), embed=True)
-            for i, ids in enumerate(batch)]
+    seqs = []
+    try:
+        for i, ids in enumerate(batch):
+            seqs.append(text_model.engine.submit(ids, params, outputs.put_for(i), embed=True))
+    except QueueFull as e:
+        cancel_all(seqs)()
+        raise busy(e)
 
     async def collect():
         vectors = {}

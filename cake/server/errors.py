@@ -15,9 +15,14 @@ log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
+
+
+def busy(error: Exception) -> APIError:
+    """The engine's queue is full: 429, and when to try again."""
+    return APIError(429, f"server busy: {error}; retry later", {"Retry-After": "1"})
 
 
 def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -45,7 +50,7 @@ def describe_validation(exc: RequestValidationError) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return error_response(exc.status, exc.message)
+        return error_response(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(ClientGone)
     async def _gone(request: Request, exc: ClientGone):

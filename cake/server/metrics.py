@@ -25,7 +25,7 @@ class Metrics:
                              registry=r)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests queued or in prefill",
                              label, registry=r)
-        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV cache slots in use",
+        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV cache blocks in use",
                               label, registry=r)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed", label,
                                      registry=r)
@@ -77,6 +77,6 @@ async def metrics(request: Request):
         stats = engine.stats()
         m.running.labels(model).set(stats["running"])
         m.waiting.labels(model).set(stats["waiting"] + stats["prefilling"])
-        slots = engine.pipeline.num_slots
-        m.kv_usage.labels(model).set((slots - stats["free_slots"]) / slots if slots else 0)
+        total = stats["kv_blocks_total"]
+        m.kv_usage.labels(model).set(stats["kv_blocks_used"] / total if total else 0)
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -14,12 +14,33 @@ def add_args(p) -> None:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("-n", "--sample-len", type=int, default=2048,
                    help="default max tokens to generate")
-    g.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    g.add_argument("--max-batch", type=int, default=64,
+                   help="most sequences decoded together (the KV memory may allow fewer)")
+    g.add_argument("--kv-memory", type=memory_size, default=None,
+                   help="memory for the KV cache's block pool, e.g. 2GiB or 512MiB "
+                        "(default: a quarter of the free RAM, or of a GPU's free memory)")
+    g.add_argument("--max-queue", type=int, default=1024,
+                   help="requests that may wait for a place; more get 429 Too Many Requests")
+    g.add_argument("--draft-tokens", type=int, default=4,
+                   help="tokens greedy decoding guesses ahead by prompt lookup and verifies "
+                        "in the same forward (0: off)")
     g.add_argument("--ctx-size", type=int, default=None,
                    help="context length (default: the model's)")
     g.add_argument("--quant", choices=["auto", "none", "q8_0", "q4_0", "q4_1"], default="auto",
                    help="weight format on CPU: auto keeps a GGUF's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/"
                         "Q4_K/Q5_K/Q6_K blocks (other GGUF quants become Q8_0) and safetensors in --dtype; none dequantizes")
+
+
+def memory_size(text: str) -> int:
+    """'2GiB', '512MiB', '1.5GB', '100000' (bytes) -> bytes."""
+    import argparse
+    import re
+
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 2GiB, 512MiB)")
+    power = "KMGT".find(m.group(2).upper()) + 1 if m.group(2) else 0
+    return int(float(m.group(1)) * (1024 if m.group(3) or power == 0 else 1000) ** power)
 
 
 def load(args):
@@ -36,7 +57,10 @@ def load(args):
                            dtype=DTYPES[args.dtype] if args.dtype else None, defaults=defaults,
                            max_batch=args.max_batch, context_length=args.ctx_size,
                            cluster=getattr(args, "cluster", None),
-                           quant=getattr(args, "quant", "auto"))
+                           quant=getattr(args, "quant", "auto"),
+                           kv_memory=getattr(args, "kv_memory", None),
+                           max_queue=getattr(args, "max_queue", 1024),
+                           draft_tokens=getattr(args, "draft_tokens", 4))
 
 
 def run(model, args) -> None:

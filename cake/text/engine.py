@@ -1,13 +1,18 @@
 """The text engine: a scheduler thread that runs many sequences through one pipeline.
 
-Each loop iteration:
+Each loop iteration (a step):
   1. drops cancelled sequences (a client that went away costs at most one step),
-  2. admits waiting requests into free KV slots,
-  3. prefills one chunk of one new sequence (long prompts do not stall running streams),
-  4. decodes one token for every running sequence in a single batched step.
-n answers to one prompt share its prefill: the others copy the first one's cache (forks).
-Sequences join and leave between steps (continuous batching). Results go back through a
-callback per request, so the engine knows nothing of HTTP or asyncio.
+  2. admits waiting requests while the KV pool has blocks for their prompts, each mapping
+     the longest prefix of its prompt that is cached already (kv_cache.BlockPool),
+  3. prefills chunks of new sequences within a token budget that the decode rows share
+     (long prompts never stall running streams),
+  4. decodes one token for every running sequence in a single batched forward; a sequence
+     that needs a block when none is left takes one from the newest sequence, which is
+     preempted and computed again later (most of it from the prefix cache).
+n answers to one prompt share its prefill: the others map the first one's blocks, copied
+when first written (copy-on-write). Sequences join and leave between steps (continuous
+batching). Results go back through a callback per request, so the engine knows nothing of
+HTTP or asyncio.
 """
 from __future__ import annotations
 
@@ -24,13 +29,21 @@ from typing import Callable, Optional
 import torch
 
 from cake.jobs import Job
-from cake.text.kv_cache import StepBatch
+from cake.text.kv_cache import BlockPool, StepBatch, block_hashes
 from cake.text.pipeline import Pipeline
 from cake.text.grammar import Constraint, guidance_tokenizer
 from cake.text.sampling import Sampler, SamplingParams, sample_batch, token_logprobs
 from cake.text.tokenizer import IncrementalDetokenizer, StopMatcher, Tokenizer
 
 log = logging.getLogger(__name__)
+
+
+SPECULATE_UPTO = 8  # running sequences up to which decoding guesses ahead: past that, the
+# batch's rows keep the matrix kernels busy and extra rows would cost about what they win
+
+
+class QueueFull(RuntimeError):
+    """More requests wait than the engine queues (max_queue): try again later."""
 
 
 def return_free_memory() -> None:
@@ -50,6 +63,7 @@ class Output:
     finish_reason: Optional[str] = None  # "stop", "length", "cancelled" or "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     error: Optional[str] = None
     # (token, logprob, top [(token, logprob)]) of the tokens since the last event (logprobs)
     logprobs: list = field(default_factory=list)
@@ -73,8 +87,11 @@ class Sequence(Job):
     detok: IncrementalDetokenizer
     stops: StopMatcher
     max_new: int
-    slot: int = -1
-    num_cached: int = 0  # prompt tokens already in the KV cache
+    blocks: list[int] = field(default_factory=list)  # block table: position p in blocks[p // bs]
+    hashes: list[bytes] = field(default_factory=list)  # of the full blocks of its tokens
+    num_registered: int = 0  # blocks[:num_registered] are in the prefix cache
+    num_cached: int = 0  # positions whose keys and values are in the cache
+    cached_tokens: int = 0  # prompt tokens mapped from the prefix cache when admitted
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     done: bool = False
@@ -83,6 +100,19 @@ class Sequence(Job):
     prompt_logprobs: Optional[int] = None  # top-k for every prompt token (echo), None: off
     pending_prompt_logprobs: Optional[list] = None
     embed: bool = False  # prefill only and answer the last token's final hidden state
+    ngrams: dict = field(default_factory=dict)  # 3 tokens -> where they last began (drafts)
+    ngrams_upto: int = 0  # tokens[:ngrams_upto + 2] are indexed
+    draft_len: int = 1  # how far it guesses next: grows while guesses hold, shrinks if not
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.generated
+
+    @property
+    def prefill_target(self) -> int:
+        """Positions to compute before decoding: the prompt, or after a preemption every
+        token but the newest (which the next decode step feeds)."""
+        return self.length - 1 if self.generated else len(self.prompt_ids)
 
     @property
     def length(self) -> int:
@@ -91,21 +121,31 @@ class Sequence(Job):
 
 class Engine:
     def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer, vocab_size: int,
-                 prefill_chunk: int = 512):
+                 token_budget: int = 512, max_batch: int = 64, max_queue: int = 1024,
+                 draft_tokens: int = 4):
+        """token_budget: tokens one step computes at most (decode rows plus prefill chunks);
+        max_batch: sequences running at most (the KV pool bounds them too); max_queue:
+        requests waiting at most, beyond which submit raises QueueFull; draft_tokens: most
+        tokens a greedy sequence guesses ahead by prompt lookup (0: no speculation)."""
         self.pipeline, self.tokenizer, self.vocab_size = pipeline, tokenizer, vocab_size
-        self.prefill_chunk = prefill_chunk
+        self.token_budget, self.max_batch, self.max_queue = token_budget, max_batch, max_queue
+        self.draft_tokens = draft_tokens
+        self.pool = BlockPool(pipeline.num_blocks, pipeline.block_size)
+        self.block_size = pipeline.block_size
         self.waiting: deque[Sequence] = deque()
         self.prefilling: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         # (group, handle) of decode steps a multi-machine pipeline has not answered yet
         self._in_flight: deque = deque()
-        self.free_slots = list(range(pipeline.num_slots))
         self._ids = itertools.count()
         self._wake = threading.Condition()
         self._stop = False
         self._thread: Optional[threading.Thread] = None
         self.tokens_generated = 0  # lifetime counters, for /health and metrics
         self.requests_finished = 0
+        self.preemptions = 0
+        self.rejected = 0  # requests turned away with the queue full
+        self.drafted = self.draft_accepted = 0  # speculative tokens guessed, and confirmed
 
     @property
     def max_len(self) -> int:
@@ -118,31 +158,35 @@ class Engine:
                embed: bool = False) -> Sequence:
         """Queue a request. params.max_tokens must already fit the context.
         prompt_logprobs: also score the prompt's tokens (top-k each); embed: no generation,
-        the answer is the last prompt token's final hidden state."""
+        the answer is the last prompt token's final hidden state.
+        Raises ValueError for a prompt that cannot fit, QueueFull when the queue is."""
         seq = self._sequence(prompt_ids, params, on_output)
         seq.prompt_logprobs, seq.embed = prompt_logprobs, embed
-        self._enqueue(seq)
+        self._enqueue([seq])
         return seq
 
     def submit_choices(self, prompt_ids: list[int], params: list[SamplingParams],
                        on_outputs: list[Callable[[Output], None]]) -> list[Sequence]:
-        """len(params) answers to one prompt. Where the pipeline can copy a slot's cache, the
-        prompt is computed once and the others fork from it; else each is its own request."""
+        """len(params) answers to one prompt. Where the pipeline can copy blocks, the prompt
+        is computed once and the others fork from it; else each is its own request."""
         seqs = [self._sequence(prompt_ids, p, cb) for p, cb in zip(params, on_outputs)]
-        if len(seqs) > self.pipeline.num_slots:
-            raise ValueError(f"{len(seqs)} choices need more than the {self.pipeline.num_slots} "
+        if len(seqs) > self.max_batch:
+            raise ValueError(f"{len(seqs)} choices need more than the {self.max_batch} "
                              "sequences this server decodes together")
-        if hasattr(self.pipeline, "fork"):
+        if self.pipeline.can_copy_blocks:
             seqs[0].forks = seqs[1:]
-            self._enqueue(seqs[0])
+            self._enqueue(seqs[:1])
         else:
-            for seq in seqs:
-                self._enqueue(seq)
+            self._enqueue(seqs)
         return seqs
 
     def _sequence(self, prompt_ids, params, on_output) -> Sequence:
         if len(prompt_ids) >= self.max_len:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens; the context holds {self.max_len}")
+        room = self.pool.num_blocks * self.block_size  # positions the whole pool holds
+        if len(prompt_ids) >= room:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens; the KV cache holds {room} "
+                             "(see --kv-memory)")
         constraint = None
         if params.grammar is not None:
             constraint = Constraint(params.grammar,
@@ -153,11 +197,15 @@ class Engine:
                             constraint=constraint),
             detok=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
             stops=StopMatcher(params.stop),
-            max_new=min(params.max_tokens, self.max_len - len(prompt_ids)))
+            max_new=min(params.max_tokens, self.max_len - len(prompt_ids),
+                        room - len(prompt_ids)))
 
-    def _enqueue(self, seq: Sequence) -> None:
+    def _enqueue(self, seqs: list[Sequence]) -> None:
         with self._wake:
-            self.waiting.append(seq)
+            if len(self.waiting) + len(seqs) > self.max_queue:
+                self.rejected += 1
+                raise QueueFull(f"{len(self.waiting)} requests are waiting already")
+            self.waiting.extend(seqs)
             self._wake.notify()
 
     def start(self) -> None:
@@ -177,11 +225,15 @@ class Engine:
             self._thread.join(timeout=10)
 
     def stats(self) -> dict:
+        kv = self.pipeline.kv_cache_stats()
+        if "kv_cache_bytes" not in kv:  # what the live sequences' blocks take
+            block = kv["kv_cache_capacity_bytes"] // max(1, self.pool.num_blocks)
+            kv["kv_cache_bytes"] = self.pool.used() * block
         return {"waiting": len(self.waiting), "prefilling": len(self.prefilling),
-                "running": len(self.running), "free_slots": len(self.free_slots),
-                "tokens_generated": self.tokens_generated,
-                "requests_finished": self.requests_finished,
-                **self.pipeline.kv_cache_stats()}
+                "running": len(self.running), "tokens_generated": self.tokens_generated,
+                "requests_finished": self.requests_finished, "preemptions": self.preemptions,
+                "rejected": self.rejected, "draft_tokens": self.drafted,
+                "draft_tokens_accepted": self.draft_accepted, **self.pool.stats(), **kv}
 
     # -- scheduler thread --------------------------------------------------------------
 
@@ -207,8 +259,12 @@ class Engine:
     def step(self) -> None:
         self._drop_cancelled()
         self._admit()
-        if self.prefilling:
-            self._prefill_chunk(self.prefilling[0])
+        # Decode rows come first in the budget; prefill always gets a block's worth.
+        budget = max(self.token_budget - len(self.running), self.block_size)
+        for seq in list(self.prefilling):
+            if budget <= 0:
+                break
+            budget -= self._prefill_chunk(seq, budget)
         if self.running:
             self._decode()
 
@@ -220,48 +276,151 @@ class Engine:
         for seq in [s for s in list(self.prefilling) + self.running if s.cancelled]:
             self._finish(seq, "cancelled")
 
+    # -- blocks ------------------------------------------------------------------------
+
     def _admit(self) -> None:
+        """Waiting sequences, oldest first, while the pool has blocks for what they prefill
+        (keeping one block per running sequence for its next tokens)."""
         with self._wake:
-            while self.waiting and len(self.free_slots) > len(self.waiting[0].forks):
-                seq = self.waiting.popleft()
-                for s in [seq, *seq.forks]:
-                    s.slot = self.free_slots.pop(0)
+            while self.waiting:
+                seq = self.waiting[0]
+                live = len(self.running) + len(self.prefilling)
+                if live and live + 1 + len(seq.forks) > self.max_batch:
+                    return
+                target, bs = seq.prefill_target, self.block_size
+                found = []
+                if self._reuses_prefix(seq):
+                    tokens = seq.tokens
+                    block_hashes(tokens[:target], bs, seq.hashes)
+                    # at least one token is computed: its logits are the first answer
+                    found = self.pool.lookup(seq.hashes[:(target - 1) // bs])
+                need = -(-target // bs) - len(found)
+                if need + len(self.running) > self.pool.available() and live:
+                    for b in found:
+                        self.pool.release(b)
+                    return
+                self.waiting.popleft()
+                seq.blocks = found + [self.pool.allocate() for _ in range(need)]
+                seq.num_registered = len(found)
+                seq.num_cached = len(found) * bs
+                if not seq.generated:  # a first admission, not a resumption
+                    seq.cached_tokens = seq.num_cached
+                    if self._reuses_prefix(seq):
+                        self.pool.queried_tokens += len(seq.prompt_ids)
+                        self.pool.hit_tokens += seq.num_cached
                 self.prefilling.append(seq)
 
-    def _prefill_chunk(self, seq: Sequence) -> None:
-        start = seq.num_cached
-        end = min(len(seq.prompt_ids), start + self.prefill_chunk)
+    def _reuses_prefix(self, seq: Sequence) -> bool:
+        # prompt logprobs need logits at every prompt position: those are computed
+        return self.pipeline.prefix_reusable and seq.prompt_logprobs is None
+
+    def _register(self, seq: Sequence) -> None:
+        """Offer the sequence's newly filled blocks to the prefix cache."""
+        full = seq.num_cached // self.block_size
+        if full <= seq.num_registered or not self.pipeline.prefix_reusable:
+            return
+        block_hashes(seq.tokens[:full * self.block_size], self.block_size, seq.hashes)
+        for i in range(seq.num_registered, full):
+            self.pool.register(seq.blocks[i], seq.hashes[i])
+        seq.num_registered = full
+
+    def _release_blocks(self, seq: Sequence) -> None:
+        for b in seq.blocks:
+            if self.pool.release(b):
+                self.pipeline.release(b)
+        seq.blocks, seq.num_cached, seq.num_registered = [], 0, 0
+
+    def _writable(self, seq: Sequence, position: int) -> bool:
+        """Make the block of `position` the sequence's own (a new block, or a copy of one it
+        shares with a fork); False when the pool has no block to give."""
+        i = position // self.block_size
+        if i < len(seq.blocks) and self.pool.refs[seq.blocks[i]] == 1:
+            return True
+        if not self.pool.available():
+            return False
+        block = self.pool.allocate()
+        if i < len(seq.blocks):  # copy on write
+            old = seq.blocks[i]
+            self.pipeline.copy_blocks([(old, block)])
+            self.pool.release(old)
+            seq.blocks[i] = block
+        else:
+            seq.blocks.append(block)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Give back a sequence's blocks and queue it first, to compute again later (what
+        it had filled is offered to the prefix cache, so much of it may still be there)."""
+        log.info("preempting sequence %d at %d tokens: the KV pool is full", seq.id, seq.length)
+        self.preemptions += 1
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.prefilling:
+            self.prefilling.remove(seq)
+        self._release_blocks(seq)
+        with self._wake:
+            self.waiting.appendleft(seq)
+
+    def _room_for(self, seqs: list[Sequence]) -> list[Sequence]:
+        """The sequences (oldest first) whose next position has a block; the newest
+        sequences give theirs up when the pool runs dry."""
+        ready = []
+        for seq in sorted(seqs, key=lambda s: s.id):
+            while not seq.done and seq in self.running and not self._writable(seq, seq.length - 1):
+                victims = [s for s in self.running + list(self.prefilling)
+                           if s.blocks and not s.done and s not in ready]
+                self._preempt(max(victims, key=lambda s: s.id))
+            if seq in self.running and not seq.done:
+                ready.append(seq)
+        return ready
+
+    # -- forwards ----------------------------------------------------------------------
+
+    def _prefill_chunk(self, seq: Sequence, limit: int) -> int:
+        """Compute up to `limit` more positions of a sequence's prefill; returns how many."""
+        start, target = seq.num_cached, seq.prefill_target
+        end = min(target, start + limit)
         device = self.pipeline.device
-        tokens = torch.tensor([seq.prompt_ids[start:end]], device=device)
-        batch = StepBatch.make([list(range(start, end))], [seq.slot], device)
+        tokens = torch.tensor([seq.tokens[start:end]], device=device)
+        batch = StepBatch.make([list(range(start, end))], [seq.blocks], device)
         last = torch.tensor([end - start - 1], device=device)
-        done = end == len(seq.prompt_ids)
+        done = end == target
         if seq.embed and done:
             hidden = self.pipeline.hidden(tokens, batch, last)
             seq.num_cached = end
-            return self._finish(seq, "stop", embedding=hidden[0].float().tolist())
+            self._finish(seq, "stop", embedding=hidden[0].float().tolist())
+            return end - start
         if seq.prompt_logprobs is not None:
             logits = self._score_prompt(seq, tokens, batch, start, end)
         else:
             logits = self.pipeline.forward(tokens, batch, last)
         seq.num_cached = end
-        if done:
-            self.prefilling.popleft()
-            forks, seq.forks = seq.forks, []
-            for f in [f for f in forks if f.cancelled]:
-                self._finish(f, "cancelled")
-            forks = [f for f in forks if not f.done]
-            for f in forks:
-                self.pipeline.fork(seq.slot, f.slot, end)
-                f.num_cached = end
-            for s in [seq, *forks]:
-                if s.max_new == 0:  # scoring only (completions' echo with max_tokens 0)
-                    self._finish(s, "length")
-                else:
-                    self.running.append(s)
-            live = [s for s in (seq, *forks) if not s.done]
-            if live:
-                self._sample(live, logits.expand(len(live), -1))
+        self._register(seq)
+        if not done:
+            return end - start
+        self.prefilling.remove(seq)
+        if seq.generated:  # resumed after a preemption: the next decode feeds its newest token
+            self.running.append(seq)
+            return end - start
+        forks, seq.forks = seq.forks, []
+        for f in [f for f in forks if f.cancelled]:
+            self._finish(f, "cancelled")
+        forks = [f for f in forks if not f.done]
+        for f in forks:  # the prompt's blocks, shared until one of them writes
+            for b in seq.blocks:
+                self.pool.share(b)
+            f.blocks, f.hashes = list(seq.blocks), list(seq.hashes)
+            f.num_cached, f.num_registered = end, seq.num_registered
+            f.cached_tokens = seq.cached_tokens
+        for s in [seq, *forks]:
+            if s.max_new == 0:  # scoring only (completions' echo with max_tokens 0)
+                self._finish(s, "length")
+            else:
+                self.running.append(s)
+        live = [s for s in (seq, *forks) if not s.done]
+        if live:
+            self._sample(live, logits.expand(len(live), -1))
+        return end - start
 
     def _score_prompt(self, seq: Sequence, tokens, batch, start: int, end: int):
         """Logits at every position of the chunk: each scores the prompt token after it."""
@@ -275,42 +434,102 @@ class Engine:
                                               seq.prompt_logprobs))
         return logits[-1:]
 
-    def _decode(self) -> None:
-        if self._in_flight or getattr(self.pipeline, "depth", 1) > 1:
-            return self._decode_in_flight()
-        seqs = [s for s in self.running if not s.done]
+    def _decode_inputs(self, seqs: list[Sequence], drafts: Optional[list[list[int]]] = None):
+        """The newest token of each sequence (not yet in the cache) and then its draft, one
+        row per token, each at its position in the sequence's blocks: a draft is verified by
+        the same single-token rows as a plain decode, in the same forward."""
         device = self.pipeline.device
-        # The newest token of each sequence is not yet in the cache: feed it now.
-        tokens = torch.tensor([[s.generated[-1]] for s in seqs], device=device)
-        batch = StepBatch.make([[s.length - 1] for s in seqs], [s.slot for s in seqs], device)
-        logits = self.pipeline.forward(tokens, batch, torch.zeros(len(seqs), dtype=torch.long,
-                                                                  device=device))
+        drafts = drafts or [[] for _ in seqs]
+        feed = [[s.generated[-1], *d] for s, d in zip(seqs, drafts)]
+        tokens = torch.tensor([[t] for f in feed for t in f], device=device)
+        positions = [[s.length - 1 + j] for s, f in zip(seqs, feed) for j in range(len(f))]
+        tables = [s.blocks for s, f in zip(seqs, feed) for _ in f]
+        batch = StepBatch.make(positions, tables, device)
+        return tokens, batch, torch.zeros(len(positions), dtype=torch.long, device=device)
+
+    def _decoded(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        for s in seqs:
+            s.num_cached = s.length
+            self._register(s)
         self._sample(seqs, logits)
+
+    def _decode(self) -> None:
+        if self._in_flight or self.pipeline.depth > 1:
+            return self._decode_in_flight()
+        seqs = self._room_for([s for s in self.running if not s.done])
+        drafts = [self._draft(s) for s in seqs] if len(seqs) <= SPECULATE_UPTO else []
+        if not any(drafts):
+            if seqs:
+                self._decoded(seqs, self.pipeline.forward(*self._decode_inputs(seqs)))
+            return
+        logits = self.pipeline.forward(*self._decode_inputs(seqs, drafts))
+        rows = 0
+        for s, d in zip(seqs, drafts):
+            if d:
+                self._verify(s, d, logits[rows:rows + 1 + len(d)])
+            else:
+                self._decoded([s], logits[rows:rows + 1])
+            rows += 1 + len(d)
+
+    def _draft(self, seq: Sequence) -> list[int]:
+        """Prompt lookup: the tokens that followed the last earlier occurrence of the
+        sequence's newest three tokens (copied text repeats itself), where they have room.
+        Only plain greedy sequences guess: a sampled one would need rejection sampling."""
+        k = min(seq.draft_len, self.draft_tokens, seq.max_new - len(seq.generated) - 1,
+                self.max_len - seq.length - 1)
+        if k <= 0 or not seq.sampler.plain_greedy:
+            return []
+        tokens = seq.tokens
+        for i in range(seq.ngrams_upto, len(tokens) - 3):  # index what is new
+            seq.ngrams[tuple(tokens[i:i + 3])] = i
+        seq.ngrams_upto = max(seq.ngrams_upto, len(tokens) - 3)
+        at = seq.ngrams.get(tuple(tokens[-3:]))
+        if at is None:
+            return []
+        draft = tokens[at + 3:at + 3 + k]
+        for j in range(len(draft)):  # positions the pool has no block for are not guessed
+            if not self._writable(seq, seq.length + j):
+                return draft[:j]
+        return draft
+
+    def _verify(self, seq: Sequence, draft: list[int], logits: torch.Tensor) -> None:
+        """Greedy verification: row j's choice is the token after draft[:j]; the draft holds
+        while it agrees, and the first disagreement is the model's own next token. The
+        output is exactly what decoding one token at a time gives."""
+        choices = logits.argmax(-1).tolist()
+        agreed = 0
+        while agreed < len(draft) and choices[agreed] == draft[agreed]:
+            agreed += 1
+        self.drafted += len(draft)
+        self.draft_accepted += agreed
+        # free text rarely repeats: guess one token at a time there, more where copies hold
+        seq.draft_len = agreed + 1 if agreed == len(draft) else max(1, agreed)
+        seq.num_cached = seq.length + agreed  # the rows fed after a wrong guess are void
+        for token in choices[:agreed + 1]:
+            seq.sampler.record(token)
+            self._accept(seq, token)
+            if seq.done:
+                return
+        self._register(seq)
 
     def _decode_in_flight(self) -> None:
         """Stages on several machines: split the running sequences into pipeline.depth groups
         and keep each group's next step in flight while the others compute, so that no stage
         waits idle; each call takes back one group's logits."""
-        depth = getattr(self.pipeline, "depth", 1)
+        depth = self.pipeline.depth
         live = [s for s in self.running if not s.done]
         busy = {s.id for group, _ in self._in_flight for s in group}
-        idle = [s for s in live if s.id not in busy]
+        idle = self._room_for([s for s in live if s.id not in busy])
         size = -(-len(live) // max(1, depth))
-        device = self.pipeline.device
         while idle and depth > 1 and len(self._in_flight) < depth:
             group, idle = idle[:size], idle[size:]
-            tokens = torch.tensor([[s.generated[-1]] for s in group], device=device)
-            batch = StepBatch.make([[s.length - 1] for s in group], [s.slot for s in group],
-                                   device)
-            handle = self.pipeline.submit(tokens, batch, torch.zeros(len(group), dtype=torch.long,
-                                                                     device=device))
-            self._in_flight.append((group, handle))
+            self._in_flight.append((group, self.pipeline.submit(*self._decode_inputs(group))))
         if self._in_flight:
             group, handle = self._in_flight.popleft()
             logits = self.pipeline.collect(handle)
             rows = [i for i, s in enumerate(group) if not s.done]  # some finished meanwhile
             if rows:
-                self._sample([group[i] for i in rows], logits[rows])
+                self._decoded([group[i] for i in rows], logits[rows])
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         samplers = [s.sampler for s in seqs]
@@ -373,11 +592,9 @@ class Engine:
             self.running.remove(seq)
         if seq in self.prefilling:
             self.prefilling.remove(seq)
-        if seq.slot >= 0:
-            self.pipeline.release(seq.slot)
-            self.free_slots.append(seq.slot)
-            seq.slot = -1
+        self._release_blocks(seq)
         self.requests_finished += 1
         self._emit(seq, Output(text=text, finish_reason=reason, error=error,
                                prompt_tokens=len(seq.prompt_ids),
-                               completion_tokens=len(seq.generated), embedding=embedding))
+                               completion_tokens=len(seq.generated),
+                               cached_tokens=seq.cached_tokens, embedding=embedding))

@@ -2,31 +2,76 @@
 
 The engine talks to a Pipeline and never knows where the stages run. LocalPipeline holds
 every stage in this process (single-machine serving); a cluster pipeline implements the same
-three members with stages on other machines.
+same interface with stages on other machines.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Protocol
 
 import torch
 
-from cake.text.kv_cache import KVCache, StepBatch, serving_dtype
+from cake.text.kv_cache import KVCache, StepBatch, kv_row_bytes, serving_dtype
 
 
 class Pipeline(Protocol):
-    num_slots: int
+    """What the engine uses of a pipeline. Its KV cache is num_blocks blocks of block_size
+    positions; the engine hands them out (kv_cache.BlockPool) and names each row's blocks in
+    the StepBatch. A pipeline whose blocks hold a whole context (cluster stages) is a slot
+    cache under the same interface."""
+
     max_len: int
     device: torch.device
+    num_blocks: int
+    block_size: int
+    prefix_reusable: bool  # False: the model's state is more than its KV (recurrent layers)
+    can_copy_blocks: bool  # copy_blocks works (n > 1 forks share a prompt's blocks)
+    depth: int  # steps the engine may keep in flight (submit/collect); 1: forward only
 
     def forward(self, tokens: torch.Tensor, batch: StepBatch,
                 logits_at: Optional[torch.Tensor]) -> torch.Tensor:
         """tokens [B, T] -> logits [B, V] at logits_at (one position per row)."""
 
-    def release(self, slot: int) -> None:
-        """A sequence left its slot: forget whatever is cached for it."""
+    def submit(self, tokens: torch.Tensor, batch: StepBatch,
+               logits_at: Optional[torch.Tensor]) -> int:
+        """Start a step; its logits come from collect(handle)."""
+
+    def collect(self, handle: int) -> torch.Tensor:
+        """The logits of a submitted step."""
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy each block src -> dst in every layer."""
+
+    def release(self, block: int) -> None:
+        """A block holds nothing anymore: forget whatever is kept for it."""
 
     def kv_cache_stats(self) -> dict:
-        """{"kv_cache_bytes": held now, "kv_cache_capacity_bytes": the most it can hold}."""
+        """{"kv_cache_capacity_bytes": the most it can hold, and "kv_cache_bytes" (held now)
+        where the pipeline counts it itself}."""
+
+
+def pool_blocks(block_bytes: int, block_size: int, max_len: int, max_batch: int,
+                memory: Optional[int], device) -> int:
+    """How many blocks a pool gets: `memory` bytes (default: a quarter of the free RAM, or
+    of the free memory of a GPU), and no more than max_batch sequences at the full context
+    could use, twice over (the rest would only be a bigger prefix cache)."""
+    if memory is None:
+        memory = free_memory(device) // 4
+    most = 2 * max_batch * -(-max_len // block_size)
+    return max(1, min(most, memory // block_bytes))
+
+
+def free_memory(device) -> int:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
     def hidden(self, tokens: torch.Tensor, batch: StepBatch,
                logits_at: Optional[torch.Tensor]) -> torch.Tensor:
@@ -34,10 +79,14 @@ class Pipeline(Protocol):
 
 
 class LocalPipeline:
-    def __init__(self, stages: list, num_slots: int, max_len: int, checkpoint=None,
-                 quant: Optional[str] = None):
-        """checkpoint, quant: what the stages were loaded from, for the topology document."""
-        self.stages, self.num_slots, self.max_len = stages, num_slots, max_len
+    depth = 1
+    can_copy_blocks = True
+
+    def __init__(self, stages: list, max_len: int, checkpoint=None, quant: Optional[str] = None,
+                 kv_memory: Optional[int] = None, block_size: int = 16, max_batch: int = 64):
+        """checkpoint, quant: what the stages were loaded from, for the topology document.
+        kv_memory: bytes for the KV block pool (default: see pool_blocks)."""
+        self.stages, self.max_len, self.block_size = stages, max_len, block_size
         from cake.cluster.topology import TensorTable  # the table, not the whole checkpoint
 
         self.checkpoint = None if checkpoint is None else TensorTable(checkpoint)
@@ -45,12 +94,18 @@ class LocalPipeline:
         first = stages[0]
         param = next(first.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self.prefix_reusable = getattr(first, "prefix_reusable", True)
         args = first.args
-        self.caches = [
-            KVCache(range(s.start, s.end), num_slots, max_len, args.num_key_value_heads,
-                    args.head_dim, serving_dtype(self.dtype, self.device), self.device,
-                    windows={i: args.window(i) for i in range(s.start, s.end)})
-            for s in stages]
+        kv_dtype = serving_dtype(self.dtype, self.device)
+        layers = sum(s.end - s.start for s in stages)
+        block_bytes = kv_row_bytes(args.num_key_value_heads, args.head_dim, kv_dtype) \
+            * layers * block_size
+        self.num_blocks = pool_blocks(block_bytes, block_size, max_len, max_batch, kv_memory,
+                                      self.device)
+        self.caches = [KVCache.pool(range(s.start, s.end), self.num_blocks, block_size,
+                                    args.num_key_value_heads, args.head_dim, kv_dtype,
+                                    self.device)
+                       for s in stages]
 
     @torch.inference_mode()
     def forward(self, tokens, batch, logits_at=None):
@@ -59,22 +114,21 @@ class LocalPipeline:
             x = stage(x, batch, cache, logits_at=logits_at if stage.is_last else None)
         return x
 
-    def release(self, slot: int) -> None:
-        # Positions past a sequence's length are masked out, so a reused slot needs no wipe.
+    def submit(self, tokens, batch, logits_at=None):
+        return self.forward(tokens, batch, logits_at)
+
+    def collect(self, handle):
+        return handle
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         for cache in self.caches:
-            cache.release(slot)
+            cache.copy_blocks(pairs)
+
+    def release(self, block: int) -> None:
+        pass  # positions a row has not written are masked out: a reused block needs no wipe
 
     def kv_cache_stats(self) -> dict:
-        """Bytes the KV cache holds now and can come to hold (sliding layers: their window)."""
-        return {"kv_cache_bytes": sum(c.held_bytes() for c in self.caches),
-                "kv_cache_capacity_bytes": sum(c.capacity_bytes() for c in self.caches)}
-
-    def fork(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` cached positions of slot src into slot dst (n > 1)."""
-        for cache in self.caches:
-            for store in (cache.k, cache.v):
-                for t in store.values():
-                    t[dst, :length] = t[src, :length]
+        return {"kv_cache_capacity_bytes": sum(c.capacity_bytes() for c in self.caches)}
 
     def hidden(self, tokens, batch, logits_at) -> torch.Tensor:
         return final_hidden(self, self.stages[-1].model.norm, tokens, batch, logits_at)

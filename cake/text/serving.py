@@ -62,10 +62,14 @@ class TextModel:
 
 def load_text_model(path: str | Path, model_id: str, device: Optional[str] = None,
                     dtype: Optional[torch.dtype] = None, defaults: Optional[SamplingParams] = None,
-                    max_batch: int = 8, context_length: Optional[int] = None,
-                    cluster=None, quant: str = "auto") -> TextModel:
+                    max_batch: int = 64, context_length: Optional[int] = None,
+                    cluster=None, quant: str = "auto", kv_memory: Optional[int] = None,
+                    max_queue: int = 1024, draft_tokens: int = 4) -> TextModel:
     """cluster: ClusterOptions to spread the layers over workers (None: this machine alone).
-    quant: weight format (cake.text.loader.resolve_quant); "auto" keeps a GGUF's blocks."""
+    quant: weight format (cake.text.loader.resolve_quant); "auto" keeps a GGUF's blocks.
+    kv_memory: bytes of the KV block pool (None: a share of the free memory); max_queue:
+    requests that may wait for a place before new ones are turned away; draft_tokens: how far
+    greedy decoding guesses ahead (0: no speculation)."""
     device = device or best_device()
     dtype = dtype or default_dtype(device)
     checkpoint = open_checkpoint(path)
@@ -81,10 +85,12 @@ def load_text_model(path: str | Path, model_id: str, device: Optional[str] = Non
     else:
         pipeline = LocalPipeline([load_stage(checkpoint, dtype=dtype, device=device,
                                              quant_mode=quant)],
-                                 num_slots=max_batch, max_len=ctx, checkpoint=checkpoint,
-                                 quant=resolve_quant(quant, device))
+                                 max_len=ctx, checkpoint=checkpoint,
+                                 quant=resolve_quant(quant, device), kv_memory=kv_memory,
+                                 max_batch=max_batch)
     del checkpoint  # the stages and the pipeline hold what they need; loading's memory can go
-    engine = Engine(pipeline, tokenizer, vocab_size=args.vocab_size)
+    engine = Engine(pipeline, tokenizer, vocab_size=args.vocab_size, max_batch=max_batch,
+                    max_queue=max_queue, draft_tokens=draft_tokens)
     engine.start()
     log.info("loaded %s: %d layers, %s on %s, context %d", model_id,
              args.num_hidden_layers, dtype, device, ctx)

@@ -881,14 +881,21 @@ float dot(const float* a, const T* b, int64_t n) {
   return s;
 }
 
-// out[0..n) = sum_p w[p] * v[p * stride + (0..n)], accumulated in registers 32 values at a time.
+// out[0..n) (+)= sum_p w[p] * v[p * stride + (0..n)], accumulated in registers 32 values at a
+// time; add: onto what out holds (the next block of a paged cache).
 template <typename T>
 void weighted_sum(const float* w, const T* v, int64_t stride, int64_t L, int64_t n,
-                  float* out) {
+                  float* out, bool add) {
   int64_t i = 0;
 #ifdef CAKE_AVX2
   for (; i + 32 <= n; i += 32) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    if (add) {
+      a0 = _mm256_loadu_ps(out + i);
+      a1 = _mm256_loadu_ps(out + i + 8);
+      a2 = _mm256_loadu_ps(out + i + 16);
+      a3 = _mm256_loadu_ps(out + i + 24);
+    }
     for (int64_t p = 0; p < L; ++p) {
       const __m256 wp = _mm256_set1_ps(w[p]);
       const T* vp = v + p * stride + i;
@@ -904,7 +911,7 @@ void weighted_sum(const float* w, const T* v, int64_t stride, int64_t L, int64_t
   }
 #endif
   for (; i < n; ++i) {
-    float acc = 0.f;
+    float acc = add ? out[i] : 0.f;
     for (int64_t p = 0; p < L; ++p) acc += w[p] * to_float(v[p * stride + i]);
     out[i] = acc;
   }
@@ -943,16 +950,23 @@ void softmax_tail(float* sc, int64_t L, float mx) {
 }
 
 // One new token per row: rotate q and k (rotate-half convention, inv_freq per pair), store
-// k and v at (slot, position) in the cache, and attend over the row's cached positions
-// (the last `window` of them when window > 0). qkv rows: [(H + 2 * Hkv) * D]; caches:
-// [slots, capacity, Hkv, D]; out rows: [H * D].
-struct AttentionShape { int64_t B, H, Hkv, D, cap; };
+// k and v at the row's position in the cache, and attend over the row's cached positions
+// (the last `window` of them when window > 0). qkv rows: [(H + 2 * Hkv) * D]; caches: a pool
+// of blocks [blocks, block size, Hkv, D]; each row's block table ([B, W] int64, or [B]: one
+// block each) says which block holds its positions p * bs .. p * bs + bs - 1, so rows read
+// the pool in place, with no gather. A slot cache is the same with one block per sequence of
+// the whole context. Rows may share blocks (a prefix, or several positions of one sequence:
+// every row's key and value are stored before any row attends). out rows: [H * D].
+struct AttentionShape { int64_t B, H, Hkv, D, bs, W; };
 
 template <typename T>
-void attend(const AttentionShape& S, const float* qkv, T* kc, T* vc, const int64_t* sp,
+void attend(const AttentionShape& S, const float* qkv, T* kc, T* vc, const int64_t* tp,
             const int64_t* pp, const float* inv_freq, int64_t window, float* out) {
-  const int64_t H = S.H, Hkv = S.Hkv, D = S.D, cap = S.cap, half = D / 2, group = H / Hkv;
+  const int64_t H = S.H, Hkv = S.Hkv, D = S.D, bs = S.bs, W = S.W, half = D / 2,
+                group = H / Hkv;
   const int64_t row = (H + 2 * Hkv) * D;
+  // the pool row (block * bs + offset) of row b's position p
+  auto at = [&](int64_t b, int64_t p) { return tp[b * W + p / bs] * bs + p % bs; };
   std::vector<float> q(S.B * H * D), cs(2 * half);
   for (int64_t b = 0; b < S.B; ++b) {
     for (int64_t i = 0; i < half; ++i) {  // fp32 angles, as the PyTorch path computes them
@@ -969,8 +983,8 @@ void attend(const AttentionShape& S, const float* qkv, T* kc, T* vc, const int64
     };
     const float* r = qkv + b * row;
     for (int64_t h = 0; h < H; ++h) rotate(r + h * D, &q[(b * H + h) * D]);
-    T* kdst = kc + ((sp[b] * cap + pp[b]) * Hkv) * D;
-    T* vdst = vc + ((sp[b] * cap + pp[b]) * Hkv) * D;
+    T* kdst = kc + at(b, pp[b]) * Hkv * D;
+    T* vdst = vc + at(b, pp[b]) * Hkv * D;
     std::vector<float> k(D);
     for (int64_t g = 0; g < Hkv; ++g) {
       rotate(r + (H + g) * D, k.data());
@@ -986,58 +1000,75 @@ void attend(const AttentionShape& S, const float* qkv, T* kc, T* vc, const int64
       const int64_t b = t / Hkv, g = t % Hkv;
       const int64_t end = pp[b] + 1, start = window > 0 ? std::max<int64_t>(0, end - window) : 0;
       const int64_t L = end - start;
-      const T* kbase = kc + ((sp[b] * cap + start) * Hkv + g) * D;
-      const T* vbase = vc + ((sp[b] * cap + start) * Hkv + g) * D;
       scores.resize(group * L);
+      // runs of consecutive positions within one block: [p, next) at pool row at(b, p)
+      auto run_end = [&](int64_t p) { return std::min(end, (p / bs + 1) * bs); };
       for (int64_t h = 0; h < group; ++h) {
         const float* qv = &q[(b * H + g * group + h) * D];
         float* sc = &scores[h * L];
         float mx = -INFINITY;
-        for (int64_t p = 0; p < L; ++p) {
-          sc[p] = dot(qv, kbase + p * Hkv * D, D) * scale;
-          mx = std::max(mx, sc[p]);
+        for (int64_t p = start; p < end;) {
+          const int64_t next = run_end(p);
+          const T* kbase = kc + (at(b, p) * Hkv + g) * D;
+          for (int64_t j = 0; j < next - p; ++j) {
+            float& v = sc[p - start + j];
+            v = dot(qv, kbase + j * Hkv * D, D) * scale;
+            mx = std::max(mx, v);
+          }
+          p = next;
         }
         softmax_tail(sc, L, mx);
       }
-      for (int64_t h = 0; h < group; ++h)
-        weighted_sum(&scores[h * L], vbase, Hkv * D, L, D,
-                     out + b * H * D + (g * group + h) * D);
+      for (int64_t h = 0; h < group; ++h) {
+        float* o = out + b * H * D + (g * group + h) * D;
+        for (int64_t p = start; p < end;) {
+          const int64_t next = run_end(p);
+          weighted_sum(&scores[h * L + p - start], vc + (at(b, p) * Hkv + g) * D, Hkv * D,
+                       next - p, D, o, p != start);
+          p = next;
+        }
+      }
     }
   });
 }
 
 AttentionShape check_attention(const at::Tensor& k_cache, const at::Tensor& v_cache,
-                               const at::Tensor& slots, const at::Tensor& positions,
+                               const at::Tensor& tables, const at::Tensor& positions,
                                const at::Tensor& inv_freq, int64_t B, int64_t H) {
   TORCH_CHECK((k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kHalf) &&
               v_cache.scalar_type() == k_cache.scalar_type() && k_cache.is_contiguous() &&
               v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() && k_cache.dim() == 4,
               "attention needs contiguous float32 or float16 caches "
-              "[slots, capacity, kv heads, head dim]");
-  const AttentionShape S{B, H, k_cache.size(2), k_cache.size(3), k_cache.size(1)};
-  TORCH_CHECK(slots.scalar_type() == at::kLong && positions.scalar_type() == at::kLong &&
-              slots.is_contiguous() && positions.is_contiguous() && slots.numel() == B &&
-              positions.numel() == B, "slots and positions: one int64 per row");
+              "[blocks, block size, kv heads, head dim]");
+  TORCH_CHECK(tables.scalar_type() == at::kLong && positions.scalar_type() == at::kLong &&
+              tables.is_contiguous() && positions.is_contiguous() && tables.dim() <= 2 &&
+              tables.size(0) == B && positions.numel() == B,
+              "block tables [B] or [B, W] and positions [B]: int64, one row each");
+  const int64_t W = tables.dim() == 2 ? tables.size(1) : 1;
+  const AttentionShape S{B, H, k_cache.size(2), k_cache.size(3), k_cache.size(1), W};
   TORCH_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.numel() == S.D / 2 &&
               H % S.Hkv == 0, "attention: inconsistent rope table or head counts");
-  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* pp = positions.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(sp[b] >= 0 && sp[b] < k_cache.size(0) && pp[b] >= 0 && pp[b] < S.cap,
-                "slot ", sp[b], " position ", pp[b], " outside the cache");
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(pp[b] >= 0 && pp[b] < S.bs * W, "position ", pp[b], " outside the row's blocks");
+    for (int64_t j = 0; j <= pp[b] / S.bs; ++j)
+      TORCH_CHECK(tp[b * W + j] >= 0 && tp[b * W + j] < k_cache.size(0),
+                  "block ", tp[b * W + j], " outside the cache");
+  }
   return S;
 }
 
 void attend_any(const AttentionShape& S, const float* qkv, at::Tensor& k_cache,
-                at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& positions,
+                at::Tensor& v_cache, const at::Tensor& tables, const at::Tensor& positions,
                 const at::Tensor& inv_freq, int64_t window, float* out) {
-  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* pp = positions.data_ptr<int64_t>();
   if (k_cache.scalar_type() == at::kHalf)
-    attend(S, qkv, (Half*)k_cache.data_ptr(), (Half*)v_cache.data_ptr(), sp, pp,
+    attend(S, qkv, (Half*)k_cache.data_ptr(), (Half*)v_cache.data_ptr(), tp, pp,
            inv_freq.data_ptr<float>(), window, out);
   else
-    attend(S, qkv, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), sp, pp,
+    attend(S, qkv, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tp, pp,
            inv_freq.data_ptr<float>(), window, out);
 }
 

@@ -1,0 +1,217 @@
+"""The paged KV cache's targets, measured through `cake serve` of the embedded default model:
+
+    python benchmarks/bench_prefix.py [--threads 2]
+
+1. follow-up: a conversation of 1,500+ tokens; time to first token of the next turn, against
+   the same turn with a cache-busting first token (same length, nothing to reuse), and the
+   cached_tokens it reports against the previous prompt
+2. shared system prompt: eight requests with one 1,000-token system prompt after one warm
+   request: the share of their prompt tokens that came from the cache
+3. 48 streams at once: the most /health saw running, aggregate tok/s, and whether every
+   greedy text equals the same request alone
+4. copy-heavy decoding (repeat a given list) against free text, with prompt-lookup drafts,
+   and free text with drafts against without (--draft-tokens 0)
+5. the decode-attention kernel reading scattered blocks in place, against a slot cache and
+   against gathering the blocks into one first
+The machine is shared: ratios within one run are what to compare. Last line: JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import statistics
+import sys
+import threading
+import time
+
+import httpx
+
+from text_bench import ServerProcess, free_port
+
+FACTS = " ".join(f"Fact {i}: the lighthouse on island {i} was built in {1800 + i} and its "
+                 f"keeper feeds {i % 7 + 2} cats." for i in range(1, 70))
+LIST = ", ".join(f"item {i}: {c}" for i, c in enumerate(
+    ["red apple", "green pear", "blue plum", "yellow lemon", "black cherry", "white grape",
+     "orange mango", "purple fig"] * 2))
+
+
+def serve(threads: int, *flags: str) -> ServerProcess:
+    port = free_port()
+    return ServerProcess([sys.executable, "-m", "cake", "serve", "--api", f"127.0.0.1:{port}",
+                          "--temperature", "0", *flags], port, threads)
+
+
+def stream(server, messages, max_tokens: int) -> dict:
+    """One streamed chat: text, time to first token, decode tok/s after it, usage."""
+    start = time.perf_counter()
+    first, parts, usage = None, [], None
+    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=600, json={
+            "messages": messages, "max_tokens": max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}}) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for c in chunk.get("choices", []):
+                if c["delta"].get("content"):
+                    first = first or time.perf_counter()
+                    parts.append(c["delta"]["content"])
+    end = time.perf_counter()
+    n = usage["completion_tokens"]
+    return {"text": "".join(parts), "ttft": (first or end) - start, "usage": usage,
+            "decode_tok_s": (n - 1) / (end - first) if first and n > 1 else 0.0}
+
+
+def engine(server) -> dict:
+    return httpx.get(server.url + "/health", timeout=10).json()["engine"]
+
+
+def follow_up(server) -> dict:
+    first = [{"role": "system", "content": "You answer questions about lighthouses. " + FACTS},
+             {"role": "user", "content": "When was the lighthouse on island 12 built?"}]
+    r1 = stream(server, first, 40)
+    turn = first + [{"role": "assistant", "content": r1["text"]},
+                    {"role": "user", "content": "How many cats does its keeper feed?"}]
+    warm = stream(server, turn, 20)
+    busted = [{**turn[0], "content": "Now: " + turn[0]["content"]}] + turn[1:]
+    cold = stream(server, busted, 20)
+    return {"conversation_tokens": warm["usage"]["prompt_tokens"],
+            "ttft_warm_s": warm["ttft"], "ttft_cold_s": cold["ttft"],
+            "ttft_ratio": warm["ttft"] / cold["ttft"],
+            "cached_share_of_previous_prompt":
+                warm["usage"]["prompt_tokens_details"]["cached_tokens"]
+                / r1["usage"]["prompt_tokens"]}
+
+
+def shared_system(server) -> dict:
+    system = {"role": "system", "content": "You are a travel guide. " + FACTS[:5200]}
+    stream(server, [system, {"role": "user", "content": "Hello!"}], 4)  # the warm request
+    asks = [[system, {"role": "user", "content": f"What about island {i}?"}] for i in range(8)]
+    with cf.ThreadPoolExecutor(8) as pool:
+        done = list(pool.map(lambda m: stream(server, m, 8), asks))
+    prompt = sum(d["usage"]["prompt_tokens"] for d in done)
+    cached = sum(d["usage"]["prompt_tokens_details"]["cached_tokens"] for d in done)
+    return {"system_prompt_tokens": done[0]["usage"]["prompt_tokens"], "cached_share":
+            cached / prompt}
+
+
+def streams48(server) -> dict:
+    questions = [[{"role": "user", "content": f"What is {i} plus {i + 3}? Explain briefly."}]
+                 for i in range(48)]
+    most, stop = [0], threading.Event()
+
+    def watch():
+        while not stop.wait(0.05):
+            most[0] = max(most[0], engine(server)["running"])
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    start = time.perf_counter()
+    with cf.ThreadPoolExecutor(48) as pool:
+        together = list(pool.map(lambda m: stream(server, m, 32), questions))
+    wall = time.perf_counter() - start
+    stop.set()
+    watcher.join()
+    alone = [stream(server, m, 32)["text"] for m in questions]
+    return {"most_running": most[0], "aggregate_tok_s":
+            sum(d["usage"]["completion_tokens"] for d in together) / wall,
+            "all_equal_alone": [d["text"] for d in together] == alone}
+
+
+def decode_speeds(server, reps: int = 3) -> dict:
+    copy = [{"role": "user", "content": f"Repeat this list exactly, once: {LIST}"}]
+    free = [{"role": "user", "content": "Write a long story about a dragon who paints."}]
+    speed = {name: statistics.median(stream(server, m, 128)["decode_tok_s"] for _ in range(reps))
+             for name, m in (("copy", copy), ("free", free))}
+    return speed
+
+
+def attention_layouts(rows: int = 8, length: int = 1024, reps: int = 200) -> dict:
+    """The decode-attention kernel over the default model's shape (9 heads, 3 KV heads of 64,
+    float16), rows of `length` cached positions: a slot cache, a pool of scattered 16-position
+    blocks read in place through block tables, and the pool gathered into slots first."""
+    import torch
+
+    from cake.text import kernels
+
+    assert kernels.ops() is not None, kernels.error()
+    H, Hkv, D, bs = 9, 3, 64, 16
+    per_row = length // bs
+    g = torch.Generator().manual_seed(0)
+    pool_k = torch.randn(rows * per_row, bs, Hkv, D, generator=g).half()
+    pool_v = torch.randn(rows * per_row, bs, Hkv, D, generator=g).half()
+    tables = torch.randperm(rows * per_row, generator=g).view(rows, per_row).contiguous()
+    slot_k = pool_k[tables].reshape(rows, length, Hkv, D).contiguous()
+    slot_v = pool_v[tables].reshape(rows, length, Hkv, D).contiguous()
+    qkv = torch.randn(rows, (H + 2 * Hkv) * D, generator=g)
+    positions = torch.full((rows,), length - 1, dtype=torch.long)
+    freq = torch.zeros(D // 2)
+    slots = torch.arange(rows)
+    attend = torch.ops.cake.decode_attention
+
+    def timed(fn) -> float:
+        fn()
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - start) / reps * 1e6
+
+    def gathered():
+        k = pool_k[tables].reshape(rows, length, Hkv, D)
+        v = pool_v[tables].reshape(rows, length, Hkv, D)
+        return attend(qkv, k, v, slots, positions, freq, H, 0)
+
+    out_slot = attend(qkv, slot_k.clone(), slot_v.clone(), slots, positions, freq, H, 0)
+    out_paged = attend(qkv, pool_k.clone(), pool_v.clone(), tables, positions, freq, H, 0)
+    assert torch.allclose(out_slot, out_paged, atol=1e-4)
+    return {"slot_us": timed(lambda: attend(qkv, slot_k, slot_v, slots, positions, freq, H, 0)),
+            "paged_in_place_us": timed(lambda: attend(qkv, pool_k, pool_v, tables, positions,
+                                                      freq, H, 0)),
+            "gather_then_slot_us": timed(gathered)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    results = {"attention": attention_layouts()}
+    server = serve(args.threads)
+    try:
+        results["follow_up"] = follow_up(server)
+        results["shared_system"] = shared_system(server)
+        results["streams48"] = streams48(server)
+        results["spec"] = decode_speeds(server)
+        results["health"] = {k: v for k, v in engine(server).items()
+                             if k.startswith(("prefix", "draft", "kv_blocks", "preempt"))}
+    finally:
+        server.stop()
+    plain = serve(args.threads, "--draft-tokens", "0")
+    try:
+        results["plain"] = decode_speeds(plain)
+    finally:
+        plain.stop()
+    spec, plain = results["spec"], results["plain"]
+    summary = {
+        "followup_ttft_ratio": round(results["follow_up"]["ttft_ratio"], 3),
+        "followup_cached_share": round(results["follow_up"]["cached_share_of_previous_prompt"],
+                                       3),
+        "shared_system_cached_share": round(results["shared_system"]["cached_share"], 3),
+        "streams48_most_running": results["streams48"]["most_running"],
+        "streams48_equal_alone": results["streams48"]["all_equal_alone"],
+        "copy_vs_free_decode": round(spec["copy"] / spec["free"], 2),
+        "copy_spec_vs_plain": round(spec["copy"] / plain["copy"], 2),
+        "free_spec_vs_plain": round(spec["free"] / plain["free"], 2),
+        "attention_paged_vs_slot": round(results["attention"]["paged_in_place_us"]
+                                         / results["attention"]["slot_us"], 2),
+        "attention_gather_vs_paged": round(results["attention"]["gather_then_slot_us"]
+                                           / results["attention"]["paged_in_place_us"], 2),
+    }
+    print(json.dumps(results, indent=1))
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
