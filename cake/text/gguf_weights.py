@@ -33,6 +33,7 @@ ARCHS = {
     "olmo2": ("olmo2", "Olmo2ForCausalLM"),
     "exaone4": ("exaone4", "Exaone4ForCausalLM"),
     "smollm3": ("smollm3", "SmolLM3ForCausalLM"),
+    "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
 }
 # Architectures whose converter permutes the Q/K rows (llama.cpp's LlamaModel and its kin).
 _PERMUTED = {"llama", "smollm3"}
@@ -44,7 +45,11 @@ _LAYER_NAMES_BY_ARCH = {
     "olmo2": _POST_NORMS,
     "exaone4": _POST_NORMS,
     "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+    "qwen3moe": {"ffn_gate_inp": "mlp.gate"},
 }
+# A layer's experts as one [experts, rows, cols] tensor -> the per-expert matrix name.
+_EXPERT_TENSORS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj",
+                   "ffn_down_exps": "down_proj"}
 
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -99,12 +104,26 @@ class GGUFCheckpoint:
             raise ValueError(f"unsupported GGUF architecture {self.arch!r}; "
                              f"supported: {', '.join(sorted(ARCHS))}")
         self._tensors = {hf_name(t.name, self.arch): t for t in self._reader.tensors}
+        self._split_experts()
         # llama.cpp stores Llama 3.1's rope scaling as a tensor of per-frequency divisors,
         # Phi-3's longrope as two tensors of them.
         self._rope_freqs = self._tensors.pop("rope_freqs.weight", None)
         self._rope_factors = {k: self._tensors.pop(f"rope_factors_{k}.weight", None)
                               for k in ("long", "short")}
         self.config = self._build_config()
+
+    def _split_experts(self) -> None:
+        """blk.N.ffn_gate_exps [E, F, D] -> E matrices model.layers.N.mlp.experts.E.gate_proj,
+        views of the file's packed rows (a quant block never spans two rows)."""
+        for name in [n for n in self._tensors if n.startswith("blk.")]:
+            m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+            if m is None or m[2] not in _EXPERT_TENSORS:
+                continue
+            t = self._tensors.pop(name)
+            for e in range(t.data.shape[0]):
+                expert = f"model.layers.{m[1]}.mlp.experts.{e}.{_EXPERT_TENSORS[m[2]]}.weight"
+                self._tensors[expert] = SimpleNamespace(
+                    name=expert, data=t.data[e], tensor_type=t.tensor_type, shape=t.shape[:2])
 
     def meta(self, key: str, default=None):
         field = self._reader.fields.get(key)
@@ -179,6 +198,10 @@ class GGUFCheckpoint:
                 attn = a("rope.scaling.attn_factor")
                 if attn is not None:
                     cfg["rope_scaling"]["attention_factor"] = _f32(attn)
+        if self.arch == "qwen3moe":  # llama.cpp renormalizes the top-k weights
+            cfg.update(num_experts=a("expert_count"), num_experts_per_tok=a("expert_used_count"),
+                       moe_intermediate_size=a("expert_feed_forward_length"),
+                       norm_topk_prob=True)
         if self.arch == "smollm3":  # llama.cpp: no rope in every 4th layer
             cfg["no_rope_layers"] = [int((i + 1) % 4 != 0) for i in range(n)]
 

@@ -6,6 +6,7 @@ own layers:  .config (a config.json-shaped dict), .tensor_names(), .get(name) ->
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -33,13 +34,41 @@ class SafetensorsCheckpoint:
     def tensor_names(self) -> list[str]:
         return list(self._file_of)
 
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self._file_of:
-            raise KeyError(f"tensor {name} not in checkpoint {self.folder}")
+    def _file(self, name: str):
         f = self._file_of[name]
         if f not in self._open:
             self._open[f] = safe_open(f, "pt")
-        return self._open[f].get_tensor(name)
+        return self._open[f]
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._file_of:
+            fused = fused_expert(name, self._file_of)
+            if fused is None:
+                raise KeyError(f"tensor {name} not in checkpoint {self.folder}")
+            whole, index, half = fused
+            part = self._file(whole).get_slice(whole)[index]  # reads that expert alone
+            return part if half is None else part.chunk(2)[half].contiguous()
+        return self._file(name).get_tensor(name)
+
+
+_EXPERT = re.compile(r"(.+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight")
+
+
+def fused_expert(name: str, names) -> "tuple[str, int, int | None] | None":
+    """Where a per-expert matrix (mlp.experts.E.gate_proj.weight) lies in a checkpoint that
+    stores a layer's experts fused, as transformers 5 holds them: (fused tensor, expert,
+    which half of its rows or None). gate_up_proj [E, 2F, D] holds gate then up;
+    down_proj [E, D, F]."""
+    m = _EXPERT.fullmatch(name)
+    if m is None:
+        return None
+    base, e, kind = m[1], int(m[2]), m[3]
+    if kind == "down":
+        return (f"{base}.down_proj", e, None) if f"{base}.down_proj" in names else None
+    fused = f"{base}.gate_up_proj"
+    if fused not in names:
+        return None
+    return fused, e, 0 if kind == "gate" else 1
 
 
 def open_checkpoint(path: str | Path):

@@ -63,8 +63,7 @@ class Model(nn.Module):
         # A ModuleDict keyed by the global layer number keeps checkpoint names.
         tables = self._rope_tables()
         self.model.layers = nn.ModuleDict({
-            str(i): TransformerBlock(args, args.window(i), self.layer_rope(i, tables))
-            for i in range(start, end)})
+            str(i): self.block(i, tables) for i in range(start, end)})
         if self.is_last:
             self.model.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
             # A tied head on the stage that holds the embeddings is the embedding itself;
@@ -79,6 +78,10 @@ class Model(nn.Module):
         self._tensor_names = [self.checkpoint_name(n) for n, _ in self.named_parameters()]
         self._shapes = {n: list(p.shape) for n, p in self.named_parameters()}
         self.quantized: dict[str, tuple[str, int]] = {}  # name -> (type, bytes)
+
+    def block(self, i: int, tables: dict) -> nn.Module:
+        """Decoder layer i (a family changes its mixer or MLP here)."""
+        return TransformerBlock(self.args, self.args.window(i), self.layer_rope(i, tables))
 
     # --- rope -----------------------------------------------------------------------------
 

@@ -1,0 +1,155 @@
+"""Qwen3-MoE, Qwen3.5 (Gated DeltaNet hybrid) and Qwen3.5-MoE against transformers, on tiny
+random models built here: logits over a prompt and decode steps, batched rows, a 2-stage
+split, GGUFs written by llama.cpp's own converter, and a real `cake serve` of each."""
+from __future__ import annotations
+
+import openai
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from gguf_convert import convert  # noqa: E402
+from test_families import (COMMON, DECODE_STEPS, PROMPT, build_model, greedy,  # noqa: E402
+                           kernels_or_skip, transformers_logits)
+from test_model_parity import assert_batched_decode_equals_alone, generate, new_cache  # noqa: E402
+
+from cake.text import quant  # noqa: E402
+from cake.text.gguf_weights import GGUFCheckpoint  # noqa: E402
+from cake.text.loader import load_stage  # noqa: E402
+from cake.text.weights import SafetensorsCheckpoint  # noqa: E402
+
+MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
+# name -> (config class, model class, fields beyond COMMON)
+MODELS = {
+    # llama.cpp's qwen3moe always renormalizes the top-k weights, as Qwen3-30B-A3B says.
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        **MOE, norm_topk_prob=True, tie_word_embeddings=False)),
+    # Layer 1 keeps a dense MLP (mlp_only_layers; llama.cpp has no such qwen3moe).
+    "qwen3_moe-mixed": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        **MOE, norm_topk_prob=False, mlp_only_layers=[1], decoder_sparse_step=1)),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    built = {}
+
+    def get(name):
+        if name not in built:
+            folder = tmp_path_factory.mktemp(name) / name
+            built[name] = build_model(*MODELS[name], folder), folder
+        return built[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_logits_match_transformers(models, name):
+    hf, folder = models(name)
+    model = load_stage(SafetensorsCheckpoint(folder))
+    tokens, ours = generate([model], [new_cache(model)], PROMPT, DECODE_STEPS)
+    theirs = transformers_logits(hf, tokens)
+    assert theirs.std() > 1, "logits too small for the comparison to mean anything"
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_batched_decode_equals_single(models, name):
+    model = load_stage(SafetensorsCheckpoint(models(name)[1]))
+    assert_batched_decode_equals_alone(model, [PROMPT[:7], PROMPT[2:]], [2, 0], 4, atol=1e-4,
+                                       greedy=False)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_two_stages_equal_one(models, name):
+    ck = SafetensorsCheckpoint(models(name)[1])
+    n = ck.config["num_hidden_layers"]
+    whole = load_stage(ck)
+    stages = [load_stage(ck, 0, n // 2), load_stage(ck, n // 2, n)]
+    tokens, expected = generate([whole], [new_cache(whole)], PROMPT, DECODE_STEPS)
+    tokens_staged, got = generate(stages, [new_cache(s) for s in stages], PROMPT, DECODE_STEPS)
+    assert tokens_staged == tokens
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_fused_expert_checkpoint(models, tmp_path):
+    """Experts stored fused ([E, 2F, D] gate_up_proj, [E, D, F] down_proj, as transformers 5
+    holds them) load as the per-expert form does."""
+    from safetensors.torch import save_file
+
+    hf, folder = models("qwen3_moe")
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (fused / f).write_bytes((folder / f).read_bytes())
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()},
+              str(fused / "model.safetensors"))
+    ck = SafetensorsCheckpoint(fused)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in ck.tensor_names()
+    model = load_stage(ck)
+    tokens, ours = generate([model], [new_cache(model)], PROMPT, DECODE_STEPS)
+    torch.testing.assert_close(ours, transformers_logits(hf, tokens), atol=1e-4, rtol=0)
+
+
+GGUF_ARCHS = {"qwen3_moe": "qwen3moe"}
+
+
+@pytest.fixture(scope="module")
+def ggufs(models, tmp_path_factory):
+    made = {}
+
+    def get(name, outtype="f32"):
+        if (name, outtype) not in made:
+            out = tmp_path_factory.mktemp("gguf") / f"{name}-{outtype}.gguf"
+            made[name, outtype] = convert(models(name)[1], out, outtype)
+        return made[name, outtype]
+
+    return get
+
+
+@pytest.mark.parametrize("name", GGUF_ARCHS)
+def test_gguf_matches_transformers(models, ggufs, name):
+    hf, _ = models(name)
+    ck = GGUFCheckpoint(ggufs(name))
+    assert ck.arch == GGUF_ARCHS[name]
+    model = load_stage(ck)
+    tokens, ours = generate([model], [new_cache(model)], PROMPT, DECODE_STEPS)
+    torch.testing.assert_close(ours, transformers_logits(hf, tokens), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", GGUF_ARCHS)
+def test_gguf_q8_0_keeps_expert_blocks(models, ggufs, name):
+    """A Q8_0 GGUF's expert tensors stay packed (each expert a slice of the file's
+    ffn_*_exps blocks, multiplied by the quantized kernel) and compute what the same
+    weights quantized from safetensors compute, decoding on the kernels as prefilling."""
+    kernels_or_skip()
+    model = load_stage(GGUFCheckpoint(ggufs(name, "q8_0")), quant_mode="auto")
+    experts = model.model.layers["0"].mlp.experts
+    assert isinstance(experts[0].gate_up_proj, quant.QuantLinear)
+    assert model.quantized["model.layers.0.mlp.experts.7.down_proj.weight"][0] == "Q8_0"
+    assert "model.layers.0.mlp.gate.weight" not in model.quantized  # the router stays F32
+    ref = load_stage(SafetensorsCheckpoint(models(name)[1]), quant_mode="q8_0")
+    tokens, ours = generate([model], [new_cache(model)], PROMPT, DECODE_STEPS)
+    _, theirs = generate([ref], [new_cache(ref)], PROMPT, DECODE_STEPS)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def chat_ids(tok, messages) -> list[int]:
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_serve_answers_like_transformers(models, start_server, name):
+    hf, folder = models(name)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    ids = chat_ids(tok, messages)
+    want = greedy(hf, ids, 12)
+    server = start_server(str(folder), "--temperature", "0", "--max-batch", "2",
+                          "--ctx-size", "256")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    r = client.chat.completions.create(model="x", messages=messages, max_tokens=12)
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(want)
+    assert r.choices[0].message.content == tok.decode(want, skip_special_tokens=True)
