@@ -20,6 +20,11 @@ from cake.text.loader import load_stage  # noqa: E402
 from cake.text.weights import SafetensorsCheckpoint  # noqa: E402
 
 MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
+# Gated DeltaNet layers with 2 q/k heads serving 4 v heads, and one full-attention layer.
+LINEAR = dict(linear_conv_kernel_dim=4, linear_num_key_heads=2, linear_num_value_heads=4,
+              linear_key_head_dim=16, linear_value_head_dim=8,
+              layer_types=["linear_attention", "linear_attention", "full_attention",
+                           "linear_attention"])
 # name -> (config class, model class, fields beyond COMMON)
 MODELS = {
     # llama.cpp's qwen3moe always renormalizes the top-k weights, as Qwen3-30B-A3B says.
@@ -28,6 +33,9 @@ MODELS = {
     # Layer 1 keeps a dense MLP (mlp_only_layers; llama.cpp has no such qwen3moe).
     "qwen3_moe-mixed": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
         **MOE, norm_topk_prob=False, mlp_only_layers=[1], decoder_sparse_step=1)),
+    "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", LINEAR),
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", dict(
+        **LINEAR, **MOE, shared_expert_intermediate_size=48, tie_word_embeddings=False)),
 }
 
 

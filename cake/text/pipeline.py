@@ -39,6 +39,7 @@ class LocalPipeline:
         self.checkpoint = None if checkpoint is None else TensorTable(checkpoint)
         self.quant = quant
         first = stages[0]
+        self.prefix_reusable = all(s.prefix_reusable for s in stages)
         param = next(first.parameters())
         self.device, self.dtype = param.device, param.dtype
         args = first.args
@@ -57,8 +58,9 @@ class LocalPipeline:
 
     def release(self, slot: int) -> None:
         # Positions past a sequence's length are masked out, so a reused slot needs no wipe.
-        for cache in self.caches:
+        for stage, cache in zip(self.stages, self.caches):
             cache.release(slot)
+            stage.release_sequence(slot, cache)
 
     def kv_cache_stats(self) -> dict:
         """Bytes the KV cache holds now and can come to hold (sliding layers: their window)."""
@@ -67,10 +69,11 @@ class LocalPipeline:
 
     def fork(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` cached positions of slot src into slot dst (n > 1)."""
-        for cache in self.caches:
+        for stage, cache in zip(self.stages, self.caches):
             for store in (cache.k, cache.v):
                 for t in store.values():
                     t[dst, :length] = t[src, :length]
+            stage.fork_sequence(src, dst, cache)
 
     @torch.inference_mode()
     def hidden(self, tokens, batch, logits_at) -> torch.Tensor:

@@ -30,6 +30,10 @@ class SafetensorsCheckpoint:
                 with safe_open(f, "pt") as st:
                     self._file_of.update({name: f for name in st.keys()})
         self._open: dict[Path, object] = {}
+        self._stored: dict[str, str] = {}  # our name -> the file's, where they differ
+        if self.config.get("model_type") in LANGUAGE_MODELS:
+            self.config, self._stored = language_model(self.config, self._file_of)
+            self._file_of = {ours: self._file_of[theirs] for ours, theirs in self._stored.items()}
 
     def tensor_names(self) -> list[str]:
         return list(self._file_of)
@@ -46,9 +50,27 @@ class SafetensorsCheckpoint:
             if fused is None:
                 raise KeyError(f"tensor {name} not in checkpoint {self.folder}")
             whole, index, half = fused
-            part = self._file(whole).get_slice(whole)[index]  # reads that expert alone
+            part = self._file(whole).get_slice(self._stored.get(whole, whole))[index]  # that one
             return part if half is None else part.chunk(2)[half].contiguous()
-        return self._file(name).get_tensor(name)
+        return self._file(name).get_tensor(self._stored.get(name, name))
+
+
+# Multimodal checkpoints whose language model is served alone -> where its weights lie.
+LANGUAGE_MODELS = {"qwen3_5": "model.language_model.", "qwen3_5_moe": "model.language_model."}
+
+
+def language_model(config: dict, names) -> tuple[dict, dict[str, str]]:
+    """The text model of a multimodal checkpoint: its text_config (with the top level's
+    token ids and tying), and its tensors under our names (model.layers..., lm_head) ->
+    theirs; the vision tower's and other heads' tensors are left out."""
+    prefix = LANGUAGE_MODELS[config["model_type"]]
+    text = dict(config["text_config"])
+    for key in ("tie_word_embeddings", "eos_token_id", "bos_token_id"):
+        if config.get(key) is not None:
+            text[key] = config[key]
+    stored = {"model." + n[len(prefix):]: n for n in names if n.startswith(prefix)}
+    stored.update({n: n for n in names if n.startswith("lm_head.")})
+    return text, stored
 
 
 _EXPERT = re.compile(r"(.+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight")

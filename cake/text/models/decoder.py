@@ -48,6 +48,10 @@ class Model(nn.Module):
     """Decoder layers [start, end) of the model, plus the embeddings when start == 0 and the
     final norm and head when end == num_hidden_layers."""
 
+    # False where a sequence's state is more than its cached keys and values (linear
+    # attention): a cached prefix of another sequence cannot stand in for it.
+    prefix_reusable = True
+
     def __init__(self, args: ModelArgs, start: int = 0, end: Optional[int] = None):
         super().__init__()
         end = args.num_hidden_layers if end is None else end
@@ -142,17 +146,26 @@ class Model(nn.Module):
             if t.shape != p.shape:
                 raise ValueError(f"{name}: checkpoint has shape {tuple(t.shape)}, "
                                  f"the model expects {tuple(p.shape)}")
-            if self.args.norm_plus_one and name.endswith("norm.weight"):
+            if self.plus_one(name):
                 t = t.float() + 1.0  # (1 + w) computed once, in float32 as Gemma does
             p.copy_(t)
+
+    def plus_one(self, name: str) -> bool:
+        """Whether a checkpoint norm holds the w of a (1 + w) RMSNorm."""
+        return self.args.norm_plus_one and name.endswith("norm.weight")
 
     def fuse_projections(self) -> None:
         """Join q/k/v and gate/up into one matrix each (after loading)."""
         for layer in self.model.layers.values():
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
+            layer.fuse()
             if next(self.parameters()).device.type == "cpu" and quant.available():
                 layer.prepare_kernel()
+
+    def release_sequence(self, slot: int, cache: KVCache) -> None:
+        """A sequence left its slot: forget what the layers keep for it beside the KV cache."""
+
+    def fork_sequence(self, src: int, dst: int, cache: KVCache) -> None:
+        """Slot dst continues from slot src (n > 1): copy what is kept beside the KV cache."""
 
     # --- running --------------------------------------------------------------------------
 
