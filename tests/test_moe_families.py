@@ -161,3 +161,95 @@ def test_serve_answers_like_transformers(models, start_server, name):
     r = client.chat.completions.create(model="x", messages=messages, max_tokens=12)
     assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(want)
     assert r.choices[0].message.content == tok.decode(want, skip_special_tokens=True)
+
+
+VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+              num_position_embeddings=16)
+# The Hub's form of Qwen3.5: the multimodal config (text_config inside) and the language
+# model's weights under model.language_model.*, beside a vision tower.
+MULTIMODAL = {
+    "qwen3_5": ("Qwen3_5Config", "Qwen3_5ForConditionalGeneration", dict(**COMMON, **LINEAR)),
+    "qwen3_5_moe": ("Qwen3_5MoeConfig", "Qwen3_5MoeForConditionalGeneration", dict(
+        **COMMON, **LINEAR, **MOE, shared_expert_intermediate_size=48)),
+}
+
+
+@pytest.mark.parametrize("name", MULTIMODAL)
+def test_multimodal_checkpoint_serves_its_language_model(tmp_path, name):
+    from test_model_parity import randomize
+
+    cfg_name, model_name, text = MULTIMODAL[name]
+    config = getattr(transformers, cfg_name)(text_config=text, vision_config=VISION,
+                                             tie_word_embeddings=True)
+    torch.manual_seed(0)
+    hf = getattr(transformers, model_name)(config).eval()
+    randomize(hf, seed=1)
+    hf.save_pretrained(tmp_path)
+    ck = SafetensorsCheckpoint(tmp_path)
+    assert ck.config["model_type"] == f"{name}_text"
+    assert not any("visual" in n for n in ck.tensor_names())
+    model = load_stage(ck)
+    tokens, ours = generate([model], [new_cache(model)], PROMPT, DECODE_STEPS)
+    theirs = transformers_logits(hf, tokens)
+    assert theirs.std() > 1
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_long_prompt_in_chunks(models):
+    """A prompt of several DeltaNet chunks, prefilled in two steps (the second continuing
+    the first's conv and recurrent state), then decoded: transformers' logits."""
+    from test_model_parity import run_stages
+
+    hf, folder = models("qwen3_5")
+    model = load_stage(SafetensorsCheckpoint(folder))
+    prompt = [(37 * i + 11) % 40000 for i in range(150)]
+    cache = new_cache(model, max_len=256)
+    # Split where transformers' own chunks end too, so both round alike.
+    first = run_stages([model], [cache], [prompt[:128]], [list(range(128))], [0])[0]
+    second = run_stages([model], [cache], [prompt[128:]], [list(range(128, 150))], [0])[0]
+    tokens, logits = list(prompt), [first, second]
+    for _ in range(3):
+        tokens.append(int(logits[-1][-1].argmax()))
+        logits.append(run_stages([model], [cache], [[tokens[-1]]], [[len(tokens) - 1]], [0])[0])
+    torch.testing.assert_close(torch.cat(logits), transformers_logits(hf, tokens),
+                               atol=1e-4, rtol=0)
+
+
+def test_chunked_rule_equals_recurrent():
+    from cake.text.models.deltanet import chunked_delta_rule, l2norm, recurrent_delta_rule
+
+    g = torch.Generator().manual_seed(0)
+    B, T, H, Dk, Dv = 2, 100, 3, 8, 5
+    q, k = (l2norm(torch.randn(B, T, H, Dk, generator=g)) for _ in range(2))
+    v = torch.randn(B, T, H, Dv, generator=g)
+    decay = -torch.rand(B, T, H, generator=g)
+    beta = torch.rand(B, T, H, generator=g)
+    state = torch.randn(B, H, Dk, Dv, generator=g)
+    want, want_state = recurrent_delta_rule(q, k, v, decay, beta, state)
+    got, got_state = chunked_delta_rule(q, k, v, decay, beta, state, chunk=16)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_state, want_state, atol=1e-5, rtol=1e-5)
+
+
+def test_state_freed_with_its_sequence(models):
+    """The pipeline's DeltaNet state: one per live sequence, copied for a fork, gone when
+    the sequence is released; such a pipeline says a cached prefix cannot be reused."""
+    from cake.text.kv_cache import StepBatch
+    from cake.text.linear_state import states_of
+    from cake.text.pipeline import LocalPipeline
+
+    model = load_stage(SafetensorsCheckpoint(models("qwen3_5")[1]))
+    pipe = LocalPipeline([model], num_slots=3, max_len=64)
+    assert pipe.prefix_reusable is False
+    states = states_of(pipe.caches[0])
+    pipe.forward(torch.tensor([PROMPT]), StepBatch.make([list(range(len(PROMPT)))], [1], "cpu"))
+    per_sequence = states.held_bytes()
+    linear = sum(t == "linear_attention" for t in LINEAR["layer_types"])
+    assert per_sequence == linear * 4 * ((2 * 2 * 16 + 4 * 8) * 3 + 4 * 16 * 8)
+    pipe.fork(1, 2, len(PROMPT))
+    assert states.held_bytes() == 2 * per_sequence
+    pipe.release(1)
+    pipe.release(2)
+    assert states.held_bytes() == 0
+    moe = load_stage(SafetensorsCheckpoint(models("qwen3_moe")[1]))
+    assert LocalPipeline([moe], num_slots=1, max_len=64).prefix_reusable is True

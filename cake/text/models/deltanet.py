@@ -84,8 +84,9 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x, z):
-        normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
-        return (self.weight * normed * F.silu(z.float())).to(x.dtype)
+        f = torch.promote_types(x.dtype, torch.float32)
+        normed = F.rms_norm(x.to(f), (x.shape[-1],), None, self.eps).to(x.dtype)
+        return (self.weight * normed * F.silu(z.to(f))).to(x.dtype)
 
 
 class DepthwiseConv(nn.Module):
@@ -129,14 +130,15 @@ class GatedDeltaNet(nn.Module):
             return self.in_proj(x).split(self.widths, dim=-1)
         return (self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x))
 
-    def fresh_state(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.zeros(self.channels, self.kernel - 1, device=device),
-                torch.zeros(self.v_heads, self.k_dim, self.v_dim, device=device))
+    def fresh_state(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.zeros(self.channels, self.kernel - 1, device=device, dtype=dtype),
+                torch.zeros(self.v_heads, self.k_dim, self.v_dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor, batch, cache, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         states = states_of(cache)
-        conv_state, state = states.gather(layer, batch, lambda: self.fresh_state(x.device))
+        f = torch.promote_types(x.dtype, torch.float32)  # the rule and its state: float32 at least
+        conv_state, state = states.gather(layer, batch, lambda: self.fresh_state(x.device, f))
         qkv, z, b, a = self.project(x)
         # The convolution sees the sequence's previous kernel-1 inputs before this step's.
         inputs = torch.cat([conv_state.to(x.dtype), qkv.transpose(1, 2)], -1)
@@ -144,15 +146,15 @@ class GatedDeltaNet(nn.Module):
         q, k, v = mixed.transpose(1, 2).split(
             [self.k_heads * self.k_dim, self.k_heads * self.k_dim, self.v_heads * self.v_dim], -1)
         group = self.v_heads // self.k_heads  # each q/k head serves that many v heads
-        q, k = (l2norm(t.reshape(B, T, self.k_heads, self.k_dim).float())
+        q, k = (l2norm(t.reshape(B, T, self.k_heads, self.k_dim).to(f))
                 .repeat_interleave(group, dim=2) for t in (q, k))
         q = q * self.k_dim ** -0.5
-        v = v.reshape(B, T, self.v_heads, self.v_dim).float()
-        beta = torch.sigmoid(b).float()
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
+        v = v.reshape(B, T, self.v_heads, self.v_dim).to(f)
+        beta = torch.sigmoid(b).to(f)
+        g = -self.A_log.to(f).exp() * F.softplus(a.to(f) + self.dt_bias.to(f))
         rule = recurrent_delta_rule if T == 1 else chunked_delta_rule
         out, state = rule(q, k, v, g, beta, state)
-        states.put(layer, batch, (inputs[..., -(self.kernel - 1):].float(), state))
+        states.put(layer, batch, (inputs[..., -(self.kernel - 1):].to(f), state))
         z = z.reshape(B, T, self.v_heads, self.v_dim)
         return self.out_proj(self.norm(out.to(x.dtype), z).reshape(B, T, -1))
 
