@@ -3,6 +3,10 @@ random models built here: logits over a prompt and decode steps, batched rows, a
 split, GGUFs written by llama.cpp's own converter, and a real `cake serve` of each."""
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import openai
 import pytest
 import torch
@@ -100,7 +104,7 @@ def test_fused_expert_checkpoint(models, tmp_path):
     torch.testing.assert_close(ours, transformers_logits(hf, tokens), atol=1e-4, rtol=0)
 
 
-GGUF_ARCHS = {"qwen3_moe": "qwen3moe"}
+GGUF_ARCHS = {"qwen3_moe": "qwen3moe", "qwen3_5": "qwen35", "qwen3_5_moe": "qwen35moe"}
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +113,18 @@ def ggufs(models, tmp_path_factory):
 
     def get(name, outtype="f32"):
         if (name, outtype) not in made:
-            out = tmp_path_factory.mktemp("gguf") / f"{name}-{outtype}.gguf"
-            made[name, outtype] = convert(models(name)[1], out, outtype)
+            tmp = tmp_path_factory.mktemp("gguf")
+            folder, extra = models(name)[1], []
+            if name.startswith("qwen3_5"):
+                # transformers gives Qwen3.5 model types its own tokenizer class, whose
+                # pre-tokenizer llama.cpp does not know with this (SmolLM2's) vocabulary:
+                # the converter reads the tokenizer through another model type.
+                folder = Path(shutil.copytree(folder, tmp / name))
+                cfg = json.loads((folder / "config.json").read_text())
+                (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen3"}))
+                extra = ["--no-mtp"]  # these tiny models have no multi-token-prediction head
+            out = tmp / f"{name}-{outtype}.gguf"
+            made[name, outtype] = convert(folder, out, outtype, *extra)
         return made[name, outtype]
 
     return get
@@ -127,20 +141,28 @@ def test_gguf_matches_transformers(models, ggufs, name):
 
 
 @pytest.mark.parametrize("name", GGUF_ARCHS)
-def test_gguf_q8_0_keeps_expert_blocks(models, ggufs, name):
-    """A Q8_0 GGUF's expert tensors stay packed (each expert a slice of the file's
-    ffn_*_exps blocks, multiplied by the quantized kernel) and compute what the same
-    weights quantized from safetensors compute, decoding on the kernels as prefilling."""
+def test_gguf_q8_0_keeps_blocks(ggufs, name):
+    """A Q8_0 GGUF's matrices stay packed, experts included (each expert a slice of the
+    file's ffn_*_exps blocks, multiplied by the quantized kernel; the router stays F32), and
+    compute what the same file dequantized computes."""
     kernels_or_skip()
-    model = load_stage(GGUFCheckpoint(ggufs(name, "q8_0")), quant_mode="auto")
-    experts = model.model.layers["0"].mlp.experts
-    assert isinstance(experts[0].gate_up_proj, quant.QuantLinear)
-    assert model.quantized["model.layers.0.mlp.experts.7.down_proj.weight"][0] == "Q8_0"
-    assert "model.layers.0.mlp.gate.weight" not in model.quantized  # the router stays F32
-    ref = load_stage(SafetensorsCheckpoint(models(name)[1]), quant_mode="q8_0")
-    tokens, ours = generate([model], [new_cache(model)], PROMPT, DECODE_STEPS)
-    _, theirs = generate([ref], [new_cache(ref)], PROMPT, DECODE_STEPS)
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    ck = GGUFCheckpoint(ggufs(name, "q8_0"))
+    model = load_stage(ck, quant_mode="auto")
+    layer = model.model.layers["0"]
+    mlp = layer.mlp.experts[0] if hasattr(layer.mlp, "experts") else layer.mlp
+    mixer = getattr(layer, "linear_attn", None) or layer.self_attn
+    assert isinstance(mlp.gate_up_proj, quant.QuantLinear)
+    assert isinstance(getattr(mixer, "out_proj", None) or mixer.o_proj, quant.QuantLinear)
+    if hasattr(layer.mlp, "experts"):
+        assert model.quantized["model.layers.0.mlp.experts.7.down_proj.weight"][0] == "Q8_0"
+        assert "model.layers.0.mlp.gate.weight" not in model.quantized
+    dense = load_stage(ck)
+    _, ours = generate([model], [new_cache(model)], PROMPT, DECODE_STEPS)
+    _, theirs = generate([dense], [new_cache(dense)], PROMPT, DECODE_STEPS)
+    assert theirs.abs().max() > 1
+    # The kernels round activations to int16 per block (~1e-4 relative per product), which
+    # these random models amplify over the steps; a wrong layout would be off by O(1).
+    assert (ours - theirs).abs().max() <= 5e-3 * theirs.abs().max()
 
 
 def chat_ids(tok, messages) -> list[int]:

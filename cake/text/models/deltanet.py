@@ -103,6 +103,9 @@ class GatedDeltaNet(nn.Module):
         lin = args.linear
         self.k_heads, self.v_heads = lin["key_heads"], lin["value_heads"]
         self.k_dim, self.v_dim, self.kernel = lin["key_dim"], lin["value_dim"], lin["conv_kernel"]
+        # v head j reads q/k head j // group (grouped, as the Hub's checkpoints) or
+        # j % k_heads (tiled, as llama.cpp's GGUFs reorder them)
+        self.tiled = lin.get("value_heads_tiled", False)
         keys, values, dim = self.k_heads * self.k_dim, self.v_heads * self.v_dim, args.hidden_size
         self.channels = 2 * keys + values
         self.in_proj_qkv = nn.Linear(dim, self.channels, bias=False)
@@ -146,8 +149,11 @@ class GatedDeltaNet(nn.Module):
         q, k, v = mixed.transpose(1, 2).split(
             [self.k_heads * self.k_dim, self.k_heads * self.k_dim, self.v_heads * self.v_dim], -1)
         group = self.v_heads // self.k_heads  # each q/k head serves that many v heads
-        q, k = (l2norm(t.reshape(B, T, self.k_heads, self.k_dim).to(f))
-                .repeat_interleave(group, dim=2) for t in (q, k))
+        q, k = (l2norm(t.reshape(B, T, self.k_heads, self.k_dim).to(f)) for t in (q, k))
+        if self.tiled:
+            q, k = q.repeat(1, 1, group, 1), k.repeat(1, 1, group, 1)
+        else:
+            q, k = q.repeat_interleave(group, dim=2), k.repeat_interleave(group, dim=2)
         q = q * self.k_dim ** -0.5
         v = v.reshape(B, T, self.v_heads, self.v_dim).to(f)
         beta = torch.sigmoid(b).to(f)

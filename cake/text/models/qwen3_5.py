@@ -24,7 +24,8 @@ def configure(cfg: dict, fields: dict) -> None:
         linear=dict(conv_kernel=cfg["linear_conv_kernel_dim"],
                     key_heads=cfg["linear_num_key_heads"],
                     value_heads=cfg["linear_num_value_heads"],
-                    key_dim=cfg["linear_key_head_dim"], value_dim=cfg["linear_value_head_dim"]))
+                    key_dim=cfg["linear_key_head_dim"], value_dim=cfg["linear_value_head_dim"],
+                    value_heads_tiled=bool(cfg.get("linear_value_heads_tiled", False))))
     if fields["model_type"] == "qwen3_5_moe_text":  # top-k weights always renormalized
         fields.update(num_experts=cfg["num_experts"],
                       num_experts_per_tok=cfg["num_experts_per_tok"],
