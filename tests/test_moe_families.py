@@ -275,3 +275,21 @@ def test_state_freed_with_its_sequence(models):
     assert states.held_bytes() == 0
     moe = load_stage(SafetensorsCheckpoint(models("qwen3_moe")[1]))
     assert LocalPipeline([moe], num_slots=1, max_len=64).prefix_reusable is True
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen3_5_moe"])
+def test_offloaded_experts_compute_the_same(ggufs, name):
+    """Experts read from the GGUF as they are routed, under a budget of a few experts'
+    bytes (so most are evicted and read again): the logits of all experts resident."""
+    kernels_or_skip()
+    ck = GGUFCheckpoint(ggufs(name, "q8_0"))
+    whole = load_stage(ck, quant_mode="auto")
+    one = sum(whole.quantized[f"model.layers.0.mlp.experts.0.{p}.weight"][1]
+              for p in ("gate_proj", "up_proj", "down_proj"))
+    model = load_stage(ck, quant_mode="auto", expert_budget=3 * one)
+    lru = model.expert_lru
+    assert lru.mapped_bytes == 4 * 8 * one and lru.resident_bytes == 0
+    _, ours = generate([model], [new_cache(model)], PROMPT, DECODE_STEPS)
+    _, theirs = generate([whole], [new_cache(whole)], PROMPT, DECODE_STEPS)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert 0 < lru.resident_bytes <= 3 * one and lru.loads > 3 * 4

@@ -20,6 +20,12 @@ def add_args(p) -> None:
     g.add_argument("--quant", choices=["auto", "none", "q8_0", "q4_0", "q4_1"], default="auto",
                    help="weight format on CPU: auto keeps a GGUF's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/"
                         "Q4_K/Q5_K/Q6_K blocks (other GGUF quants become Q8_0) and safetensors in --dtype; none dequantizes")
+    g.add_argument("--expert-offload", action="store_true",
+                   help="MoE: keep the experts memory-mapped in the checkpoint and only the "
+                        "recently routed ones resident (automatic when they do not fit)")
+    g.add_argument("--expert-memory", type=float, default=None, metavar="MIB",
+                   help="MoE with offloaded experts: MiB of them kept resident "
+                        "(default: half the free memory)")
 
 
 def load(args):
@@ -36,7 +42,10 @@ def load(args):
                            dtype=DTYPES[args.dtype] if args.dtype else None, defaults=defaults,
                            max_batch=args.max_batch, context_length=args.ctx_size,
                            cluster=getattr(args, "cluster", None),
-                           quant=getattr(args, "quant", "auto"))
+                           quant=getattr(args, "quant", "auto"),
+                           expert_offload=getattr(args, "expert_offload", False),
+                           expert_memory=None if getattr(args, "expert_memory", None) is None
+                           else int(args.expert_memory * 2**20))
 
 
 def run(model, args) -> None:

@@ -64,8 +64,12 @@ class LocalPipeline:
 
     def kv_cache_stats(self) -> dict:
         """Bytes the KV cache holds now and can come to hold (sliding layers: their window)."""
-        return {"kv_cache_bytes": sum(c.held_bytes() for c in self.caches),
-                "kv_cache_capacity_bytes": sum(c.capacity_bytes() for c in self.caches)}
+        stats = {"kv_cache_bytes": sum(c.held_bytes() for c in self.caches),
+                 "kv_cache_capacity_bytes": sum(c.capacity_bytes() for c in self.caches)}
+        for lru in {id(s.expert_lru): s.expert_lru for s in self.stages
+                    if getattr(s, "expert_lru", None) is not None}.values():
+            stats.update(lru.stats())  # one LRU per stage; a local pipeline has one stage
+        return stats
 
     def fork(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` cached positions of slot src into slot dst (n > 1)."""

@@ -80,9 +80,12 @@ class TextModel:
 def load_text_model(path: str | Path, model_id: str, device: Optional[str] = None,
                     dtype: Optional[torch.dtype] = None, defaults: Optional[SamplingParams] = None,
                     max_batch: int = 8, context_length: Optional[int] = None,
-                    cluster=None, quant: str = "auto") -> TextModel:
+                    cluster=None, quant: str = "auto", expert_offload: bool = False,
+                    expert_memory: Optional[int] = None) -> TextModel:
     """cluster: ClusterOptions to spread the layers over workers (None: this machine alone).
-    quant: weight format (cake.text.loader.resolve_quant); "auto" keeps a GGUF's blocks."""
+    quant: weight format (cake.text.loader.resolve_quant); "auto" keeps a GGUF's blocks.
+    expert_offload, expert_memory: MoE experts read from the checkpoint as they are routed,
+    expert_memory bytes of them resident (cake.text.expert_offload.budget_for)."""
     device = device or best_device()
     dtype = dtype or default_dtype(device)
     checkpoint = open_checkpoint(path)
@@ -96,8 +99,10 @@ def load_text_model(path: str | Path, model_id: str, device: Optional[str] = Non
         pipeline = start_cluster_pipeline(checkpoint, dtype, device, max_batch, ctx, cluster,
                                           quant)
     else:
+        from cake.text.expert_offload import budget_for
+        budget = budget_for(checkpoint, expert_offload, expert_memory)
         pipeline = LocalPipeline([load_stage(checkpoint, dtype=dtype, device=device,
-                                             quant_mode=quant)],
+                                             quant_mode=quant, expert_budget=budget)],
                                  num_slots=max_batch, max_len=ctx, checkpoint=checkpoint,
                                  quant=resolve_quant(quant, device))
     del checkpoint  # the stages and the pipeline hold what they need; loading's memory can go

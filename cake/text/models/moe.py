@@ -51,8 +51,9 @@ class SparseMoE(nn.Module):
             self.shared_expert_gate = Gate(args.hidden_size, 1)
 
     def fuse(self) -> None:
-        for expert in self.experts:
-            expert.fuse()
+        if isinstance(self.experts, nn.ModuleList):  # offloaded experts fuse as they load
+            for expert in self.experts:
+                expert.fuse()
         if self.shared_expert is not None:
             self.shared_expert.fuse()
 
