@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import torch
@@ -293,3 +294,44 @@ def test_offloaded_experts_compute_the_same(ggufs, name):
     _, theirs = generate([whole], [new_cache(whole)], PROMPT, DECODE_STEPS)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     assert 0 < lru.resident_bytes <= 3 * one and lru.loads > 3 * 4
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def test_serve_with_experts_over_budget(start_server, tmp_path):
+    """A Q8_0 GGUF whose experts (~60 MB) are 15x the budget (4 MiB): served with
+    --expert-offload it holds at most the budget of them (as /health says), its resident
+    memory is that of the all-resident server less the experts, plus the budget and a fixed
+    overhead, and it answers the same text."""
+    kernels_or_skip()
+    big = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+               intermediate_size=512, num_hidden_layers=3, num_experts=48,
+               num_experts_per_tok=2, moe_intermediate_size=512, norm_topk_prob=True,
+               tie_word_embeddings=False)
+    build_model("Qwen3MoeConfig", "Qwen3MoeForCausalLM", big, tmp_path / "hf")
+    gguf = convert(tmp_path / "hf", tmp_path / "big-q8_0.gguf", "q8_0")
+    experts = sum(int(t.data.nbytes) for t in GGUFCheckpoint(gguf)._reader.tensors
+                  if "_exps" in t.name)
+    assert experts > 50 * 2**20
+    ask = dict(model="x", messages=[{"role": "user", "content": "Tell me a story."}],
+               max_tokens=16, temperature=0)
+    answers, rss = [], []
+    opts = [str(gguf), "--max-batch", "1", "--ctx-size", "128"]
+    env = {"CAKE_NO_REPACK_CACHE": "1"}
+    for extra in ([], ["--expert-offload", "--expert-memory", "4"]):
+        server = start_server(*opts, *extra, env=env)
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        answers.append(client.chat.completions.create(**ask).choices[0].message.content)
+        rss.append(rss_bytes(server.proc.pid))
+        engine = httpx.get(server.url + "/health", timeout=10).json()["engine"]
+        server.stop()
+    assert answers[0] == answers[1] and answers[0]
+    assert engine["experts_mapped_bytes"] == experts
+    assert 0 < engine["experts_resident_bytes"] <= 4 * 2**20
+    overhead = 16 * 2**20
+    assert rss[1] <= rss[0] - experts + 4 * 2**20 + overhead, (rss, experts)

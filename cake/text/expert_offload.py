@@ -11,6 +11,7 @@ import os
 from collections import OrderedDict
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -65,14 +66,35 @@ class OffloadedExperts:
         return self.lru.get((self.layer, e), lambda: self._load(e))
 
 
+class MappedMatrices:
+    """A GGUF's expert matrices as views of its memory map, read as a checkpoint is (.raw,
+    .get): all the serving process keeps of the file (its reader's metadata objects take
+    ~100 MB with a real vocabulary)."""
+
+    def __init__(self, checkpoint, names: list[str]):
+        self._raw = {n: checkpoint.raw(n) for n in names}
+
+    def raw(self, name: str):
+        return self._raw[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        qtype, data, shape = self._raw[name]
+        return torch.from_numpy(np.array(dequantize(data, qtype), dtype=np.float32)).view(shape)
+
+
 @torch.no_grad()
 def offload_experts(model: nn.Module, checkpoint, load_matrix: Callable, budget: int) -> ExpertLRU:
     """Replace every SparseMoE's experts of a stage by OffloadedExperts reading from the
-    checkpoint. load_matrix(name, like) -> the module (quantized or dense Linear) for the
-    checkpoint matrix `name`, shaped like the nn.Linear `like`."""
+    checkpoint. load_matrix(source, name, like) -> the module (quantized or dense Linear) for
+    the matrix `name` of source (a checkpoint), shaped like the nn.Linear `like`."""
     from cake.text.models.moe import SparseMoE
 
     lru = ExpertLRU(budget)
+    if hasattr(checkpoint, "raw"):
+        checkpoint = MappedMatrices(checkpoint, [n for n in model.tensor_names()
+                                                 if ".mlp.experts." in n])
     for path, moe in list(model.named_modules()):
         if not isinstance(moe, SparseMoE) or isinstance(moe.experts, OffloadedExperts):
             continue
@@ -85,7 +107,7 @@ def offload_experts(model: nn.Module, checkpoint, load_matrix: Callable, budget:
             expert.act = template.act
             expert.gate_up_proj = None
             for part in ("gate_proj", "up_proj", "down_proj"):
-                setattr(expert, part, load_matrix(f"{path}.experts.{e}.{part}.weight",
+                setattr(expert, part, load_matrix(checkpoint, f"{path}.experts.{e}.{part}.weight",
                                                   getattr(template, part)))
             expert.fuse()
             return expert

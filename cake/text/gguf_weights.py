@@ -139,7 +139,8 @@ class GGUFCheckpoint:
             for e in range(t.data.shape[0]):
                 expert = f"model.layers.{m[1]}.mlp.experts.{e}.{_EXPERT_TENSORS[m[2]]}.weight"
                 self._tensors[expert] = SimpleNamespace(
-                    name=expert, data=t.data[e], tensor_type=t.tensor_type, shape=t.shape[:2])
+                    name=expert, data=t.data[e], tensor_type=t.tensor_type, shape=t.shape[:2],
+                    n_bytes=int(t.data[e].nbytes), n_elements=int(t.n_elements) // len(t.data))
 
     def _qwen35_names(self) -> None:
         """The two DeltaNet parameters whose GGUF names do not follow the weight/bias rule."""

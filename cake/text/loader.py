@@ -62,8 +62,9 @@ def load_stage(checkpoint, start: int = 0, end: Optional[int] = None,
     if expert_budget is not None:
         from cake.text.expert_offload import offload_experts
         model.expert_lru = offload_experts(
-            model, checkpoint, lambda name, like: _load_matrix(checkpoint, name, like, mode,
-                                                               dtype, device), expert_budget)
+            model, checkpoint, lambda source, name, like: _load_matrix(source, name, like, mode,
+                                                                       dtype, device),
+            expert_budget)
     if mode:
         kernels.heap("load")
         _quantize_matrices(model, checkpoint, mode, cache=expert_budget is None)
