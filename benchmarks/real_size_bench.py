@@ -58,23 +58,20 @@ runpy.run_module("llama_cpp.server", run_name="__main__")
 """
 
 
-def build_f16(path: Path, shape: dict) -> None:
-    """A Llama GGUF with random F16 matrices, written tensor by tensor (never all in memory)."""
+def random_gguf_writer(path: Path, arch: str, shape: dict, ffn: int):
+    """(a GGUFWriter with the shape's metadata and the default model's tokenizer, its vocab
+    size, its token types)."""
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
     src = GGUFReader(default_gguf())
-    vocab = len(src.fields["tokenizer.ggml.tokens"].data)
-    types = src.fields["tokenizer.ggml.token_type"].contents()
-    h, f, nh, nkv = shape["hidden"], shape["ffn"], shape["heads"], shape["kv_heads"]
-    hd = h // nh
-    w = GGUFWriter(path, "llama")
+    w = GGUFWriter(path, arch)
     w.add_name("cake-bench-random")
     w.add_block_count(shape["layers"])
     w.add_context_length(8192)
-    w.add_embedding_length(h)
-    w.add_feed_forward_length(f)
-    w.add_head_count(nh)
-    w.add_head_count_kv(nkv)
+    w.add_embedding_length(shape["hidden"])
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(shape["heads"])
+    w.add_head_count_kv(shape["kv_heads"])
     w.add_rope_freq_base(100000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type(1)  # mostly F16
@@ -82,15 +79,13 @@ def build_f16(path: Path, shape: dict) -> None:
         if name.startswith("tokenizer."):
             sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
             w.add_key_value(name, field.contents(), field.types[0], sub)
-    tensors = [("token_embd.weight", (vocab, h))]
-    for i in range(shape["layers"]):
-        tensors += [(f"blk.{i}.attn_norm.weight", (h,)), (f"blk.{i}.attn_q.weight", (h, h)),
-                    (f"blk.{i}.attn_k.weight", (nkv * hd, h)),
-                    (f"blk.{i}.attn_v.weight", (nkv * hd, h)),
-                    (f"blk.{i}.attn_output.weight", (h, h)), (f"blk.{i}.ffn_norm.weight", (h,)),
-                    (f"blk.{i}.ffn_gate.weight", (f, h)), (f"blk.{i}.ffn_up.weight", (f, h)),
-                    (f"blk.{i}.ffn_down.weight", (h, f))]
-    tensors.append(("output_norm.weight", (h,)))
+    return (w, len(src.fields["tokenizer.ggml.tokens"].data),
+            src.fields["tokenizer.ggml.token_type"].contents())
+
+
+def write_random(w, tensors: list, types: list) -> None:
+    """Random F16 matrices scaled by 1/sqrt(fan-in), F32 ones for vectors, written tensor by
+    tensor (never all in memory); the control tokens' embedding rows are zero."""
     dtype = lambda s: np.float32 if len(s) == 1 else np.float16  # noqa: E731
     for name, s in tensors:
         w.add_tensor_info(name, s, np.dtype(dtype(s)), int(np.prod(s)) * np.dtype(dtype(s)).itemsize)
@@ -103,7 +98,7 @@ def build_f16(path: Path, shape: dict) -> None:
         if len(s) == 1:
             w.write_tensor_data(np.ones(s, np.float32))
             continue
-        x = (rng.standard_normal(s, dtype=np.float32) * (1.0 / np.sqrt(s[1]))).astype(np.float16)
+        x = (rng.standard_normal(s, dtype=np.float32) * (1.0 / np.sqrt(s[-1]))).astype(np.float16)
         if name == "token_embd.weight":
             x *= np.float16(np.sqrt(s[1]) * 0.05)
             x[control] = 0
@@ -111,14 +106,33 @@ def build_f16(path: Path, shape: dict) -> None:
     w.close()
 
 
-def quantized(folder: Path, shape: str, qtype: str) -> Path:
+def build_f16(path: Path, shape: dict) -> None:
+    """A Llama GGUF with random F16 matrices."""
+    h, f, nh, nkv = shape["hidden"], shape["ffn"], shape["heads"], shape["kv_heads"]
+    hd = h // nh
+    w, vocab, types = random_gguf_writer(path, "llama", shape, f)
+    tensors = [("token_embd.weight", (vocab, h))]
+    for i in range(shape["layers"]):
+        tensors += [(f"blk.{i}.attn_norm.weight", (h,)), (f"blk.{i}.attn_q.weight", (h, h)),
+                    (f"blk.{i}.attn_k.weight", (nkv * hd, h)),
+                    (f"blk.{i}.attn_v.weight", (nkv * hd, h)),
+                    (f"blk.{i}.attn_output.weight", (h, h)), (f"blk.{i}.ffn_norm.weight", (h,)),
+                    (f"blk.{i}.ffn_gate.weight", (f, h)), (f"blk.{i}.ffn_up.weight", (f, h)),
+                    (f"blk.{i}.ffn_down.weight", (h, f))]
+    tensors.append(("output_norm.weight", (h,)))
+    write_random(w, tensors, types)
+
+
+def quantized(folder: Path, shape: str, qtype: str, build=None) -> Path:
+    """The random model of a shape in a GGUF type, built (build(path, shape): F16) and
+    quantized by llama.cpp on first use."""
     out = folder / f"random-{shape}-{qtype}.gguf"
     if out.exists():
         return out
     f16 = folder / f"random-{shape}-F16.gguf"
     if not f16.exists():
         t = time.monotonic()
-        build_f16(f16.with_suffix(".tmp"), SHAPES[shape])
+        (build or (lambda p, s: build_f16(p, SHAPES[s])))(f16.with_suffix(".tmp"), shape)
         f16.with_suffix(".tmp").rename(f16)
         print(f"built {f16} in {time.monotonic() - t:.0f} s", file=sys.stderr)
     import llama_cpp

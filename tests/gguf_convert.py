@@ -35,8 +35,8 @@ def converter_dir() -> Path:
     pytest.skip("llama.cpp's convert_hf_to_gguf.py is not installed (make install-test)")
 
 
-def convert(folder: Path, out: Path, outtype: str = "f32") -> Path:
-    """convert_hf_to_gguf.py folder --outfile out --outtype outtype."""
+def convert(folder: Path, out: Path, outtype: str = "f32", *extra: str) -> Path:
+    """convert_hf_to_gguf.py folder --outfile out --outtype outtype [extra options]."""
     src = converter_dir()
     # The GPT-2 style vocabulary path of the converter (these folders carry tokenizer.json).
     config = folder / "tokenizer_config.json"
@@ -45,7 +45,7 @@ def convert(folder: Path, out: Path, outtype: str = "f32") -> Path:
     env = {**os.environ, "PYTHONPATH": f"{src / 'gguf-py'}{os.pathsep}{src}",
            "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", _RUNNER, str(src / "convert_hf_to_gguf.py"),
-                           str(folder), "--outfile", str(out), "--outtype", outtype],
+                           str(folder), "--outfile", str(out), "--outtype", outtype, *extra],
                           capture_output=True, text=True, env=env, timeout=300)
     if proc.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf.py failed:\n{proc.stderr[-4000:]}")

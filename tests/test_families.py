@@ -55,9 +55,16 @@ DECODE_STEPS = 8
 
 def build(name: str, folder):
     """A tiny random model of the family, saved with the default model's real tokenizer."""
+    cfg_name, model_name, fields = FAMILIES[name]
+    return build_model(cfg_name, model_name, fields, folder,
+                       GEMMA_TEMPLATE if name == "gemma3" else None)
+
+
+def build_model(cfg_name: str, model_name: str, fields: dict, folder, template=None):
+    """transformers' model of that class, random, saved in folder with the default model's
+    tokenizer (and its chat template unless one is given)."""
     from cake.text.gguf_weights import GGUFCheckpoint
 
-    cfg_name, model_name, fields = FAMILIES[name]
     config = getattr(transformers, cfg_name)(**{**COMMON, **fields})
     torch.manual_seed(0)
     hf = getattr(transformers, model_name)(config).eval()
@@ -66,7 +73,7 @@ def build(name: str, folder):
     gguf = GGUFCheckpoint(default_gguf())
     gguf.tokenizer().save(str(folder / "tokenizer.json"))
     sp = gguf.special_tokens()
-    template = GEMMA_TEMPLATE if name == "gemma3" else gguf.chat_template()
+    template = template or gguf.chat_template()
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "chat_template": template, "bos_token": sp["bos_token"],
         "eos_token": sp["eos_token"], "add_bos_token": False,

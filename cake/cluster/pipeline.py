@@ -94,6 +94,8 @@ class ClusterPipeline:
         self.quant, self.headless = quant, headless
         self.head_node, self.master_ip = head_node, master_ip
         self.args = ModelArgs.from_config(checkpoint.config)
+        from cake.text.models import model_class
+        self.state_is_kv = model_class(checkpoint.config).prefix_reusable
         self.fingerprint = rc.model_fingerprint(checkpoint)
         # Workers may reopen the same Hub snapshot themselves; a derived checkpoint (a view
         # of part of another model) has no folder of its own, so its layers are shipped.
@@ -390,6 +392,7 @@ class ClusterPipeline:
         for part in self.plan:
             if part[0] == "local":
                 part[2].release(slot)
+                part[1].release_sequence(slot, part[2])
 
     def kv_cache_bytes(self, start: int, end: int) -> int:
         """The most the KV cache of layers [start, end) can hold (sliding layers: their

@@ -29,6 +29,12 @@ def add_args(p) -> None:
     g.add_argument("--quant", choices=["auto", "none", "q8_0", "q4_0", "q4_1"], default="auto",
                    help="weight format on CPU: auto keeps a GGUF's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/"
                         "Q4_K/Q5_K/Q6_K blocks (other GGUF quants become Q8_0) and safetensors in --dtype; none dequantizes")
+    g.add_argument("--expert-offload", action="store_true",
+                   help="MoE: keep the experts memory-mapped in the checkpoint and only the "
+                        "recently routed ones resident (automatic when they do not fit)")
+    g.add_argument("--expert-memory", type=float, default=None, metavar="MIB",
+                   help="MoE with offloaded experts: MiB of them kept resident "
+                        "(default: half the free memory)")
 
 
 def memory_size(text: str) -> int:
@@ -60,7 +66,10 @@ def load(args):
                            quant=getattr(args, "quant", "auto"),
                            kv_memory=getattr(args, "kv_memory", None),
                            max_queue=getattr(args, "max_queue", 1024),
-                           draft_tokens=getattr(args, "draft_tokens", 4))
+                           draft_tokens=getattr(args, "draft_tokens", 4),
+                           expert_offload=getattr(args, "expert_offload", False),
+                           expert_memory=None if getattr(args, "expert_memory", None) is None
+                           else int(args.expert_memory * 2**20))
 
 
 def run(model, args) -> None:

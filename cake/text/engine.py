@@ -129,7 +129,9 @@ class Engine:
         tokens a greedy sequence guesses ahead by prompt lookup (0: no speculation)."""
         self.pipeline, self.tokenizer, self.vocab_size = pipeline, tokenizer, vocab_size
         self.token_budget, self.max_batch, self.max_queue = token_budget, max_batch, max_queue
-        self.draft_tokens = draft_tokens
+        # Drafts are extra rows of their sequence in one step, and forks share its prompt's
+        # blocks: neither holds where recurrent layers keep one state per sequence.
+        self.draft_tokens = draft_tokens if pipeline.state_is_kv else 0
         self.pool = BlockPool(pipeline.num_blocks, pipeline.block_size)
         self.block_size = pipeline.block_size
         self.waiting: deque[Sequence] = deque()
@@ -173,7 +175,7 @@ class Engine:
         if len(seqs) > self.max_batch:
             raise ValueError(f"{len(seqs)} choices need more than the {self.max_batch} "
                              "sequences this server decodes together")
-        if self.pipeline.can_copy_blocks:
+        if self.pipeline.can_copy_blocks and self.pipeline.state_is_kv:
             seqs[0].forks = seqs[1:]
             self._enqueue(seqs[:1])
         else:

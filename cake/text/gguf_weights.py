@@ -33,7 +33,11 @@ ARCHS = {
     "olmo2": ("olmo2", "Olmo2ForCausalLM"),
     "exaone4": ("exaone4", "Exaone4ForCausalLM"),
     "smollm3": ("smollm3", "SmolLM3ForCausalLM"),
+    "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
+    "qwen35": ("qwen3_5_text", "Qwen3_5ForCausalLM"),
+    "qwen35moe": ("qwen3_5_moe_text", "Qwen3_5MoeForCausalLM"),
 }
+_QWEN35 = {"qwen35", "qwen35moe"}
 # Architectures whose converter permutes the Q/K rows (llama.cpp's LlamaModel and its kin).
 _PERMUTED = {"llama", "smollm3"}
 # Norm layouts whose GGUF names differ from Llama's (attn_norm / ffn_norm).
@@ -44,7 +48,22 @@ _LAYER_NAMES_BY_ARCH = {
     "olmo2": _POST_NORMS,
     "exaone4": _POST_NORMS,
     "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+    "qwen3moe": {"ffn_gate_inp": "mlp.gate"},
 }
+_SHARED_EXPERT = {"ffn_gate_inp": "mlp.gate", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+                  "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+                  "ffn_up_shexp": "mlp.shared_expert.up_proj",
+                  "ffn_down_shexp": "mlp.shared_expert.down_proj"}
+# Qwen3.5's Gated DeltaNet layers (ssm_a, ssm_dt.bias: see GGUFCheckpoint._qwen35_names).
+_DELTANET = {"attn_qkv": "linear_attn.in_proj_qkv", "attn_gate": "linear_attn.in_proj_z",
+             "ssm_beta": "linear_attn.in_proj_b", "ssm_alpha": "linear_attn.in_proj_a",
+             "ssm_conv1d": "linear_attn.conv1d", "ssm_norm": "linear_attn.norm",
+             "ssm_out": "linear_attn.out_proj", "post_attention_norm": "post_attention_layernorm"}
+for _arch in _QWEN35:
+    _LAYER_NAMES_BY_ARCH[_arch] = {**_SHARED_EXPERT, **_DELTANET}
+# A layer's experts as one [experts, rows, cols] tensor -> the per-expert matrix name.
+_EXPERT_TENSORS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj",
+                   "ffn_down_exps": "down_proj"}
 
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -113,12 +132,37 @@ class GGUFCheckpoint:
             raise ValueError(f"unsupported GGUF architecture {self.arch!r}; "
                              f"supported: {', '.join(sorted(ARCHS))}")
         self._tensors = {hf_name(t.name, self.arch): t for t in self._reader.tensors}
+        self._split_experts()
+        if self.arch in _QWEN35:
+            self._qwen35_names()
         # llama.cpp stores Llama 3.1's rope scaling as a tensor of per-frequency divisors,
         # Phi-3's longrope as two tensors of them.
         self._rope_freqs = self._tensors.pop("rope_freqs.weight", None)
         self._rope_factors = {k: self._tensors.pop(f"rope_factors_{k}.weight", None)
                               for k in ("long", "short")}
         self.config = self._build_config()
+
+    def _split_experts(self) -> None:
+        """blk.N.ffn_gate_exps [E, F, D] -> E matrices model.layers.N.mlp.experts.E.gate_proj,
+        views of the file's packed rows (a quant block never spans two rows)."""
+        for name in [n for n in self._tensors if n.startswith("blk.")]:
+            m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+            if m is None or m[2] not in _EXPERT_TENSORS:
+                continue
+            t = self._tensors.pop(name)
+            for e in range(t.data.shape[0]):
+                expert = f"model.layers.{m[1]}.mlp.experts.{e}.{_EXPERT_TENSORS[m[2]]}.weight"
+                self._tensors[expert] = SimpleNamespace(
+                    name=expert, data=t.data[e], tensor_type=t.tensor_type, shape=t.shape[:2],
+                    n_bytes=int(t.data[e].nbytes), n_elements=int(t.n_elements) // len(t.data))
+
+    def _qwen35_names(self) -> None:
+        """The two DeltaNet parameters whose GGUF names do not follow the weight/bias rule."""
+        for name in list(self._tensors):
+            m = re.fullmatch(r"blk\.(\d+)\.(ssm_a|ssm_dt\.bias)", name)
+            if m:
+                ours = "A_log" if m[2] == "ssm_a" else "dt_bias"
+                self._tensors[f"model.layers.{m[1]}.linear_attn.{ours}"] = self._tensors.pop(name)
 
     def meta(self, key: str, default=None):
         field = self._reader.fields.get(key)
@@ -193,6 +237,25 @@ class GGUFCheckpoint:
                 attn = a("rope.scaling.attn_factor")
                 if attn is not None:
                     cfg["rope_scaling"]["attention_factor"] = _f32(attn)
+        if self.arch == "qwen3moe":  # llama.cpp renormalizes the top-k weights
+            cfg.update(num_experts=a("expert_count"), num_experts_per_tok=a("expert_used_count"),
+                       moe_intermediate_size=a("expert_feed_forward_length"),
+                       norm_topk_prob=True)
+        if self.arch in _QWEN35:
+            heads = a("ssm.time_step_rank")
+            cfg.update(layer_types=["linear_attention" if r else "full_attention"
+                                    for r in a("attention.recurrent_layers")],
+                       linear_conv_kernel_dim=a("ssm.conv_kernel"),
+                       linear_key_head_dim=a("ssm.state_size"),
+                       linear_num_key_heads=a("ssm.group_count"), linear_num_value_heads=heads,
+                       linear_value_head_dim=a("ssm.inner_size") // heads,
+                       # llama.cpp orders v heads tiled over the k heads, not grouped by them
+                       linear_value_heads_tiled=True,
+                       partial_rotary_factor=a("rope.dimension_count") / cfg["head_dim"])
+        if self.arch == "qwen35moe":
+            cfg.update(num_experts=a("expert_count"), num_experts_per_tok=a("expert_used_count"),
+                       moe_intermediate_size=a("expert_feed_forward_length"),
+                       shared_expert_intermediate_size=a("expert_shared_feed_forward_length", 0))
         if self.arch == "smollm3":  # llama.cpp: no rope in every 4th layer
             cfg["no_rope_layers"] = [int((i + 1) % 4 != 0) for i in range(n)]
 
@@ -260,6 +323,8 @@ class GGUFCheckpoint:
         values = np.array(dequantize(data, qtype), dtype=np.float32).reshape(shape)
         if self.arch == "gemma3" and name.endswith("norm.weight"):
             values -= 1.0  # the converter stored Gemma's 1 + w; the model adds the 1 itself
+        if self.arch in _QWEN35:
+            values = _qwen35_values(name, values)
         return torch.from_numpy(values)
 
     # --- tokenizer ---------------------------------------------------------------------
@@ -315,6 +380,18 @@ class GGUFCheckpoint:
                 pair=b + ["$A"] + e + [f"{t}:1" for t in b] + ["$B:1"] + [f"{t}:1" for t in e],
                 special_tokens=list(dict(bos + eos).items()))
         return tok
+
+
+def _qwen35_values(name: str, values: np.ndarray) -> np.ndarray:
+    """Undo what llama.cpp's converter did to Qwen3.5's tensors: (1 + w) norms (not the
+    DeltaNet's gated norm), A as -exp(A_log), the conv kernel without its middle axis."""
+    if name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+        return values - 1.0
+    if name.endswith("linear_attn.A_log"):
+        return np.log(-values)
+    if name.endswith("linear_attn.conv1d.weight"):
+        return values[:, None, :]
+    return values
 
 
 def llama3_rope_scaling(divisors: np.ndarray, head_dim: int, theta: float) -> Optional[dict]:

@@ -38,7 +38,8 @@ def resolve_quant(mode: Optional[str], device: str) -> Optional[str]:
 
 def load_stage(checkpoint, start: int = 0, end: Optional[int] = None,
                dtype: torch.dtype = torch.float32, device: str = "cpu",
-               quant_mode: Optional[str] = None, headless: bool = False):
+               quant_mode: Optional[str] = None, headless: bool = False,
+               expert_budget: Optional[int] = None):
     """Instantiate layers [start, end) of the checkpoint's model and load only their tensors.
 
     quant_mode (see resolve_quant): None keeps every weight in `dtype`; "auto" keeps a GGUF's
@@ -46,7 +47,9 @@ def load_stage(checkpoint, start: int = 0, end: Optional[int] = None,
     float ones in `dtype`; "q4_0"/"q4_1"/"q8_0" stores every matrix in that type.
     headless: the layers alone, without the embeddings, final norm and head that a range
     starting at 0 or ending at the last layer would hold (a worker's range: those live on
-    the master)."""
+    the master).
+    expert_budget: keep MoE experts in the checkpoint, at most this many bytes of them
+    resident (cake/text/expert_offload.py)."""
     mode = resolve_quant(quant_mode, device)
     args = ModelArgs.from_config(checkpoint.config)
     cls = model_class(checkpoint.config)
@@ -57,13 +60,20 @@ def load_stage(checkpoint, start: int = 0, end: Optional[int] = None,
         model.model.embed_tokens = model.model.norm = model.lm_head = None
     materialize(model, device)
     model.reset_rope(device)  # materialize left the buffers uninitialised
+    model.expert_lru = None
+    if expert_budget is not None:
+        from cake.text.expert_offload import offload_experts
+        model.expert_lru = offload_experts(
+            model, checkpoint, lambda source, name, like: _load_matrix(source, name, like, mode,
+                                                                       dtype, device),
+            expert_budget)
     info = checkpoint.tensor_info()
     needed = {model.checkpoint_name(n) for n, _ in model.named_parameters()}
     loading.expect({n: info[n].n_bytes for n in needed if n in info})  # for /health
     try:
         if mode:
             kernels.heap("load")
-            _quantize_matrices(model, checkpoint, mode)
+            _quantize_matrices(model, checkpoint, mode, cache=expert_budget is None)
         model.load_tensors(loading.reading(checkpoint.get))
     finally:
         loading.finished()
@@ -84,11 +94,28 @@ def materialize(model: nn.Module, device) -> None:
             module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
 
 
-def _quantize_matrices(model, checkpoint, mode: str) -> None:
+def _load_matrix(checkpoint, name: str, like: nn.Linear, mode: Optional[str], dtype, device):
+    """One matrix as a module on its own (an offloaded expert's): quantized as the stage's
+    other matrices are, else dense in dtype."""
+    found = _blocks(checkpoint, name, mode) if mode else None
+    if found is not None:
+        blocks, qtype = found
+        layer = quant.QuantLinear(blocks, qtype, like.in_features)
+        _drop_pages(blocks)
+        return layer
+    layer = nn.Linear(like.in_features, like.out_features, bias=False, device="meta")
+    layer.weight = nn.Parameter(checkpoint.get(name).to(dtype=dtype, device=device),
+                                requires_grad=False)
+    return layer
+
+
+def _quantize_matrices(model, checkpoint, mode: str, cache: bool = True) -> None:
     """Replace Linear/Embedding modules by quantized ones read from the checkpoint, or from
-    the cache of their repacked weights (repack_cache) that a first start writes."""
+    the cache of their repacked weights (repack_cache) that a first start writes (not with
+    offloaded experts: the cache holds a stage's every matrix)."""
     fast = quant.available()  # else torch's int4/int8 layouts (quant_torch), not cached
-    cache = repack_cache.path_for(checkpoint, model) if mode == "auto" and fast else None
+    cache = repack_cache.path_for(checkpoint, model) \
+        if mode == "auto" and fast and cache else None
     cached = repack_cache.load(cache)
     entries, tensors = {}, {}
     for path, module in list(model.named_modules()):

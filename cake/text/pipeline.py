@@ -24,7 +24,8 @@ class Pipeline(Protocol):
     device: torch.device
     num_blocks: int
     block_size: int
-    prefix_reusable: bool  # False: the model's state is more than its KV (recurrent layers)
+    prefix_reusable: bool  # whether cached KV blocks may start another sequence
+    state_is_kv: bool  # False: recurrent layers keep a state per sequence beside the KV
     can_copy_blocks: bool  # copy_blocks works (n > 1 forks share a prompt's blocks)
     depth: int  # steps the engine may keep in flight (submit/collect); 1: forward only
 
@@ -94,7 +95,7 @@ class LocalPipeline:
         first = stages[0]
         param = next(first.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.prefix_reusable = getattr(first, "prefix_reusable", True)
+        self.prefix_reusable = self.state_is_kv = all(s.prefix_reusable for s in stages)
         args = first.args
         kv_dtype = serving_dtype(self.dtype, self.device)
         layers = sum(s.end - s.start for s in stages)
@@ -125,11 +126,19 @@ class LocalPipeline:
             cache.copy_blocks(pairs)
 
     def release(self, block: int) -> None:
-        pass  # positions a row has not written are masked out: a reused block needs no wipe
+        # Positions a row has not written are masked out: a reused block needs no wipe. A
+        # recurrent layer's state is kept under its sequence's first block: it goes too.
+        for stage, cache in zip(self.stages, self.caches):
+            stage.release_sequence(block, cache)
 
     def kv_cache_stats(self) -> dict:
-        return {"kv_cache_capacity_bytes": sum(c.capacity_bytes() for c in self.caches)}
+        stats = {"kv_cache_capacity_bytes": sum(c.capacity_bytes() for c in self.caches)}
+        for stage in self.stages:
+            if stage.expert_lru is not None:
+                stats.update(stage.expert_lru.stats())  # a local pipeline has one stage
+        return stats
 
+    @torch.inference_mode()
     def hidden(self, tokens, batch, logits_at) -> torch.Tensor:
         return final_hidden(self, self.stages[-1].model.norm, tokens, batch, logits_at)
 

@@ -64,12 +64,15 @@ def load_text_model(path: str | Path, model_id: str, device: Optional[str] = Non
                     dtype: Optional[torch.dtype] = None, defaults: Optional[SamplingParams] = None,
                     max_batch: int = 64, context_length: Optional[int] = None,
                     cluster=None, quant: str = "auto", kv_memory: Optional[int] = None,
-                    max_queue: int = 1024, draft_tokens: int = 4) -> TextModel:
+                    max_queue: int = 1024, draft_tokens: int = 4, expert_offload: bool = False,
+                    expert_memory: Optional[int] = None) -> TextModel:
     """cluster: ClusterOptions to spread the layers over workers (None: this machine alone).
     quant: weight format (cake.text.loader.resolve_quant); "auto" keeps a GGUF's blocks.
     kv_memory: bytes of the KV block pool (None: a share of the free memory); max_queue:
     requests that may wait for a place before new ones are turned away; draft_tokens: how far
-    greedy decoding guesses ahead (0: no speculation)."""
+    greedy decoding guesses ahead (0: no speculation). expert_offload, expert_memory: MoE
+    experts read from the checkpoint as they are routed, expert_memory bytes of them resident
+    (cake.text.expert_offload.budget_for)."""
     device = device or best_device()
     dtype = dtype or default_dtype(device)
     checkpoint = open_checkpoint(path)
@@ -83,8 +86,10 @@ def load_text_model(path: str | Path, model_id: str, device: Optional[str] = Non
         pipeline = start_cluster_pipeline(checkpoint, dtype, device, max_batch, ctx, cluster,
                                           quant)
     else:
+        from cake.text.expert_offload import budget_for
+        budget = budget_for(checkpoint, expert_offload, expert_memory)
         pipeline = LocalPipeline([load_stage(checkpoint, dtype=dtype, device=device,
-                                             quant_mode=quant)],
+                                             quant_mode=quant, expert_budget=budget)],
                                  max_len=ctx, checkpoint=checkpoint,
                                  quant=resolve_quant(quant, device), kv_memory=kv_memory,
                                  max_batch=max_batch)

@@ -4,6 +4,7 @@ of its own layers and placement sizes layers without reading any."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import NamedTuple, Optional, Protocol, runtime_checkable
 
@@ -89,12 +90,16 @@ class SafetensorsCheckpoint:
                 with safe_open(f, "pt") as st:
                     self._file_of.update({name: f for name in st.keys()})
         self._open: dict[Path, object] = {}
+        self._stored: dict[str, str] = {}  # our name -> the file's, where they differ
+        if self.config.get("model_type") in LANGUAGE_MODELS:
+            self.config, self._stored = language_model(self.config, self._file_of)
+            self._file_of = {ours: self._file_of[theirs] for ours, theirs in self._stored.items()}
 
     def tensor_names(self) -> list[str]:
         return list(self._file_of)
 
     def tensor_info(self) -> dict[str, TensorInfo]:
-        return safetensors_info(self._file_of)
+        return safetensors_info(self._file_of, self._stored)
 
     def files(self) -> list[Path]:
         return sorted(set(self._file_of.values()))
@@ -102,13 +107,59 @@ class SafetensorsCheckpoint:
     def raw(self, name: str) -> None:
         return None
 
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self._file_of:
-            raise KeyError(f"tensor {name} not in checkpoint {self.folder}")
+    def _file(self, name: str):
         f = self._file_of[name]
         if f not in self._open:
             self._open[f] = safe_open(f, "pt")
-        return self._open[f].get_tensor(name)
+        return self._open[f]
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._file_of:
+            fused = fused_expert(name, self._file_of)
+            if fused is None:
+                raise KeyError(f"tensor {name} not in checkpoint {self.folder}")
+            whole, index, half = fused
+            part = self._file(whole).get_slice(self._stored.get(whole, whole))[index]  # that one
+            return part if half is None else part.chunk(2)[half].contiguous()
+        return self._file(name).get_tensor(self._stored.get(name, name))
+
+
+# Multimodal checkpoints whose language model is served alone -> where its weights lie.
+LANGUAGE_MODELS = {"qwen3_5": "model.language_model.", "qwen3_5_moe": "model.language_model."}
+
+
+def language_model(config: dict, names) -> tuple[dict, dict[str, str]]:
+    """The text model of a multimodal checkpoint: its text_config (with the top level's
+    token ids and tying), and its tensors under our names (model.layers..., lm_head) ->
+    theirs; the vision tower's and other heads' tensors are left out."""
+    prefix = LANGUAGE_MODELS[config["model_type"]]
+    text = dict(config["text_config"])
+    for key in ("tie_word_embeddings", "eos_token_id", "bos_token_id"):
+        if config.get(key) is not None:
+            text[key] = config[key]
+    stored = {"model." + n[len(prefix):]: n for n in names if n.startswith(prefix)}
+    stored.update({n: n for n in names if n.startswith("lm_head.")})
+    return text, stored
+
+
+_EXPERT = re.compile(r"(.+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight")
+
+
+def fused_expert(name: str, names) -> "tuple[str, int, int | None] | None":
+    """Where a per-expert matrix (mlp.experts.E.gate_proj.weight) lies in a checkpoint that
+    stores a layer's experts fused, as transformers 5 holds them: (fused tensor, expert,
+    which half of its rows or None). gate_up_proj [E, 2F, D] holds gate then up;
+    down_proj [E, D, F]."""
+    m = _EXPERT.fullmatch(name)
+    if m is None:
+        return None
+    base, e, kind = m[1], int(m[2]), m[3]
+    if kind == "down":
+        return (f"{base}.down_proj", e, None) if f"{base}.down_proj" in names else None
+    fused = f"{base}.gate_up_proj"
+    if fused not in names:
+        return None
+    return fused, e, 0 if kind == "gate" else 1
 
 
 def open_checkpoint(path: str | Path):

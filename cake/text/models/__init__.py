@@ -2,13 +2,14 @@
 `configure(cfg, fields)` (what its config.json says beyond the common fields)."""
 from types import ModuleType
 
-from cake.text.models import exaone4, gemma3, llama, olmo2, phi3, smollm3
+from cake.text.models import exaone4, gemma3, llama, olmo2, phi3, qwen3_5, qwen3_moe, smollm3
 
 # config.json "model_type" -> module implementing the family. SmolLM2 and Falcon3 ship as
 # model_type "llama".
 FAMILIES = {"llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama,
             "gemma3_text": gemma3, "phi3": phi3, "olmo2": olmo2, "exaone4": exaone4,
-            "smollm3": smollm3}
+            "smollm3": smollm3, "qwen3_moe": qwen3_moe, "qwen3_5_text": qwen3_5,
+            "qwen3_5_moe_text": qwen3_5}
 
 
 def family(model_type: str) -> ModuleType:

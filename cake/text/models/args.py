@@ -39,6 +39,17 @@ class ModelArgs:
     embed_scale: Optional[float] = None  # embeddings times this (Gemma: sqrt(hidden))
     final_logit_softcapping: Optional[float] = None
     fused_checkpoint: bool = False  # the checkpoint has qkv_proj / gate_up_proj (Phi-3)
+    # Mixture of experts (Qwen3-MoE, Qwen3.5-MoE): see models/moe.py.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    # Gated DeltaNet layers ("linear_attention" in layer_types; Qwen3.5): see models/deltanet.py.
+    linear: Optional[dict] = None  # conv_kernel, key_heads, value_heads, key_dim, value_dim
+    attn_output_gate: bool = False  # q_proj also yields a sigmoid gate on attention's output
     tie_word_embeddings: bool = False
     model_type: str = "llama"
     eos_token_id: list[int] = field(default_factory=list)
@@ -56,7 +67,7 @@ class ModelArgs:
         fields = dict(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
+            intermediate_size=cfg.get("intermediate_size", 0),  # MoE-only models have none
             num_hidden_layers=cfg["num_hidden_layers"],
             num_attention_heads=heads,
             num_key_value_heads=cfg.get("num_key_value_heads") or heads,

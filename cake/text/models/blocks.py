@@ -52,11 +52,14 @@ class Attention(nn.Module):
         self.window, self.rope = window, rope
         dim, qkv_bias = args.hidden_size, args.qkv_bias or args.attention_bias
         q, kv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        # Qwen3.5: q_proj also yields, per head, a gate on the attention output (sigmoid).
+        self.output_gate = args.attn_output_gate
+        self.q_width = 2 * q if self.output_gate else q
         self.q_proj = self.k_proj = self.v_proj = None
         if args.fused_checkpoint:
             self.qkv_proj = nn.Linear(dim, q + 2 * kv, bias=qkv_bias)
         else:
-            self.q_proj = nn.Linear(dim, q, bias=qkv_bias)
+            self.q_proj = nn.Linear(dim, self.q_width, bias=qkv_bias)
             self.k_proj = nn.Linear(dim, kv, bias=qkv_bias)
             self.v_proj = nn.Linear(dim, kv, bias=qkv_bias)
             self.qkv_proj = None  # q, k and v as one matrix, once fuse() has run
@@ -83,22 +86,31 @@ class Attention(nn.Module):
             del self.q_proj, self.k_proj, self.v_proj
 
     def project(self, x):
-        """q, k, v: [B, T, heads, head_dim] each, q and k normalized but not rotated."""
+        """q, k, v: [B, T, heads, head_dim] each, q and k normalized but not rotated, and the
+        output gate [B, T, heads * head_dim] (None without one)."""
         B, T, _ = x.shape
+        gate = None
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split(
-                [self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+                [self.q_width, self.n_kv * self.head_dim,
                  self.n_kv * self.head_dim], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.output_gate:
+            q, gate = q.view(B, T, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)
+            gate = gate.reshape(B, T, -1)
         if self.qk_norm == "proj":  # OLMo 2: over the whole projection, before the heads split
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(B, T, self.n_heads, self.head_dim)
+        q = q.reshape(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv, self.head_dim)
         v = v.view(B, T, self.n_kv, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        return q, k, v
+        return q, k, v, gate
+
+    def output(self, out: torch.Tensor, gate) -> torch.Tensor:
+        """o_proj of the heads' outputs [B, T, heads * head_dim], gated where q_proj said."""
+        return self.o_proj(out if gate is None else out * torch.sigmoid(gate))
 
     def decode(self, x, ropes: dict, batch: StepBatch, cache: KVCache, layer: int):
         """One new token per row through our CPU kernel: cache write and attention over each
@@ -106,11 +118,12 @@ class Attention(nn.Module):
         B = x.shape[0]
         rope = self.rope
         plain = (self.qkv_proj is not None and self.qk_norm is None and self.q_scale == 1.0
-                 and (rope is None or rope.in_kernel))
+                 and (rope is None or rope.in_kernel) and not self.output_gate)
+        gate = None
         if plain:
             qkv = self.qkv_proj(x).view(B, -1)
         else:
-            q, k, v = self.project(x)
+            q, k, v, gate = self.project(x)
             if rope is not None and not rope.in_kernel:
                 cos, sin = ropes.cos_sin(rope)
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -122,11 +135,11 @@ class Attention(nn.Module):
         out = torch.ops.cake.decode_attention(qkv, k_cache, v_cache, batch.slots,
                                               batch.positions, table, self.n_heads,
                                               self.window or 0)
-        return self.o_proj(out.view(B, 1, -1))
+        return self.output(out.view(B, 1, -1), gate)
 
     def forward(self, x, ropes: dict, mask, batch: StepBatch, cache: KVCache, layer: int):
         B, T, _ = x.shape
-        q, k, v = self.project(x)
+        q, k, v, gate = self.project(x)
         if self.rope is not None:
             cos, sin = ropes.cos_sin(self.rope)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -135,7 +148,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
             attn_mask=mask, scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return self.output(out.transpose(1, 2).reshape(B, T, -1), gate)
 
 
 class MLP(nn.Module):
@@ -199,6 +212,10 @@ class TransformerBlock(nn.Module):
                 setattr(self, name, RMSNorm(args.hidden_size, args.rms_norm_eps))
         self.kernel_args = None
 
+    def fuse(self) -> None:
+        self.self_attn.fuse()
+        self.mlp.fuse()
+
     def _norm(self, where: int, x):
         name = self.norm_names[where]
         return x if name is None else getattr(self, name)(x)
@@ -232,8 +249,8 @@ class TransformerBlock(nn.Module):
         gate_up = [mlp.gate_up_proj] if mlp.gate_up_proj is not None else [
             mlp.gate_proj, mlp.up_proj]
         self.kernel_args = None
-        if not all(isinstance(m, quant.QuantLinear)
-                   for m in [*qkv, attn.o_proj, *gate_up, mlp.down_proj]):
+        if attn.output_gate or not all(isinstance(m, quant.QuantLinear)  # (gate: not in it)
+                                       for m in [*qkv, attn.o_proj, *gate_up, mlp.down_proj]):
             return
         norms = [None if name is None else getattr(self, name) for name in self.norm_names]
         if attn.q_norm is not None:

@@ -48,6 +48,11 @@ class Model(nn.Module):
     """Decoder layers [start, end) of the model, plus the embeddings when start == 0 and the
     final norm and head when end == num_hidden_layers."""
 
+    # False where a sequence's state is more than its cached keys and values (linear
+    # attention): a cached prefix of another sequence cannot stand in for it.
+    prefix_reusable = True
+    expert_lru = None  # MoE experts read from the checkpoint as routed (expert_offload.py)
+
     def __init__(self, args: ModelArgs, start: int = 0, end: Optional[int] = None):
         super().__init__()
         end = args.num_hidden_layers if end is None else end
@@ -63,8 +68,7 @@ class Model(nn.Module):
         # A ModuleDict keyed by the global layer number keeps checkpoint names.
         tables = self._rope_tables()
         self.model.layers = nn.ModuleDict({
-            str(i): TransformerBlock(args, args.window(i), self.layer_rope(i, tables))
-            for i in range(start, end)})
+            str(i): self.block(i, tables) for i in range(start, end)})
         if self.is_last:
             self.model.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
             # A tied head on the stage that holds the embeddings is the embedding itself;
@@ -79,6 +83,10 @@ class Model(nn.Module):
         self._tensor_names = [self.checkpoint_name(n) for n, _ in self.named_parameters()]
         self._shapes = {n: list(p.shape) for n, p in self.named_parameters()}
         self.quantized: dict[str, tuple[str, int]] = {}  # name -> (type, bytes)
+
+    def block(self, i: int, tables: dict) -> nn.Module:
+        """Decoder layer i (a family changes its mixer or MLP here)."""
+        return TransformerBlock(self.args, self.args.window(i), self.layer_rope(i, tables))
 
     # --- rope -----------------------------------------------------------------------------
 
@@ -139,17 +147,24 @@ class Model(nn.Module):
             if t.shape != p.shape:
                 raise ValueError(f"{name}: checkpoint has shape {tuple(t.shape)}, "
                                  f"the model expects {tuple(p.shape)}")
-            if self.args.norm_plus_one and name.endswith("norm.weight"):
+            if self.plus_one(name):
                 t = t.float() + 1.0  # (1 + w) computed once, in float32 as Gemma does
             p.copy_(t)
+
+    def plus_one(self, name: str) -> bool:
+        """Whether a checkpoint norm holds the w of a (1 + w) RMSNorm."""
+        return self.args.norm_plus_one and name.endswith("norm.weight")
 
     def fuse_projections(self) -> None:
         """Join q/k/v and gate/up into one matrix each (after loading)."""
         for layer in self.model.layers.values():
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
+            layer.fuse()
             if next(self.parameters()).device.type == "cpu" and quant.available():
                 layer.prepare_kernel()
+
+    def release_sequence(self, slot: int, cache: KVCache) -> None:
+        """A sequence's slot (or first block) is free: forget what the layers keep for it
+        beside the KV cache."""
 
     # --- running --------------------------------------------------------------------------
 
