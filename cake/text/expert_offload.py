@@ -105,9 +105,9 @@ def offload_experts(model: nn.Module, checkpoint, load_matrix: Callable, budget:
     from cake.text.models.moe import SparseMoE
 
     lru = ExpertLRU(budget)
-    if hasattr(checkpoint, "raw"):
-        checkpoint = MappedMatrices(checkpoint, [n for n in model.tensor_names()
-                                                 if ".mlp.experts." in n])
+    names = [n for n in model.tensor_names() if ".mlp.experts." in n]
+    if names and checkpoint.raw(names[0]) is not None:  # GGUF blocks: keep only their map
+        checkpoint = MappedMatrices(checkpoint, names)
     for path, moe in list(model.named_modules()):
         if not isinstance(moe, SparseMoE) or isinstance(moe.experts, OffloadedExperts):
             continue
@@ -137,8 +137,9 @@ def offload_experts(model: nn.Module, checkpoint, load_matrix: Callable, budget:
 
 def matrix_bytes(checkpoint, name: str, like: nn.Module) -> int:
     """A matrix's bytes in the file (a GGUF's blocks), else as the stage holds it."""
-    if hasattr(checkpoint, "raw"):
-        return int(checkpoint.raw(name)[1].nbytes)
+    raw = checkpoint.raw(name)
+    if raw is not None:
+        return int(raw[1].nbytes)
     return like.weight.numel() * like.weight.element_size()
 
 
@@ -156,8 +157,6 @@ def budget_for(checkpoint, offload: bool, memory: Optional[int]) -> Optional[int
 
 
 def experts_bytes(checkpoint) -> int:
-    """What all the checkpoint's experts take (0 for a dense model)."""
-    names = [n for n in checkpoint.tensor_names() if ".mlp.experts." in n]
-    if hasattr(checkpoint, "raw"):
-        return sum(int(checkpoint.raw(n)[1].nbytes) for n in names)
-    return sum(checkpoint.get(n).nbytes for n in names)
+    """What all the checkpoint's experts take as stored (0 for a dense model)."""
+    return sum(info.n_bytes for name, info in checkpoint.tensor_info().items()
+               if ".mlp.experts." in name)
