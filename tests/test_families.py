@@ -172,7 +172,11 @@ def test_batched_decode_equals_single(models, name):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_two_stages_equal_one(models, name):
-    ck = SafetensorsCheckpoint(models(name)[1])
+    assert_two_stages_equal_one(SafetensorsCheckpoint(models(name)[1]))
+
+
+def assert_two_stages_equal_one(ck) -> None:
+    """The model's layers split in two stages give the tokens and logits of one stage."""
     n = ck.config["num_hidden_layers"]
     whole = load_stage(ck)
     stages = [load_stage(ck, 0, n // 2), load_stage(ck, n // 2, n)]

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from gguf_convert import convert  # noqa: E402
 from test_families import (COMMON, DECODE_STEPS, PROMPT, build_model, greedy,  # noqa: E402
-                           kernels_or_skip, transformers_logits)
+                           assert_two_stages_equal_one, kernels_or_skip, transformers_logits)
 from test_model_parity import assert_batched_decode_equals_alone, generate, new_cache  # noqa: E402
 
 from cake.text import quant  # noqa: E402
@@ -76,14 +76,7 @@ def test_batched_decode_equals_single(models, name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_two_stages_equal_one(models, name):
-    ck = SafetensorsCheckpoint(models(name)[1])
-    n = ck.config["num_hidden_layers"]
-    whole = load_stage(ck)
-    stages = [load_stage(ck, 0, n // 2), load_stage(ck, n // 2, n)]
-    tokens, expected = generate([whole], [new_cache(whole)], PROMPT, DECODE_STEPS)
-    tokens_staged, got = generate(stages, [new_cache(s) for s in stages], PROMPT, DECODE_STEPS)
-    assert tokens_staged == tokens
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert_two_stages_equal_one(SafetensorsCheckpoint(models(name)[1]))
 
 
 def test_fused_expert_checkpoint(models, tmp_path):
