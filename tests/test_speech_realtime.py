@@ -9,19 +9,18 @@ import io
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
-import threading
 import wave
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
 
 from conftest import ROOT
+from speech_checks import (assert_leaving_client_frees_the_worker,
+                           assert_streams_frame_by_frame, speak)
 from speech_models import write_realtime
 
 HOP = 160  # samples per frame of the tiny model (8 * 5 * 4)
@@ -139,10 +138,6 @@ def server(start_server, tiny, voice_dir):
     return start_server(str(tiny), "--model-type", "audio-model", "--voice-dir", str(voice_dir))
 
 
-def speak(server, **body) -> httpx.Response:
-    return httpx.post(server.url + "/v1/audio/speech", json=body, timeout=120)
-
-
 def test_served_pcm_is_the_reference_audio_and_wav_is_24k(server):
     r = speak(server, input=SETTINGS["text"], response_format="pcm", seed=SETTINGS["seed"],
               cfg_scale=1.5, diffusion_steps=SETTINGS["steps"], max_frames=21)
@@ -171,40 +166,11 @@ def test_voice_and_parameter_errors(server, voice_dir, extra, message):
 
 
 def test_stream_arrives_frame_by_frame(server):
-    with httpx.stream("POST", server.url + "/v1/audio/speech", timeout=120,
-                      json={"input": "Stream me.", "max_frames": 7, "stream": True,
-                            "response_format": "pcm"}) as r:
-        assert r.status_code == 200 and r.headers["content-type"] == "audio/pcm"
-        body = b"".join(r.iter_bytes())
-    assert len(body) == 7 * HOP * 4
-    with httpx.stream("POST", server.url + "/v1/audio/speech", timeout=120,
-                      json={"input": "Stream me.", "max_frames": 7, "stream": True}) as r:
-        body = b"".join(r.iter_bytes())
-    assert struct.unpack("<4sI", body[:8]) == (b"RIFF", 0xFFFFFFFF)
-    assert len(body) - 44 == 7 * HOP * 2
+    assert_streams_frame_by_frame(server, 7, HOP)
 
 
 def test_a_leaving_client_stops_its_synthesis(server):
-    """8000 frames of 100 diffusion steps take many minutes here; the client reads three
-    frames and leaves; the next request is served soon after, so the worker was freed."""
-    received = []
-    with httpx.stream("POST", server.url + "/v1/audio/speech", timeout=120,
-                      json={"input": "A long one.", "max_frames": 8000, "stream": True,
-                            "diffusion_steps": 100, "response_format": "pcm"}) as r:
-        assert r.status_code == 200
-        chunks = r.iter_bytes()
-        while sum(map(len, received)) < 3 * HOP * 4:
-            received.append(next(chunks))
-        assert httpx.get(server.url + "/health", timeout=10).status_code == 200
-    done, result = threading.Event(), {}
-
-    def follow_up():
-        result["r"] = speak(server, input="Next please.", max_frames=2, response_format="pcm")
-        done.set()
-
-    threading.Thread(target=follow_up, daemon=True).start()
-    assert done.wait(timeout=60), "the abandoned synthesis kept the worker busy"
-    assert len(result["r"].content) == 2 * HOP * 4
+    assert_leaving_client_frees_the_worker(server, HOP, diffusion_steps=100)
 
 
 def test_cake_run_writes_the_audio(tiny, voice_dir, tmp_path):

@@ -7,10 +7,8 @@ import base64
 import io
 import json
 import re
-import struct
 import subprocess
 import sys
-import threading
 import wave
 
 import httpx
@@ -19,6 +17,8 @@ import pytest
 import torch
 
 from conftest import ROOT
+from speech_checks import (assert_leaving_client_frees_the_worker,
+                           assert_streams_frame_by_frame, speak)
 from speech_models import original_name
 
 HOP = 160  # samples per speech frame of the tiny model (downsampling 4 * 5 * 8)
@@ -285,10 +285,6 @@ def server(start_server, tiny, voices):
                         "--voice-prompt", str(outside / "prompt.wav"))
 
 
-def speak(server, **body) -> httpx.Response:
-    return httpx.post(server.url + "/v1/audio/speech", json=body, timeout=120)
-
-
 def wav_of(r: httpx.Response):
     assert r.status_code == 200, r.text
     with wave.open(io.BytesIO(r.content)) as w:
@@ -356,49 +352,11 @@ def test_voice_and_parameter_errors(server, voices, extra, message):
 
 
 def test_stream_arrives_frame_by_frame(server):
-    with httpx.stream("POST", server.url + "/v1/audio/speech", timeout=120,
-                      json={"input": "Stream me.", "max_frames": 6, "stream": True,
-                            "response_format": "pcm"}) as r:
-        assert r.status_code == 200 and r.headers["content-type"] == "audio/pcm"
-        body = b"".join(r.iter_bytes())
-    assert len(body) == 6 * HOP * 4
-    with httpx.stream("POST", server.url + "/v1/audio/speech", timeout=120,
-                      json={"input": "Stream me.", "max_frames": 6, "stream": True}) as r:
-        body = b"".join(r.iter_bytes())
-    assert struct.unpack("<4sI", body[:8]) == (b"RIFF", 0xFFFFFFFF)
-    assert struct.unpack("<I", body[24:28]) == (24000,)
-    assert len(body) - 44 == 6 * HOP * 2
+    assert_streams_frame_by_frame(server, 6, HOP)
 
 
 def test_server_answers_during_synthesis_and_a_leaving_client_stops_it(server):
-    """A synthesis of 8000 frames of 100 diffusion steps (many minutes here) streams; while it runs the server
-    answers /health and /v1/models; when its client leaves, the worker is free again, so the
-    next request is served (it would otherwise queue behind the whole synthesis)."""
-    received = []
-    with httpx.stream("POST", server.url + "/v1/audio/speech", timeout=120,
-                      json={"input": "A long one.", "max_frames": 8000, "stream": True,
-                            "diffusion_steps": 100, "response_format": "pcm"}) as r:
-        assert r.status_code == 200
-        chunks = r.iter_bytes()
-        while sum(map(len, received)) < 3 * HOP * 4:  # frames are arriving: it is running
-            received.append(next(chunks))
-        assert httpx.get(server.url + "/health", timeout=10).status_code == 200
-        assert httpx.get(server.url + "/v1/models", timeout=10).status_code == 200
-        received.append(next(chunks))  # and it is still producing
-    done = threading.Event()
-    result = {}
-
-    def follow_up():
-        result["r"] = speak(server, input="Next please.", max_frames=2)
-        done.set()
-
-    threading.Thread(target=follow_up, daemon=True).start()
-    # 8000 frames take far longer than this bound on this machine; a cancelled job frees
-    # the worker at its next frame.
-    assert done.wait(timeout=60), "the abandoned synthesis kept the worker busy"
-    assert len(wav_of(result["r"])) == 2 * HOP
-    stats = httpx.get(server.url + "/health").json()
-    assert stats["status"] == "ok"
+    assert_leaving_client_frees_the_worker(server, HOP, diffusion_steps=100)
 
 
 def test_cake_run_with_vibevoice(tiny, voices, tmp_path):

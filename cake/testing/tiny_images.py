@@ -62,9 +62,18 @@ def clip_text_encoder(vocab_size: int, with_projection: bool = False):
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
+def sd_vae():
+    """The VAE of the tiny SD and SDXL pipelines (4 latent channels, two blocks)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(4, 8), in_channels=3, out_channels=3,
+                         down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
+                         norm_num_groups=2, sample_size=64)
+
+
 def sd_pipeline():
-    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     tokenizer = clip_tokenizer()
     unet = UNet2DConditionModel(
@@ -72,10 +81,7 @@ def sd_pipeline():
         out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
         norm_num_groups=2)
-    vae = AutoencoderKL(block_out_channels=(4, 8), in_channels=3, out_channels=3,
-                        down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
-                        norm_num_groups=2, sample_size=64)
+    vae = sd_vae()
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     return StableDiffusionPipeline(
@@ -85,7 +91,7 @@ def sd_pipeline():
 
 
 def sdxl_pipeline():
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
+    from diffusers import (EulerDiscreteScheduler, StableDiffusionXLPipeline,
                            UNet2DConditionModel)
 
     tokenizer = clip_tokenizer()
@@ -96,10 +102,7 @@ def sdxl_pipeline():
         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=80,
         cross_attention_dim=64, norm_num_groups=2)
-    vae = AutoencoderKL(block_out_channels=(4, 8), in_channels=3, out_channels=3,
-                        down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
-                        norm_num_groups=2, sample_size=64)
+    vae = sd_vae()
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
                                        beta_schedule="scaled_linear", timestep_spacing="leading")
     return StableDiffusionXLPipeline(
