@@ -309,6 +309,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--pipeline-depth", type=int, default=0, help="0: the cluster's default")
+    ap.add_argument("--streams", type=int, default=4, help="concurrent requests of the batch run")
     ap.add_argument("--delay-ms", type=float, action="append",
                     help="worker behind a link with this one-way delay (repeatable; needs root)")
     ap.add_argument("--stopped-worker", action="store_true",
@@ -332,7 +333,7 @@ def main() -> None:
         for delay in args.delay_ms or [None]:
             runs = {}
             for insecure in ((False, True) if args.seal_cost else (False,)):
-                runs[insecure] = bench_cluster(args.tokens, args.repeats,
+                runs[insecure] = bench_cluster(args.tokens, args.repeats, args.streams,
                                                depth=args.pipeline_depth, delay_ms=delay,
                                                one_core=args.one_core, insecure=insecure)
                 print(json.dumps(runs[insecure]), flush=True)

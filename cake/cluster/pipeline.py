@@ -44,6 +44,7 @@ class StageLost(RuntimeError):
         self.lost = lost
 
 
+AUTO_GROUP_ROWS = 8  # see _build
 PING_TIMEOUT_S = 2.0  # a stage's Ray actor answers a ping in ~3 ms; one stopped never does
 
 
@@ -116,7 +117,7 @@ class ClusterPipeline:
         self.inflight: deque = deque()  # submitted steps whose logits are not back yet
         self.results: dict[int, torch.Tensor] = {}
         self._handles = itertools.count()
-        self.depth = 1
+        self.depth = self.group_rows = 1
         self.stages: list = []
         self.plan: list = []
         nodes = rc.wait_for_workers(opts, set(self.topology_nodes) or None)
@@ -221,6 +222,11 @@ class ClusterPipeline:
         machines = {self.master_ip} | {self.workers[s.node].host for s in remote}
         self.depth = (self.opts.pipeline_depth or len(machines)) \
             if shape == ["local", "remote", "local"] and last.start == last.end else 1
+        # A decode step reads every weight once whatever its rows, so a small batch split in
+        # groups costs each machine about as much per group as the whole batch did, plus a
+        # step's overheads twice: by default only groups of AUTO_GROUP_ROWS or more travel
+        # on their own. An explicit --pipeline-depth splits as asked.
+        self.group_rows = 1 if self.opts.pipeline_depth else AUTO_GROUP_ROWS
         self.events.append({"time": time.time(), "event": "placed",
                             "layers": {s.node: layer_range(s.start, s.end) for s in remote},
                             "seconds": round(time.monotonic() - t0, 2)})

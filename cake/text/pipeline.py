@@ -28,6 +28,7 @@ class Pipeline(Protocol):
     state_is_kv: bool  # False: recurrent layers keep a state per sequence beside the KV
     can_copy_blocks: bool  # copy_blocks works (n > 1 forks share a prompt's blocks)
     depth: int  # steps the engine may keep in flight (submit/collect); 1: forward only
+    group_rows: int  # with steps in flight, the fewest sequences worth a step of their own
 
     def forward(self, tokens: torch.Tensor, batch: StepBatch,
                 logits_at: Optional[torch.Tensor]) -> torch.Tensor:
@@ -80,7 +81,7 @@ def free_memory(device) -> int:
 
 
 class LocalPipeline:
-    depth = 1
+    depth, group_rows = 1, 1
     can_copy_blocks = True
 
     def __init__(self, stages: list, max_len: int, checkpoint=None, quant: Optional[str] = None,
