@@ -138,6 +138,21 @@ def split_address(address: str, default_port: int = DEFAULT_PORT) -> tuple[str, 
     return host.strip("[]"), int(port)
 
 
+# Ray starts worker processes, so our stage actors, at nice 15: any daemon or desktop program
+# that wakes up on the node would preempt the stage that every token waits for. They run at
+# the niceness of `cake serve` itself (0).
+# Ray's background work shares each node's cores with the stage (an idle 2-node cluster
+# used ~12% of a core): none of what follows serves a fixed ring of stages. No log monitor
+# (nothing is logged to the driver), no autoscaler monitor on the head, no worker process
+# started ahead of a task, no metrics or event statistics, and no memory monitor (Ray's OOM
+# killer would kill a stage mid-stream; the pipeline replaces lost stages itself). The
+# workers' raylets take this config from the head.
+QUIET_NODE = {"include_log_monitor": False}
+QUIET_CLUSTER = {"worker_niceness": 0,
+                 "prestart_worker_first_driver": False, "memory_monitor_refresh_ms": 0,
+                 "enable_metrics_collection": False, "event_stats": False}
+
+
 def _node(params, head: bool):
     import ray._private.node
 
@@ -152,7 +167,8 @@ def start_head(address: str):
     node_ip = "127.0.0.1" if is_loopback(host) else (host if host != "0.0.0.0" else lan_ip())
     params = ray._private.parameter.RayParams(
         node_ip_address=node_ip, node_name="master", gcs_server_port=port, num_cpus=1,
-        include_dashboard=False, resources={"cake_master": 1})
+        include_dashboard=False, resources={"cake_master": 1}, **QUIET_NODE,
+        no_monitor=True, _system_config=QUIET_CLUSTER)
     try:
         node = _node(params, head=True)
     except Exception as e:
@@ -201,7 +217,7 @@ def start_worker_node(gcs_address: str, name: str, node_ip: str):
 
     params = ray._private.parameter.RayParams(
         node_ip_address=node_ip, node_name=name, gcs_address=gcs_address, num_cpus=1,
-        resources={WORKER_RESOURCE: 1})
+        resources={WORKER_RESOURCE: 1}, **QUIET_NODE)
     try:
         return _node(params, head=False)
     except Exception as e:
