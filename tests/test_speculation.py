@@ -47,10 +47,11 @@ def test_lookup_follows_the_longest_earlier_suffix():
     # "7 8" occurred before "1 2 3", but the longest suffix "9 7 8" last occurred before "4"
     tokens = [9, 7, 8, 4, 5, 6, 0, 7, 8, 1, 2, 3, 9, 7, 8]
     lookup.held, lookup.trials = [10.0] * 5, [10.0] * 5  # a record of drafts that always hold
-    draft, order = lookup.propose(tokens, 3)
-    assert (draft, order) == ([4, 5, 6], 3)
-    assert lookup.propose(tokens + [11], 3) == ([], 0)  # 11 never occurred before
-    assert PromptLookup().propose([5, 6, 5], 4) == ([6, 5], 1)  # up to the newest token
+    assert lookup.propose(tokens, 3) == ([4, 5, 6], (9, 7, 8))
+    assert lookup.propose(tokens + [11], 3) == ([], ())  # 11 never occurred before
+    lookup = PromptLookup()
+    lookup.held[1] = lookup.trials[1] = 10.0
+    assert lookup.propose([5, 6, 5], 4) == ([6, 5], (5,))  # up to the newest token
 
 
 def test_draft_length_pays_only_where_guesses_hold():
@@ -58,9 +59,12 @@ def test_draft_length_pays_only_where_guesses_hold():
     assert draft_length(0.5, 8) in (1, 2, 3)
     assert draft_length(0.95, 6) == 6
     lookup = PromptLookup()
-    for _ in range(8):  # order-1 guesses that always fail stop being made
-        lookup.observe(1, 2, 0)
-    assert lookup.propose([5, 6, 5], 4) == ([], 1)
+    lookup.held[1], lookup.trials[1] = 9.0, 10.0  # single-token matches have held
+    for _ in range(10):  # but the ones after token 5 always fail: those stop
+        lookup.observe((5,), 2, 0)
+    assert lookup.holds((5,)) < 0.1 and lookup.holds((6,)) == 9 / 20
+    assert lookup.propose([5, 6, 5], 4) == ([], (5,))
+    assert PromptLookup().propose([6, 8, 6], 4)[0] == [8]  # a fresh order-1 bet: one token
 
 
 def test_greedy_verification_is_one_token_at_a_time():

@@ -102,7 +102,7 @@ class Sequence(Job):
     pending_prompt_logprobs: Optional[list] = None
     embed: bool = False  # prefill only and answer the last token's final hidden state
     lookup: PromptLookup = field(default_factory=PromptLookup)  # drafts and their record
-    draft_order: int = 0  # how many tokens the pending draft's match had
+    draft_context: tuple = ()  # the n-gram the pending draft followed
 
     @property
     def tokens(self) -> list[int]:
@@ -483,7 +483,7 @@ class Engine:
                    self.max_len - seq.length - 1)
         if most <= 0 or seq.params.grammar is not None:
             return []
-        draft, seq.draft_order = seq.lookup.propose(seq.tokens, most)
+        draft, seq.draft_context = seq.lookup.propose(seq.tokens, most)
         for j in range(len(draft)):  # positions the pool has no block for are not guessed
             if not self._writable(seq, seq.length + j):
                 return draft[:j]
@@ -505,7 +505,7 @@ class Engine:
                 self._finish(seq, "error", error="sampling failed")
                 return
         held = len(tokens) - 1
-        seq.lookup.observe(seq.draft_order, len(draft), held)
+        seq.lookup.observe(seq.draft_context, len(draft), held)
         self.drafted += len(draft)
         self.draft_accepted += held
         seq.num_cached = seq.length + held  # the rows fed after a wrong guess are void

@@ -5,11 +5,13 @@ that occurred earlier in its prompt or output, and the tokens that followed it t
 text repeats itself). The engine feeds the draft as extra rows of the sequence's decode step;
 row j's logits are the model's distribution after draft[:j].
 
-How far to guess is a per-sequence bet: each match order (how many tokens matched) keeps a
-count of the draft tokens that held and of the guesses that failed, and the draft length is
-the one that maximises the expected tokens per step over the step's cost. Free text, whose
-short matches rarely hold, stops guessing; copied text guesses far. Only the sequence's own
-history decides, so a seeded request samples the same text alone or in a batch.
+How far to guess is a per-sequence bet: each match order (how many tokens matched), and each
+matched n-gram itself, keep a count of the draft tokens that held and of the guesses that
+failed; the chance that a guess holds is the n-gram's record shrunk towards its order's, and
+the draft length is the one that maximises the expected tokens per step over the step's cost.
+Free text, whose short matches rarely hold, stops guessing; copied text guesses far; a
+context that keeps guessing wrong stops while the rest of the copy goes on. Only the
+sequence's own history decides, so a seeded request samples the same text alone or in a batch.
 
 Verification keeps the output's distribution: greedy rows accept while the argmax agrees;
 sampled rows accept draft token d with probability p(d) and otherwise draw from p with d
@@ -22,11 +24,15 @@ from __future__ import annotations
 import torch
 
 MAX_ORDER = 4  # longest suffix looked up; longer matches are counted as this order
-# Cost of one extra row of a decode step relative to the step (CPU, the default model: a
-# 5-row step measured ~1.6x a 1-row step): the weights are read once for all rows, each row
-# adds its products, attention and logits.
+# Cost of one extra row of a decode step relative to the step (CPU, the default model, one
+# thread: 2, 3 and 5 rows measured ~1.1x, 1.2x and 1.5x one row): the weights are unpacked
+# once for all rows, each row adds its products, attention and logits.
 ROW_COST = 0.15
-PRIOR_HELD, PRIOR_TRIALS = 1.0, 2.0  # a first guess of 1/2 per order, worth two trials
+# A first guess per order (longer matches predict better), worth two trials; free text's
+# short matches then cost a few rows before their record stops them
+PRIOR_TRIALS = 2.0
+PRIOR_HOLDS = (0.0, 0.25, 0.4, 0.5, 0.6)
+CONTEXT_WEIGHT = 2.0  # trials of the broader record a narrower one starts from
 MEMORY = 64  # trials per order remembered: past that the counts halve, so the bet follows
 # the text as it changes between free and copied
 
@@ -38,8 +44,9 @@ class PromptLookup:
         # order n -> {n tokens: the index just after their latest occurrence}
         self.index: list[dict] = [{} for _ in range(MAX_ORDER + 1)]
         self.indexed = 0  # tokens[:indexed] have their n-grams ending there indexed
-        self.held = [PRIOR_HELD] * (MAX_ORDER + 1)
+        self.held = [PRIOR_TRIALS * a for a in PRIOR_HOLDS]
         self.trials = [PRIOR_TRIALS] * (MAX_ORDER + 1)
+        self.contexts: dict[tuple, list[float]] = {}  # n-gram -> [held, trials]
 
     def _extend(self, tokens: list[int]) -> None:
         """Index the n-grams that end before the newest token (each needs a token after it)."""
@@ -48,28 +55,40 @@ class PromptLookup:
                 self.index[n][tuple(tokens[end - n:end])] = end
         self.indexed = max(self.indexed, len(tokens))
 
-    def propose(self, tokens: list[int], most: int) -> tuple[list[int], int]:
-        """(draft, match order) for the sequence `tokens`: at most `most` tokens, as many as
-        the order's record says pay; ([], 0) when nothing matches or guessing would not pay."""
+    def propose(self, tokens: list[int], most: int) -> tuple[list[int], tuple]:
+        """(draft, matched n-gram) for the sequence `tokens`: at most `most` tokens, as many
+        as the records say pay; ([], ()) when nothing matches."""
         if most <= 0 or len(tokens) < 2:
-            return [], 0
+            return [], ()
         self._extend(tokens)
         for n in range(min(MAX_ORDER, len(tokens) - 1), 0, -1):
-            at = self.index[n].get(tuple(tokens[len(tokens) - n:]))
+            context = tuple(tokens[len(tokens) - n:])
+            at = self.index[n].get(context)
             if at is not None:
-                k = draft_length(self.held[n] / self.trials[n], most)
-                return tokens[at:at + k], n
-        return [], 0
+                return tokens[at:at + draft_length(self.holds(context), most)], context
+        return [], ()
 
-    def observe(self, order: int, proposed: int, held: int) -> None:
-        """A draft of `proposed` tokens of this order was verified and its first `held` held:
-        `held` successes and, if it broke off, one failure (the tokens after it were never
-        tried)."""
-        self.held[order] += held
-        self.trials[order] += held + (held < proposed)
-        if self.trials[order] > MEMORY:
-            self.held[order] /= 2
-            self.trials[order] /= 2
+    def holds(self, context: tuple) -> float:
+        """The chance that a draft token after this n-gram holds (given the ones before)."""
+        n = len(context)
+        alpha = self.held[n] / self.trials[n]
+        held, trials = self.contexts.get(context, (0.0, 0.0))
+        return (held + CONTEXT_WEIGHT * alpha) / (trials + CONTEXT_WEIGHT)
+
+    def observe(self, context: tuple, proposed: int, held: int) -> None:
+        """A draft of `proposed` tokens after this n-gram was verified and its first `held`
+        held: `held` successes and, if it broke off, one failure (the tokens after it were
+        never tried)."""
+        trials = held + (held < proposed)
+        record = self.contexts.setdefault(context, [0.0, 0.0])
+        record[0] += held
+        record[1] += trials
+        n = len(context)
+        self.held[n] += held
+        self.trials[n] += trials
+        if self.trials[n] > MEMORY:
+            self.held[n] /= 2
+            self.trials[n] /= 2
 
 
 def draft_length(alpha: float, most: int, row_cost: float = ROW_COST) -> int:
