@@ -134,15 +134,26 @@ def streams48(server) -> dict:
             "all_equal_alone": [d["text"] for d in together] == alone}
 
 
+COPY = [{"role": "user", "content": f"Repeat this list exactly, once: {LIST}"}]
+FREE = [{"role": "user", "content": "Write a long story about a dragon who paints."}]
+
+
 def decode_speeds(server, reps: int = 3) -> dict:
-    copy = [{"role": "user", "content": f"Repeat this list exactly, once: {LIST}"}]
-    free = [{"role": "user", "content": "Write a long story about a dragon who paints."}]
-    speed = {}
-    for name, m in (("copy", copy), ("free", free)):
-        runs = [stream(server, m, 128) for _ in range(reps)]
-        speed[name] = statistics.median(r["decode_tok_s"] for r in runs)
-        speed[name + "_cpu"] = statistics.median(r["decode_tok_cpu_s"] for r in runs)
-    return speed
+    return interleaved_speeds({"": server}, reps)
+
+
+def interleaved_speeds(servers: dict, reps: int) -> dict:
+    """Decode speeds of copy-heavy and free text on each server, their streams taken in
+    turn (a shared machine's load then weighs on all alike): medians of reps, wall-clock
+    tok/s and tokens per server CPU second, keyed "<server>copy", "<server>free_cpu", ..."""
+    runs: dict = {}
+    for _ in range(reps):
+        for prefix, server in servers.items():
+            for name, m in (("copy", COPY), ("free", FREE)):
+                r = stream(server, m, 128)
+                runs.setdefault(prefix + name, []).append(r["decode_tok_s"])
+                runs.setdefault(prefix + name + "_cpu", []).append(r["decode_tok_cpu_s"])
+    return {k: statistics.median(v) for k, v in runs.items()}
 
 
 def attention_layouts(rows: int = 8, length: int = 1024, reps: int = 200) -> dict:
@@ -236,25 +247,27 @@ def main() -> None:
 
 
 def spec_only(threads: int, reps: int) -> None:
-    """Part 4 alone: decode speeds with drafts and without, and the engine's draft counts."""
-    results = {"load_average": os.getloadavg()}
-    for name, flags in (("spec", ()), ("plain", ("--draft-tokens", "0"))):
-        server = serve(threads, *flags)
-        try:
-            results[name] = decode_speeds(server, reps)
-            results[name + "_health"] = {k: v for k, v in engine(server).items()
-                                         if k.startswith("draft")}
-        finally:
-            server.stop()
-    spec, plain = results["spec"], results["plain"]
+    """Part 4 alone: a server with drafts and one without, up together, their streams in
+    turn; and the engines' draft counts."""
+    results = {"load_average_before": os.getloadavg()}
+    spec, plain = serve(threads), serve(threads, "--draft-tokens", "0")
+    try:
+        speeds = interleaved_speeds({"spec_": spec, "plain_": plain}, reps)
+        results["speeds"] = speeds
+        results["health"] = {k: v for k, v in engine(spec).items() if k.startswith("draft")}
+    finally:
+        spec.stop()
+        plain.stop()
     results["load_average_after"] = os.getloadavg()
     print(json.dumps(results, indent=1))
+    s = speeds
     print(json.dumps({
-        "copy_vs_free_decode": round(spec["copy"] / spec["free"], 2),
-        "copy_vs_free_decode_cpu": round(spec["copy_cpu"] / spec["free_cpu"], 2),
-        "copy_spec_vs_plain_cpu": round(spec["copy_cpu"] / plain["copy_cpu"], 2),
-        "free_spec_vs_plain": round(spec["free"] / plain["free"], 2),
-        "free_spec_vs_plain_cpu": round(spec["free_cpu"] / plain["free_cpu"], 2)}))
+        "copy_vs_free_decode": round(s["spec_copy"] / s["spec_free"], 2),
+        "copy_vs_free_decode_cpu": round(s["spec_copy_cpu"] / s["spec_free_cpu"], 2),
+        "copy_spec_vs_plain": round(s["spec_copy"] / s["plain_copy"], 2),
+        "copy_spec_vs_plain_cpu": round(s["spec_copy_cpu"] / s["plain_copy_cpu"], 2),
+        "free_spec_vs_plain": round(s["spec_free"] / s["plain_free"], 2),
+        "free_spec_vs_plain_cpu": round(s["spec_free_cpu"] / s["plain_free_cpu"], 2)}))
 
 
 if __name__ == "__main__":
