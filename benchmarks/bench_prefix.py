@@ -1,6 +1,6 @@
 """The paged KV cache's targets, measured through `cake serve` of the embedded default model:
 
-    python benchmarks/bench_prefix.py [--threads 2]
+    python benchmarks/bench_prefix.py [--threads 2] [--spec-only]
 
 1. follow-up: a conversation of 1,500+ tokens; time to first token of the next turn, against
    the same turn with a cache-busting first token (same length, nothing to reuse), and the
@@ -10,7 +10,9 @@
 3. 48 streams at once: the most /health saw running, aggregate tok/s, and whether every
    greedy text equals the same request alone
 4. copy-heavy decoding (repeat a given list) against free text, with prompt-lookup drafts,
-   and free text with drafts against without (--draft-tokens 0)
+   and free text with drafts against without (--draft-tokens 0); as wall-clock tok/s and as
+   tokens per second of the server's CPU time (what a shared machine's load disturbs least;
+   at one thread the truest ratio). --spec-only runs this part alone
 5. the decode-attention kernel reading scattered blocks in place, against a slot cache and
    against gathering the blocks into one first
 The machine is shared: ratios within one run are what to compare. Last line: JSON.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
+import os
 import statistics
 import sys
 import threading
@@ -42,10 +45,17 @@ def serve(threads: int, *flags: str) -> ServerProcess:
                           "--temperature", "0", *flags], port, threads)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stream(server, messages, max_tokens: int) -> dict:
-    """One streamed chat: text, time to first token, decode tok/s after it, usage."""
+    """One streamed chat: text, time to first token, decode tok/s after it (wall clock and
+    server CPU time), usage."""
     start = time.perf_counter()
-    first, parts, usage = None, [], None
+    first, parts, usage, cpu_first = None, [], None, None
     with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=600, json={
             "messages": messages, "max_tokens": max_tokens, "stream": True,
             "stream_options": {"include_usage": True}}) as r:
@@ -57,12 +67,15 @@ def stream(server, messages, max_tokens: int) -> dict:
                 usage = chunk["usage"]
             for c in chunk.get("choices", []):
                 if c["delta"].get("content"):
-                    first = first or time.perf_counter()
+                    if first is None:
+                        first, cpu_first = time.perf_counter(), cpu_seconds(server.proc.pid)
                     parts.append(c["delta"]["content"])
-    end = time.perf_counter()
+    end, cpu_end = time.perf_counter(), cpu_seconds(server.proc.pid)
     n = usage["completion_tokens"]
     return {"text": "".join(parts), "ttft": (first or end) - start, "usage": usage,
-            "decode_tok_s": (n - 1) / (end - first) if first and n > 1 else 0.0}
+            "decode_tok_s": (n - 1) / (end - first) if first and n > 1 else 0.0,
+            "decode_tok_cpu_s": (n - 1) / (cpu_end - cpu_first)
+            if first and n > 1 and cpu_end > cpu_first else 0.0}
 
 
 def engine(server) -> dict:
@@ -121,12 +134,26 @@ def streams48(server) -> dict:
             "all_equal_alone": [d["text"] for d in together] == alone}
 
 
+COPY = [{"role": "user", "content": f"Repeat this list exactly, once: {LIST}"}]
+FREE = [{"role": "user", "content": "Write a long story about a dragon who paints."}]
+
+
 def decode_speeds(server, reps: int = 3) -> dict:
-    copy = [{"role": "user", "content": f"Repeat this list exactly, once: {LIST}"}]
-    free = [{"role": "user", "content": "Write a long story about a dragon who paints."}]
-    speed = {name: statistics.median(stream(server, m, 128)["decode_tok_s"] for _ in range(reps))
-             for name, m in (("copy", copy), ("free", free))}
-    return speed
+    return interleaved_speeds({"": server}, reps)
+
+
+def interleaved_speeds(servers: dict, reps: int) -> dict:
+    """Decode speeds of copy-heavy and free text on each server, their streams taken in
+    turn (a shared machine's load then weighs on all alike): medians of reps, wall-clock
+    tok/s and tokens per server CPU second, keyed "<server>copy", "<server>free_cpu", ..."""
+    runs: dict = {}
+    for _ in range(reps):
+        for prefix, server in servers.items():
+            for name, m in (("copy", COPY), ("free", FREE)):
+                r = stream(server, m, 128)
+                runs.setdefault(prefix + name, []).append(r["decode_tok_s"])
+                runs.setdefault(prefix + name + "_cpu", []).append(r["decode_tok_cpu_s"])
+    return {k: statistics.median(v) for k, v in runs.items()}
 
 
 def attention_layouts(rows: int = 8, length: int = 1024, reps: int = 200) -> dict:
@@ -176,21 +203,25 @@ def attention_layouts(rows: int = 8, length: int = 1024, reps: int = 200) -> dic
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--spec-only", action="store_true", help="only the decode speeds (part 4)")
+    ap.add_argument("--reps", type=int, default=3, help="streams per decode speed (median)")
     args = ap.parse_args()
+    if args.spec_only:
+        return spec_only(args.threads, args.reps)
     results = {"attention": attention_layouts()}
     server = serve(args.threads)
     try:
         results["follow_up"] = follow_up(server)
         results["shared_system"] = shared_system(server)
         results["streams48"] = streams48(server)
-        results["spec"] = decode_speeds(server)
+        results["spec"] = decode_speeds(server, args.reps)
         results["health"] = {k: v for k, v in engine(server).items()
                              if k.startswith(("prefix", "draft", "kv_blocks", "preempt"))}
     finally:
         server.stop()
     plain = serve(args.threads, "--draft-tokens", "0")
     try:
-        results["plain"] = decode_speeds(plain)
+        results["plain"] = decode_speeds(plain, args.reps)
     finally:
         plain.stop()
     spec, plain = results["spec"], results["plain"]
@@ -202,8 +233,10 @@ def main() -> None:
         "streams48_most_running": results["streams48"]["most_running"],
         "streams48_equal_alone": results["streams48"]["all_equal_alone"],
         "copy_vs_free_decode": round(spec["copy"] / spec["free"], 2),
+        "copy_vs_free_decode_cpu": round(spec["copy_cpu"] / spec["free_cpu"], 2),
         "copy_spec_vs_plain": round(spec["copy"] / plain["copy"], 2),
         "free_spec_vs_plain": round(spec["free"] / plain["free"], 2),
+        "free_spec_vs_plain_cpu": round(spec["free_cpu"] / plain["free_cpu"], 2),
         "attention_paged_vs_slot": round(results["attention"]["paged_in_place_us"]
                                          / results["attention"]["slot_us"], 2),
         "attention_gather_vs_paged": round(results["attention"]["gather_then_slot_us"]
@@ -211,6 +244,30 @@ def main() -> None:
     }
     print(json.dumps(results, indent=1))
     print(json.dumps(summary))
+
+
+def spec_only(threads: int, reps: int) -> None:
+    """Part 4 alone: a server with drafts and one without, up together, their streams in
+    turn; and the engines' draft counts."""
+    results = {"load_average_before": os.getloadavg()}
+    spec, plain = serve(threads), serve(threads, "--draft-tokens", "0")
+    try:
+        speeds = interleaved_speeds({"spec_": spec, "plain_": plain}, reps)
+        results["speeds"] = speeds
+        results["health"] = {k: v for k, v in engine(spec).items() if k.startswith("draft")}
+    finally:
+        spec.stop()
+        plain.stop()
+    results["load_average_after"] = os.getloadavg()
+    print(json.dumps(results, indent=1))
+    s = speeds
+    print(json.dumps({
+        "copy_vs_free_decode": round(s["spec_copy"] / s["spec_free"], 2),
+        "copy_vs_free_decode_cpu": round(s["spec_copy_cpu"] / s["spec_free_cpu"], 2),
+        "copy_spec_vs_plain": round(s["spec_copy"] / s["plain_copy"], 2),
+        "copy_spec_vs_plain_cpu": round(s["spec_copy_cpu"] / s["plain_copy_cpu"], 2),
+        "free_spec_vs_plain": round(s["spec_free"] / s["plain_free"], 2),
+        "free_spec_vs_plain_cpu": round(s["spec_free_cpu"] / s["plain_free_cpu"], 2)}))
 
 
 if __name__ == "__main__":

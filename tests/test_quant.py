@@ -91,7 +91,7 @@ def check_product(qtype, rows: int, cols: int, seed: int = 0) -> None:
     layer = quant.QuantLinear(blocks, qtype, cols)
     assert torch.equal(layer.dequantize(), reference)  # repacking lost nothing
     w, offset = reference.double(), offsets(blocks, qtype, rows, cols)
-    for m in (1, 3, 4, 9, 70):  # row tiles of 8 and 4, tails, several cache panels
+    for m in (1, 3, 4, 9, 70):  # row tiles of 8 and 4, tails of 1-3, several cache panels
         x = torch.randn(m, cols, generator=g) * torch.rand(m, cols, generator=g) * 3
         want = x.double() @ w.T
         with dense_rows(0):

@@ -33,6 +33,7 @@ from cake.text.kv_cache import BlockPool, StepBatch, block_hashes
 from cake.text.pipeline import Pipeline
 from cake.text.grammar import Constraint, guidance_tokenizer
 from cake.text.sampling import Sampler, SamplingParams, sample_batch, token_logprobs
+from cake.text.speculation import PromptLookup, verify_greedy, verify_sampled
 from cake.text.tokenizer import IncrementalDetokenizer, StopMatcher, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -100,9 +101,8 @@ class Sequence(Job):
     prompt_logprobs: Optional[int] = None  # top-k for every prompt token (echo), None: off
     pending_prompt_logprobs: Optional[list] = None
     embed: bool = False  # prefill only and answer the last token's final hidden state
-    ngrams: dict = field(default_factory=dict)  # 3 tokens -> where they last began (drafts)
-    ngrams_upto: int = 0  # tokens[:ngrams_upto + 2] are indexed
-    draft_len: int = 1  # how far it guesses next: grows while guesses hold, shrinks if not
+    lookup: PromptLookup = field(default_factory=PromptLookup)  # drafts and their record
+    draft_context: tuple = ()  # the n-gram the pending draft followed
 
     @property
     def tokens(self) -> list[int]:
@@ -459,7 +459,8 @@ class Engine:
         if self._in_flight or self.pipeline.depth > 1:
             return self._decode_in_flight()
         seqs = self._room_for([s for s in self.running if not s.done])
-        drafts = [self._draft(s) for s in seqs] if len(seqs) <= SPECULATE_UPTO else []
+        few = len(seqs) <= SPECULATE_UPTO
+        drafts = [self._draft(s) if few or s.params.seed is not None else [] for s in seqs]
         if not any(drafts):
             if seqs:
                 self._decoded(seqs, self.pipeline.forward(*self._decode_inputs(seqs)))
@@ -474,41 +475,44 @@ class Engine:
             rows += 1 + len(d)
 
     def _draft(self, seq: Sequence) -> list[int]:
-        """Prompt lookup: the tokens that followed the last earlier occurrence of the
-        sequence's newest three tokens (copied text repeats itself), where they have room.
-        Only plain greedy sequences guess: a sampled one would need rejection sampling."""
-        k = min(seq.draft_len, self.draft_tokens, seq.max_new - len(seq.generated) - 1,
-                self.max_len - seq.length - 1)
-        if k <= 0 or not seq.sampler.plain_greedy:
+        """Prompt lookup (cake.text.speculation): the tokens that followed the longest suffix
+        of the sequence seen before, as many as its record says pay, where they have room.
+        A seeded sampled sequence guesses whatever the batch (the seed's text then does not
+        depend on the company it runs in); a grammar's state is not for guessing ahead."""
+        most = min(self.draft_tokens, seq.max_new - len(seq.generated) - 1,
+                   self.max_len - seq.length - 1)
+        if most <= 0 or seq.params.grammar is not None:
             return []
-        tokens = seq.tokens
-        for i in range(seq.ngrams_upto, len(tokens) - 3):  # index what is new
-            seq.ngrams[tuple(tokens[i:i + 3])] = i
-        seq.ngrams_upto = max(seq.ngrams_upto, len(tokens) - 3)
-        at = seq.ngrams.get(tuple(tokens[-3:]))
-        if at is None:
-            return []
-        draft = tokens[at + 3:at + 3 + k]
+        draft, seq.draft_context = seq.lookup.propose(seq.tokens, most)
         for j in range(len(draft)):  # positions the pool has no block for are not guessed
             if not self._writable(seq, seq.length + j):
                 return draft[:j]
         return draft
 
     def _verify(self, seq: Sequence, draft: list[int], logits: torch.Tensor) -> None:
-        """Greedy verification: row j's choice is the token after draft[:j]; the draft holds
-        while it agrees, and the first disagreement is the model's own next token. The
-        output is exactly what decoding one token at a time gives."""
-        choices = logits.argmax(-1).tolist()
-        agreed = 0
-        while agreed < len(draft) and choices[agreed] == draft[agreed]:
-            agreed += 1
+        """Row j's logits follow draft[:j]. Greedy: the draft holds while the argmax agrees,
+        exactly what decoding one token at a time gives; sampled: speculative sampling, the
+        same distribution as sampling one at a time."""
+        if seq.sampler.plain_greedy:
+            tokens = verify_greedy(logits.argmax(-1).tolist(), draft)
+            for token in tokens:
+                seq.sampler.record(token)
+        else:
+            try:
+                tokens = verify_sampled(seq.sampler, draft, logits)
+            except Exception:
+                log.exception("sampling failed for sequence %d", seq.id)
+                self._finish(seq, "error", error="sampling failed")
+                return
+        held = len(tokens) - 1
+        seq.lookup.observe(seq.draft_context, len(draft), held)
         self.drafted += len(draft)
-        self.draft_accepted += agreed
-        # free text rarely repeats: guess one token at a time there, more where copies hold
-        seq.draft_len = agreed + 1 if agreed == len(draft) else max(1, agreed)
-        seq.num_cached = seq.length + agreed  # the rows fed after a wrong guess are void
-        for token in choices[:agreed + 1]:
-            seq.sampler.record(token)
+        self.draft_accepted += held
+        seq.num_cached = seq.length + held  # the rows fed after a wrong guess are void
+        top = seq.params.logprobs
+        for token, row in zip(tokens, logits):
+            if top is not None:  # noted as each is sent: the tokens after an end get none
+                seq.sampler.logprobs.append(token_logprobs(row, token, top))
             self._accept(seq, token)
             if seq.done:
                 return

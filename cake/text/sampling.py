@@ -149,11 +149,18 @@ class Sampler:
         return x
 
     def _choose(self, logits: torch.Tensor) -> int:
+        if self.params.greedy:
+            return int(self.penalize(logits).argmax())
+        return self.draw(self.distribution(logits))
+
+    def distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        """The probabilities the next token is drawn from [vocab] (float32, the caller's to
+        change): penalties, bias and grammar, then temperature, top-k, top-p and min-p;
+        greedy: all on the argmax."""
         p = self.params
         x = self.penalize(logits)
         if p.greedy:
-            return int(x.argmax())
-
+            return torch.zeros_like(x).index_fill_(0, x.argmax().view(1), 1.0)
         x /= p.temperature
         if 0 < p.top_k < x.shape[-1]:
             kth = torch.topk(x, p.top_k).values[-1]
@@ -167,6 +174,10 @@ class Sampler:
         probs = x.softmax(-1)
         if p.min_p > 0:
             probs[probs < p.min_p * probs.max()] = 0
+        return probs
+
+    def draw(self, probs: torch.Tensor) -> int:
+        """A token drawn from probs (any non-negative weights) with the sequence's RNG."""
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 

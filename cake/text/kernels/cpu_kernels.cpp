@@ -569,8 +569,9 @@ inline void tile(const ActBlock* x, int64_t m, int64_t nb, const uint8_t* group,
       for (int64_t n = g * R; n < N; ++n) y[(m + r) * ldy + n] = tmp[r][n - g * R];
 }
 
-// Rows m0..m1 of activations against V::groups groups from g: tiles of 8, 4, then single
-// rows, each group unpacked once per tile.
+// Rows m0..m1 of activations against V::groups groups from g: tiles of 8, 4, then one tile
+// of the last 1-3 rows, each group unpacked once per tile (a decode step with a few draft
+// rows of one sequence unpacks its weights once).
 template <typename V, int64_t QT>
 inline void tiles(const ActBlock* x, int64_t m0, int64_t m1, int64_t nb, const uint8_t* group,
                   int64_t gbytes, int64_t g, int64_t N, float* y, int64_t ldy,
@@ -578,7 +579,11 @@ inline void tiles(const ActBlock* x, int64_t m0, int64_t m1, int64_t nb, const u
   int64_t m = m0;
   for (; m + 8 <= m1; m += 8) tile<V, QT, 8>(x, m, nb, group, gbytes, g, N, y, ldy, tmp);
   for (; m + 4 <= m1; m += 4) tile<V, QT, 4>(x, m, nb, group, gbytes, g, N, y, ldy, tmp);
-  for (; m < m1; ++m) tile<V, QT, 1>(x, m, nb, group, gbytes, g, N, y, ldy, tmp);
+  switch (m1 - m) {
+    case 3: tile<V, QT, 3>(x, m, nb, group, gbytes, g, N, y, ldy, tmp); break;
+    case 2: tile<V, QT, 2>(x, m, nb, group, gbytes, g, N, y, ldy, tmp); break;
+    case 1: tile<V, QT, 1>(x, m, nb, group, gbytes, g, N, y, ldy, tmp); break;
+  }
 }
 
 template <int64_t QT>
