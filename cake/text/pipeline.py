@@ -28,6 +28,12 @@ class Pipeline(Protocol):
     state_is_kv: bool  # False: recurrent layers keep a state per sequence beside the KV
     can_copy_blocks: bool  # copy_blocks works (n > 1 forks share a prompt's blocks)
     depth: int  # steps the engine may keep in flight (submit/collect); 1: forward only
+    # Where every layer slides: positions this far behind the next one are read by no layer,
+    # so their blocks can go back to the pool (None: some layer reads the whole sequence).
+    block_window: Optional[int]
+
+    def attach(self, owner: "KVOwner") -> None:
+        """The engine that hands out the blocks (asked what to recompute after a loss)."""
 
     def forward(self, tokens: torch.Tensor, batch: StepBatch,
                 logits_at: Optional[torch.Tensor]) -> torch.Tensor:
@@ -49,6 +55,22 @@ class Pipeline(Protocol):
     def kv_cache_stats(self) -> dict:
         """{"kv_cache_capacity_bytes": the most it can hold, and "kv_cache_bytes" (held now)
         where the pipeline counts it itself}."""
+
+
+class KVOwner(Protocol):
+    """What a pipeline that loses a stage's cache asks of the engine."""
+
+    def live_kv(self) -> list[tuple[list[int], list[int]]]:
+        """(tokens cached, block table) of every live sequence."""
+
+    def forget_prefix_cache(self) -> None:
+        """Drop the cached blocks no sequence references."""
+
+
+def all_sliding_window(args, layers: range) -> Optional[int]:
+    """The widest window when every layer slides, else None (see Pipeline.block_window)."""
+    windows = [args.window(i) for i in layers]
+    return max(windows) if windows and all(windows) else None
 
 
 def pool_blocks(block_bytes: int, block_size: int, max_len: int, max_batch: int,
@@ -103,6 +125,7 @@ class LocalPipeline:
             * layers * block_size
         self.num_blocks = pool_blocks(block_bytes, block_size, max_len, max_batch, kv_memory,
                                       self.device)
+        self.block_window = all_sliding_window(args, range(args.num_hidden_layers))
         self.caches = [KVCache.pool(range(s.start, s.end), self.num_blocks, block_size,
                                     args.num_key_value_heads, args.head_dim, kv_dtype,
                                     self.device)
@@ -117,6 +140,9 @@ class LocalPipeline:
 
     def submit(self, tokens, batch, logits_at=None):
         return self.forward(tokens, batch, logits_at)
+
+    def attach(self, owner) -> None:  # one process: no stage's cache is ever lost
+        pass
 
     def collect(self, handle):
         return handle
