@@ -103,6 +103,7 @@ class ClusterPipeline:
         self.owner = None  # the engine handing out the blocks (attach)
         self.pending_copies: list[tuple[int, int]] = []  # for the stages, with the next step
         self.prefilled: dict[tuple[int, int], int] = {}  # master's layer range -> positions
+        self.rebuilt: set[tuple[int, int]] = set()  # ranges the master took over last time
         self.quant, self.headless = quant, headless
         self.head_node, self.master_ip = head_node, master_ip
         self.args = ModelArgs.from_config(checkpoint.config)
@@ -206,11 +207,13 @@ class ClusterPipeline:
                             "layers": {s.node: layer_range(s.start, s.end) for s in remote},
                             "seconds": round(time.monotonic() - t0, 2)})
 
-    def _load_local(self, start: int, end: int):
+    def _load_local(self, start: int, end: int, layers_only: bool = False):
+        """layers_only: without embeddings, final norm or head (a lost worker's range: the
+        master's first and last stages hold those already)."""
         from cake.cluster.stage import build_stage
         from cake.text.loader import load_stage
 
-        load = build_stage if self.headless else load_stage
+        load = build_stage if self.headless or layers_only else load_stage
         return load(self.checkpoint, start, end, self.dtype, str(self.device), self.quant)
 
     def _new_cache(self, start: int, end: int) -> KVCache:
@@ -600,7 +603,7 @@ class ClusterPipeline:
         local = {(p[1].start, p[1].end): (p[1], p[2]) for p in self.plan if p[0] == "local"}
         self.rebuilt = set()
         for s in taken:
-            local[s.start, s.end] = (self._load_local(s.start, s.end), None)
+            local[s.start, s.end] = (self._load_local(s.start, s.end, layers_only=True), None)
             self.rebuilt.add((s.start, s.end))
         for rank, seg in enumerate([s for s in self.segments if s.node != "master"], start=1):
             self.workers[seg.node].rank = rank
