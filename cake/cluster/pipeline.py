@@ -338,16 +338,20 @@ class ClusterPipeline:
         x = tokens
         for k, part in enumerate(self.plan[:None if upto is None else upto + 1]):
             if part[0] == "local":
-                _, stage, cache = part
-                if x.shape[1] > 1 and stage.end > stage.start:
-                    key = (stage.start, stage.end)
-                    self.prefilled[key] = self.prefilled.get(key, 0) + x.shape[0] * x.shape[1]
-                x = stage(x, batch, cache, logits_at=logits_at if stage.is_last else None)
+                x = self._local(part, x, batch, logits_at)
             else:
                 _, first, last = part
                 self._wait(self._send(first, last, x, batch) + [self.link.frame_work(last)])
                 x = self._take(last)
         return x
+
+    def _local(self, part: tuple, x, batch, logits_at=None):
+        """A local stage's part of a step (prompt-sized steps counted per stage)."""
+        _, stage, cache = part
+        if x.shape[1] > 1 and stage.end > stage.start:
+            key = (stage.start, stage.end)
+            self.prefilled[key] = self.prefilled.get(key, 0) + x.shape[0] * x.shape[1]
+        return stage(x, batch, cache, logits_at=logits_at if stage.is_last else None)
 
     def _send(self, first: int, last: int, x, batch) -> list:
         """Send a step into a chain (its result's receive posted first); returns the sends'
@@ -414,8 +418,7 @@ class ClusterPipeline:
                    "logits_at": logits_at, "works": []}
             self._take_copies(batch)
             self.inflight.append(rec)
-            _, stage, cache = self.plan[0]
-            x = stage(tokens, batch, cache)
+            x = self._local(self.plan[0], tokens, batch)
             try:
                 rec["works"] = self._send(self.plan[1][1], self.plan[1][2], x, batch)
             except StageLost as e:
@@ -437,9 +440,8 @@ class ClusterPipeline:
                     self._recover(str(e), e.lost)  # also runs what is in flight
                     continue
                 self.inflight.popleft()
-                _, stage, cache = self.plan[2]
-                self.results[rec["handle"]] = stage(y, rec["batch"], cache,
-                                                    logits_at=rec["logits_at"])
+                self.results[rec["handle"]] = self._local(self.plan[2], y, rec["batch"],
+                                                          rec["logits_at"])
                 self._remember(rec["tokens"], rec["batch"])
             return self.results.pop(handle)
 

@@ -218,7 +218,7 @@ class StageWorker(NodeWorker):
         link = transport.Link(group, args.hidden_size, dtype, self.device)
         self.link, self.prev, self.next = link, prev, next_
         link.post(prev)  # the first frame's receive, before the master can send it
-        self.steps_done = 0  # the master counts the steps it sent on this ring
+        self.steps_done, self.error = 0, None  # the master counts steps per ring
         self.thread = threading.Thread(target=self._loop, args=(link, prev, next_),
                                        name="cake-stage", daemon=True)
         self.thread.start()
