@@ -336,7 +336,7 @@ class ClusterPipeline:
         """The step through the plan's parts (upto: through parts [0, upto] only: a replay
         goes no further than the layers it rebuilds)."""
         x = tokens
-        for k, part in enumerate(self.plan[:None if upto is None else upto + 1]):
+        for part in self.plan[:None if upto is None else upto + 1]:
             if part[0] == "local":
                 x = self._local(part, x, batch, logits_at)
             else:

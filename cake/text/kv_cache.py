@@ -5,7 +5,7 @@ A sequence holds a block table: position p lives in block table[p // block_size]
 p % block_size. Blocks are handed out by a BlockPool; full blocks are content-addressed (a hash
 chain over their token ids, as vLLM does), so a new request maps the longest prefix another
 one computed and prefills only the rest. A slot cache (one block of the whole context per
-sequence: cluster stages, speech models) is the same with block_size = the context.
+sequence: speech models, on one machine or a ring) is the same with block_size = the context.
 """
 from __future__ import annotations
 

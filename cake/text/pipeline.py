@@ -17,7 +17,7 @@ from cake.text.kv_cache import KVCache, StepBatch, kv_row_bytes, serving_dtype
 class Pipeline(Protocol):
     """What the engine uses of a pipeline. Its KV cache is num_blocks blocks of block_size
     positions; the engine hands them out (kv_cache.BlockPool) and names each row's blocks in
-    the StepBatch. A pipeline whose blocks hold a whole context (cluster stages) is a slot
+    the StepBatch. A pipeline whose blocks hold a whole context (a speech model's ring) is a slot
     cache under the same interface."""
 
     max_len: int
