@@ -251,8 +251,12 @@ class Link:
         head = [op, B, T, batch.kv_len, span[0], span[1], DTYPES.index(x.dtype), self.step,
                 width, len(batch.copies)]
         parts = [torch.tensor(head, dtype=torch.long)]
-        if batch.span is None:
-            parts.append(torch.cat([batch.positions.flatten(), batch.slots.flatten()]).cpu())
+        if batch.span is None and width:  # tables as int32, padded to keep 8-byte alignment
+            parts.append(batch.positions.flatten().cpu())
+            table = batch.slots.flatten().to(torch.int32).cpu()
+            parts.append(torch.cat([table, table.new_zeros(table.numel() % 2)]))
+        elif batch.span is None:
+            parts.append(torch.cat([batch.positions.flatten(), batch.slots]).cpu())
         if batch.copies:
             parts.append(torch.tensor(batch.copies, dtype=torch.long))
         parts.append(x.detach().cpu().contiguous())
@@ -336,10 +340,14 @@ class Link:
             slots = torch.tensor([span_slot], device=self.device)
             batch = StepBatch(positions, slots, kv_len, (span_slot, span_p0))
         else:
-            n = B * T + B * max(width, 1)
+            n = B * T if width else B * T + B
             index = message[at:at + n * 8].view(torch.long).to(self.device)
             at += n * 8
-            slots = index[B * T:].view(B, width) if width else index[B * T:]
+            slots = index[B * T:]
+            if width:
+                tables = message[at:at + B * width * 4].view(torch.int32)
+                slots = tables.to(device=self.device, dtype=torch.long).view(B, width)
+                at += (B * width + B * width % 2) * 4
             batch = StepBatch(index[:B * T].view(B, T), slots, kv_len, None)
         if n_copies:
             pairs = message[at:at + n_copies * 16].view(torch.long).view(-1, 2).tolist()
