@@ -13,7 +13,7 @@ from conftest import write_tiny_model
 from cake.text.sampling import SamplingParams
 from cake.text.serving import load_text_model
 
-WINDOW, NEW = 32, 300
+WINDOW, NEW = 32, 200
 
 
 def test_blocks_behind_the_window_go_back_and_the_text_is_unchanged(start_server, tmp_path):
@@ -33,7 +33,7 @@ def test_blocks_behind_the_window_go_back_and_the_text_is_unchanged(start_server
     text = "".join(pieces)
     assert len(used) > 10
     # The window plus the block being written and one partly behind it: 4 blocks of 16,
-    # where keeping every position would need (40 + 300) / 16 = 22.
+    # where keeping every position would need (40 + 200) / 16 = 15.
     assert max(used) <= WINDOW // 16 + 2
 
     # The reference: the same engine in this process with every block kept.

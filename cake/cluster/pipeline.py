@@ -30,7 +30,7 @@ from cake.cluster import keys
 from cake.cluster import ray_cluster as rc
 from cake.cluster import transport
 from cake.cluster.placement import NodeSpec, Segment, load_topology, place, usable_memory
-from cake.cluster.topology import (device_memory, layer_range, packed_types,
+from cake.cluster.topology import (device_memory, layer_range, layer_ranges, packed_types,
                                    tensor_shapes, text_topology)
 from cake.text.weights import layer_tensor_names
 from cake.text.kv_cache import (KVCache, StepBatch, kv_row_bytes, sequence_kv_bytes,
@@ -652,8 +652,8 @@ class ClusterPipeline:
 
         doc = text_topology(model_id, self.stages, workers, self.checkpoint,
                             resolve_quant(self.quant, str(self.device)), self.dtype)
-        doc["master"]["layers"] = ",".join(layer_range(s.start, s.end) for s in self.segments
-                                           if s.node == "master" and s.end > s.start)
+        doc["master"]["layers"] = layer_ranges((s.start, s.end) for s in self.segments
+                                               if s.node == "master")
         local = [part for part in self.plan if part[0] == "local"]
         if not self.paged:  # (a pool's blocks in use: the engine's /health)
             doc["master"]["kv_cache_bytes"] = sum(p[2].held_bytes() for p in local)
