@@ -48,7 +48,10 @@ def _peer(rank: int, port: int, secret, tamper: str, out) -> None:
         group.isend = isend
         tokens = torch.full((1, 4), MARK, dtype=torch.long)
         for i in range(3):
-            batch = StepBatch.make([list(range(4 * i, 4 * i + 4))], [0], "cpu")
+            # the last step reads through a block table, with blocks to copy first
+            table = [5, 9, 2] if i == 2 else 0
+            batch = StepBatch.make([list(range(4 * i, 4 * i + 4))], [table], "cpu")
+            batch.copies = [(5, 7), (1, 3)] if i == 2 else []
             for w, _ in link.send(1, tokens + i, batch):
                 w.wait()
         time.sleep(1)
@@ -57,7 +60,8 @@ def _peer(rank: int, port: int, secret, tamper: str, out) -> None:
     try:
         for _ in range(3):
             _, x, batch = link.recv(0)
-            got.append((x.tolist(), batch.positions.tolist()))
+            got.append((x.tolist(), batch.positions.tolist(), batch.slots.tolist(),
+                        batch.copies))
     except transport.FrameRejected as e:
         got.append(f"rejected: {e}")
     out.put(got)
@@ -80,15 +84,16 @@ def exchange(secret, tamper: str = "") -> list:
 
 def test_sealed_steps_arrive_intact():
     got = exchange(SECRET)
-    assert [x for x, _ in got] == [[[MARK + i] * 4] for i in range(3)]
-    assert [pos for _, pos in got] == [[list(range(4 * i, 4 * i + 4))] for i in range(3)]
+    assert [g[0] for g in got] == [[[MARK + i] * 4] for i in range(3)]
+    assert [g[1] for g in got] == [[list(range(4 * i, 4 * i + 4))] for i in range(3)]
+    assert [g[2:] for g in got] == [([0], []), ([0], []), ([[5, 9, 2]], [(5, 7), (1, 3)])]
 
 
 @pytest.mark.parametrize("tamper", ["flip", "replay"])
 def test_an_altered_or_replayed_frame_is_rejected(tamper):
     got = exchange(SECRET, tamper)
     first = 1 if tamper == "flip" else 2  # the frames before the tampered one open
-    assert [x for x, _ in got[:first]] == [[[MARK + i] * 4] for i in range(first)]
+    assert [g[0] for g in got[:first]] == [[[MARK + i] * 4] for i in range(first)]
     assert got[first].startswith("rejected: a message failed authentication")
     assert len(got) == first + 1
 

@@ -346,8 +346,8 @@ def test_rope_variants_match_transformers(kind):
 
 def test_gemma3_over_a_cluster(models, start_server, tmp_path_factory):
     """Gemma 3's sliding and global layers split between the master and a worker process:
-    the same greedy text as one machine, and the worker's layers and KV cache (sliding
-    layers at their window) in the topology."""
+    the same greedy text as one machine, and the worker's layers and KV block pool in the
+    topology."""
     pytest.importorskip("ray")
     from cluster_procs import start_cluster
 
@@ -373,7 +373,9 @@ def test_gemma3_over_a_cluster(models, start_server, tmp_path_factory):
         assert w1["layer_range"] == "model.layers.3-5"
         args = ModelArgs.from_config(hf.config.to_dict())
         row = 2 * args.num_key_value_heads * args.head_dim * 2
-        assert w1["kv_cache_capacity_bytes"] == 2 * row * (4 + 4 + 256)  # 3, 4 slide; 5 global
+        # A pool of 16-position blocks for its 3 layers: --max-batch 2 of 256 positions,
+        # twice over (64 blocks), as on one machine.
+        assert w1["kv_cache_capacity_bytes"] == 64 * 16 * row * 3
     finally:
         for w in workers:
             w.stop()

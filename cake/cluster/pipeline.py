@@ -4,9 +4,15 @@ The master keeps the embeddings, the final norm and head, and the layers placed 
 worker holds one contiguous range. A step runs the master's local layers and sends the hidden
 state around each chain of consecutive remote stages (master -> W1 -> ... -> Wk -> master).
 
-Every token that went through is remembered per KV slot, so when a worker dies or stalls the
-pipeline re-places the layers over the nodes left, rebuilds every cache from those tokens and
-retries the step: the engine (and the client) see a slow step, never an error.
+Each stage keeps a paged KV cache of its layers (kv_cache.KVCache.pool), read through the
+block tables that travel with every step, so prefix reuse and copy-on-write forks work as on
+one machine; a headless ring (a speech model's) keeps two slots of the whole context.
+
+When a worker dies or stalls, the master loads its layers itself and the other stages keep
+their layers and caches: only the lost layers' keys and values are computed again, from the
+tokens of every live sequence (the engine's, see KVOwner), with the step going no further
+round the ring than those layers. Then the step is retried: the engine (and the client) see
+a slow step, never an error.
 """
 from __future__ import annotations
 
@@ -24,12 +30,12 @@ from cake.cluster import keys
 from cake.cluster import ray_cluster as rc
 from cake.cluster import transport
 from cake.cluster.placement import NodeSpec, Segment, load_topology, place, usable_memory
-from cake.cluster.topology import (device_memory, layer_range, packed_types,
+from cake.cluster.topology import (device_memory, layer_range, layer_ranges, packed_types,
                                    tensor_shapes, text_topology)
 from cake.text.weights import layer_tensor_names
 from cake.text.kv_cache import (KVCache, StepBatch, kv_row_bytes, sequence_kv_bytes,
                                 serving_dtype)
-from cake.text.pipeline import final_hidden
+from cake.text.pipeline import final_hidden, pool_blocks
 
 log = logging.getLogger(__name__)
 
@@ -78,25 +84,33 @@ class ClusterPipeline:
     the embeddings, final norm and head itself). Otherwise the master embeds token ids and
     returns logits, as the engine expects.
 
-    Its KV caches are slot caches: to the engine, num_slots blocks of the whole context (so
-    neither prefix reuse nor copy-on-write forks)."""
+    A headless ring's caches are slot caches: num_slots blocks of the whole context."""
 
-    prefix_reusable = False
-    can_copy_blocks = False
+    block_window = None  # a replay recomputes from position 0: every block is kept
 
     def __init__(self, checkpoint, dtype: torch.dtype, device: str, num_slots: int,
                  max_len: int, opts: rc.ClusterOptions, head_node, master_ip: str,
-                 quant: Optional[str] = "auto", headless: bool = False):
+                 quant: Optional[str] = "auto", headless: bool = False,
+                 kv_memory: Optional[int] = None, block_size: int = 16):
+        """num_slots: sequences at most (the engine's max_batch); kv_memory: bytes of KV
+        blocks each node keeps (default: a quarter of its free memory)."""
         from cake.text.models.llama import ModelArgs
 
         self.checkpoint, self.dtype, self.device = checkpoint, dtype, torch.device(device)
         self.num_slots, self.max_len, self.opts = num_slots, max_len, opts
-        self.num_blocks, self.block_size = num_slots, max_len
+        self.paged, self.kv_memory = not headless, kv_memory
+        self.block_size = block_size if self.paged else max_len
+        self.num_blocks = None if self.paged else num_slots  # paged: sized once placed
+        self.owner = None  # the engine handing out the blocks (attach)
+        self.pending_copies: list[tuple[int, int]] = []  # for the stages, with the next step
+        self.prefilled: dict[tuple[int, int], int] = {}  # master's layer range -> positions
+        self.rebuilt: set[tuple[int, int]] = set()  # ranges the master took over last time
         self.quant, self.headless = quant, headless
         self.head_node, self.master_ip = head_node, master_ip
         self.args = ModelArgs.from_config(checkpoint.config)
         from cake.text.models import model_class
         self.state_is_kv = model_class(checkpoint.config).prefix_reusable
+        self.prefix_reusable = self.can_copy_blocks = self.paged and self.state_is_kv
         self.fingerprint = rc.model_fingerprint(checkpoint)
         # Workers may reopen the same Hub snapshot themselves; a derived checkpoint (a view
         # of part of another model) has no folder of its own, so its layers are shipped.
@@ -111,7 +125,7 @@ class ClusterPipeline:
         self.waiter: Optional[transport.Waiter] = None
         self.workers: dict[str, rc.WorkerRecord] = {}
         self.lost: dict[str, rc.WorkerRecord] = {}  # by Ray node id
-        self.history: dict[int, list[int]] = {}  # slot -> token at each cached position
+        self.history: dict[int, list] = {}  # headless: slot -> input at each cached position
         self.events: list[dict] = []
         self.lock = threading.RLock()
         self.inflight: deque = deque()  # submitted steps whose logits are not back yet
@@ -128,8 +142,7 @@ class ClusterPipeline:
     def _build(self, ray_nodes: list[dict]) -> None:
         import ray
 
-        from cake.cluster.stage import build_stage, checksum, make_bundle
-        from cake.text.loader import load_stage
+        from cake.cluster.stage import checksum, make_bundle
 
         t0 = time.monotonic()
         # Ring order: by worker name, so the same cluster always gets the same layout.
@@ -151,6 +164,8 @@ class ClusterPipeline:
             specs.append(NodeSpec(w.name, usable_memory(w.info["vram_bytes"]),
                                   layers=topo.layers if topo else None))
         self.segments = place(specs, self.layer_bytes, self.master_extra)
+        if self.num_blocks is None:
+            self.num_blocks = self._pool_size()
         log.info("placement: %s", ", ".join(f"{s.node} {layer_range(s.start, s.end)}"
                                             for s in self.segments))
 
@@ -178,9 +193,7 @@ class ClusterPipeline:
             local.insert(0, Segment("master", 0, 0))
         if local[-1].end != L:
             local.append(Segment("master", L, L))
-        load = build_stage if self.headless else load_stage
-        by_start = {s.start: load(self.checkpoint, s.start, s.end, self.dtype, str(self.device),
-                                  self.quant) for s in local}
+        by_range = {(s.start, s.end): (self._load_local(s.start, s.end), None) for s in local}
         for w, result in zip([self.workers[s.node] for s in remote], ray.get(loads, timeout=600)):
             w.weights_from = result["weights_from"]
             w.status = "ready"
@@ -189,21 +202,45 @@ class ClusterPipeline:
                 w.status, w.layers = "idle", (0, 0)
         log.info("layers loaded at %.1fs", time.monotonic() - t0)
 
-        # The ring: local stages run here, consecutive remote stages form one chain.
+        self._assemble(by_range, keep_caches=False)
+        log.info("stages connected at %.1fs", time.monotonic() - t0)
+        self.events.append({"time": time.time(), "event": "placed",
+                            "layers": {s.node: layer_range(s.start, s.end) for s in remote},
+                            "seconds": round(time.monotonic() - t0, 2)})
+
+    def _load_local(self, start: int, end: int, layers_only: bool = False):
+        """layers_only: without embeddings, final norm or head (a lost worker's range: the
+        master's first and last stages hold those already)."""
+        from cake.cluster.stage import build_stage
+        from cake.text.loader import load_stage
+
+        load = build_stage if self.headless or layers_only else load_stage
+        return load(self.checkpoint, start, end, self.dtype, str(self.device), self.quant)
+
+    def _new_cache(self, start: int, end: int) -> KVCache:
+        kv = (self.args.num_key_value_heads, self.args.head_dim,
+              serving_dtype(self.dtype, self.device), self.device)
+        if self.paged:
+            return KVCache.pool(range(start, end), self.num_blocks, self.block_size, *kv)
+        return KVCache(range(start, end), self.num_slots, self.max_len, *kv,
+                       windows={i: self.args.window(i) for i in range(start, end)})
+
+    def _assemble(self, local: dict, keep_caches: bool) -> None:
+        """The ring: local stages ((start, end) -> (stage, its cache or None for a new one))
+        run here, self.segments' remote ones form chains of consecutive stages. keep_caches:
+        the workers keep the caches they have (a ring rebuilt around a lost one)."""
         self.stages, self.plan = [], []
-        order = sorted(local + remote, key=lambda s: (s.start, s.end))
+        order = sorted([Segment("master", a, b) for a, b in local] +
+                       [s for s in self.segments if s.node != "master"],
+                       key=lambda s: (s.start, s.end))
         i = 0
         while i < len(order):
             seg = order[i]
             if seg.node == "master":
-                stage = by_start[seg.start]
+                stage, cache = local[seg.start, seg.end]
                 self.stages.append(stage)
-                cache = KVCache(range(stage.start, stage.end), self.num_slots, self.max_len,
-                                self.args.num_key_value_heads, self.args.head_dim,
-                                serving_dtype(self.dtype, self.device), self.device,
-                                windows={i: self.args.window(i)
-                                         for i in range(stage.start, stage.end)})
-                self.plan.append(("local", stage, cache))
+                self.plan.append(("local", stage, cache or self._new_cache(stage.start,
+                                                                             stage.end)))
                 i += 1
                 continue
             j = i
@@ -212,14 +249,14 @@ class ClusterPipeline:
             self.plan.append(("remote", self.workers[order[i].node].rank,
                               self.workers[order[j].node].rank))
             i = j + 1
-        self._start_group(order)
-        log.info("stages connected at %.1fs", time.monotonic() - t0)
+        self._start_group(order, keep_caches)
         # Steps can be in flight when the ring is one chain and the master's last part (the
         # head) keeps no cache. By default one step per machine: stages that share a machine
         # share its cores and memory bandwidth, so overlapping them gains nothing.
         shape = [p[0] for p in self.plan]
         last = self.plan[-1][1]
-        machines = {self.master_ip} | {self.workers[s.node].host for s in remote}
+        machines = {self.master_ip} | {self.workers[s.node].host for s in order
+                                       if s.node != "master"}
         self.depth = (self.opts.pipeline_depth or len(machines)) \
             if shape == ["local", "remote", "local"] and last.start == last.end else 1
         # A decode step reads every weight once whatever its rows, so a small batch split in
@@ -227,11 +264,27 @@ class ClusterPipeline:
         # step's overheads twice: by default only groups of AUTO_GROUP_ROWS or more travel
         # on their own. An explicit --pipeline-depth splits as asked.
         self.group_rows = 1 if self.opts.pipeline_depth else AUTO_GROUP_ROWS
-        self.events.append({"time": time.time(), "event": "placed",
-                            "layers": {s.node: layer_range(s.start, s.end) for s in remote},
-                            "seconds": round(time.monotonic() - t0, 2)})
 
-    def _start_group(self, order: list[Segment]) -> None:
+    def _pool_size(self) -> int:
+        """Blocks every node can keep for its layers (kv_memory each, default a quarter of
+        its free memory): the fewest of them, so KV memory bounds the sequences at once."""
+        row = kv_row_bytes(self.args.num_key_value_heads, self.args.head_dim,
+                           serving_dtype(self.dtype, self.device))
+        per_node: dict[str, int] = {}
+        for seg in self.segments:
+            per_node[seg.node] = per_node.get(seg.node, 0) + (seg.end - seg.start)
+        counts = []
+        for node, layers in per_node.items():
+            if not layers:
+                continue
+            memory = self.kv_memory
+            if memory is None and node != "master":
+                memory = self.workers[node].info.get("vram_bytes", 0) // 4
+            counts.append(pool_blocks(row * layers * self.block_size, self.block_size,
+                                      self.max_len, self.num_slots, memory, self.device))
+        return min(counts, default=1)
+
+    def _start_group(self, order: list[Segment], keep_caches: bool = False) -> None:
         import ray
 
         ranks = {w.name: w.rank for w in self.workers.values() if w.status == "ready"}
@@ -241,7 +294,7 @@ class ClusterPipeline:
         self.backend = "nccl" if all(d.startswith("cuda") for d in devices) else "gloo"
         world = 1 + len(ranks)
         self.link = None  # any old group is dropped, with waits still stuck on a lost peer
-        self.steps_sent = 0
+        self.steps_sent: dict[int, int] = {}  # rank -> steps sent its way on this ring
         if world == 1:
             return
         name = os.urandom(16).hex()  # the rendezvous' namespace and the links' key salt
@@ -255,7 +308,8 @@ class ClusterPipeline:
             w = self.workers[seg.node]
             starts.append(w.actor.start.remote(
                 w.rank, world, name, w.host, ranks.get(prev, 0), ranks.get(nxt, 0),
-                self.num_slots, self.max_len, self.opts.worker_timeout, self.backend, secure))
+                self.num_blocks, self.block_size, self.max_len, self.opts.worker_timeout,
+                self.backend, secure, keep_caches))
         group = transport.Group(0, world, name, self.master_ip, self.opts.worker_timeout,
                                 self.backend, keys.link_secret(self.opts.key) if secure else None)
         self.link = transport.Link(group, self.args.hidden_size, self.dtype, self.device)
@@ -269,6 +323,7 @@ class ClusterPipeline:
         if self.depth > 1:
             return self.collect(self.submit(tokens, batch, logits_at))
         with self.lock:
+            self._take_copies(batch)
             while True:
                 try:
                     out = self._run(tokens, batch, logits_at)
@@ -278,17 +333,31 @@ class ClusterPipeline:
             self._remember(tokens, batch)
             return out
 
-    def _run(self, tokens, batch, logits_at):
+    def _take_copies(self, batch: StepBatch) -> None:
+        """The stages copy the blocks forks wrote since the last step before running it."""
+        if self.pending_copies:
+            batch.copies, self.pending_copies = self.pending_copies, []
+
+    def _run(self, tokens, batch, logits_at, upto: Optional[int] = None):
+        """The step through the plan's parts (upto: through parts [0, upto] only: a replay
+        goes no further than the layers it rebuilds)."""
         x = tokens
-        for part in self.plan:
+        for part in self.plan[:None if upto is None else upto + 1]:
             if part[0] == "local":
-                _, stage, cache = part
-                x = stage(x, batch, cache, logits_at=logits_at if stage.is_last else None)
+                x = self._local(part, x, batch, logits_at)
             else:
                 _, first, last = part
                 self._wait(self._send(first, last, x, batch) + [self.link.frame_work(last)])
                 x = self._take(last)
         return x
+
+    def _local(self, part: tuple, x, batch, logits_at=None):
+        """A local stage's part of a step (prompt-sized steps counted per stage)."""
+        _, stage, cache = part
+        if x.shape[1] > 1 and stage.end > stage.start:
+            key = (stage.start, stage.end)
+            self.prefilled[key] = self.prefilled.get(key, 0) + x.shape[0] * x.shape[1]
+        return stage(x, batch, cache, logits_at=logits_at if stage.is_last else None)
 
     def _send(self, first: int, last: int, x, batch) -> list:
         """Send a step into a chain (its result's receive posted first); returns the sends'
@@ -299,7 +368,8 @@ class ClusterPipeline:
             works = [w for w, _ in self.link.send(first, x, batch)]
         except Exception as e:  # a peer's connection is gone already
             raise StageLost(f"{type(e).__name__}: {e}") from e
-        self.steps_sent += 1
+        for rank in range(first, last + 1):  # a chain's ranks are consecutive
+            self.steps_sent[rank] = self.steps_sent.get(rank, 0) + 1
         return works
 
     # --- waiting on the ring: heartbeats while a step is in flight ------------------
@@ -338,7 +408,7 @@ class ClusterPipeline:
             raise StageLost(f"{', '.join(w.name for w in ended)}: {ended[0].detail}", ended)
         if waited >= self.opts.worker_timeout:
             behind = [w for w in sorted(ready, key=lambda w: w.rank)
-                      if beats[w.name]["steps_done"] < self.steps_sent][:1]
+                      if beats[w.name]["steps_done"] < self.steps_sent.get(w.rank, 0)][:1]
             for w in behind:
                 w.detail = f"no progress for {self.opts.worker_timeout:.0f}s"
             raise StageLost(f"a step made no progress for {waited:.0f}s", behind)
@@ -352,9 +422,9 @@ class ClusterPipeline:
         with self.lock:
             rec = {"handle": next(self._handles), "tokens": tokens, "batch": batch,
                    "logits_at": logits_at, "works": []}
+            self._take_copies(batch)
             self.inflight.append(rec)
-            _, stage, cache = self.plan[0]
-            x = stage(tokens, batch, cache)
+            x = self._local(self.plan[0], tokens, batch)
             try:
                 rec["works"] = self._send(self.plan[1][1], self.plan[1][2], x, batch)
             except StageLost as e:
@@ -376,9 +446,8 @@ class ClusterPipeline:
                     self._recover(str(e), e.lost)  # also runs what is in flight
                     continue
                 self.inflight.popleft()
-                _, stage, cache = self.plan[2]
-                self.results[rec["handle"]] = stage(y, rec["batch"], cache,
-                                                    logits_at=rec["logits_at"])
+                self.results[rec["handle"]] = self._local(self.plan[2], y, rec["batch"],
+                                                          rec["logits_at"])
                 self._remember(rec["tokens"], rec["batch"])
             return self.results.pop(handle)
 
@@ -388,35 +457,50 @@ class ClusterPipeline:
             raise TypeError("a headless pipeline returns hidden states from forward itself")
         return final_hidden(self, self.stages[-1].model.norm, tokens, batch, logits_at)
 
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        raise NotImplementedError("cluster stages do not copy their caches")
+    def attach(self, owner) -> None:
+        self.owner = owner
 
-    def release(self, slot: int) -> None:
-        # A finished sequence's cached positions are masked out on every node until its slot
-        # is reused; forgetting its tokens is all there is to free.
-        self.history.pop(slot, None)
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Here at once; on the workers with the next step, before they run it."""
         for part in self.plan:
             if part[0] == "local":
-                part[2].release(slot)
-                part[1].release_sequence(slot, part[2])
+                part[2].copy_blocks(pairs)
+        self.pending_copies.extend(pairs)
+
+    def release(self, block: int) -> None:
+        # A block's positions are masked out until a sequence writes them again; a headless
+        # ring forgets the slot's inputs, and recurrent state kept under it goes too.
+        self.history.pop(block, None)
+        for part in self.plan:
+            if part[0] == "local":
+                part[2].release(block)
+                part[1].release_sequence(block, part[2])
 
     def kv_cache_bytes(self, start: int, end: int) -> int:
-        """The most the KV cache of layers [start, end) can hold (sliding layers: their
-        window), on whichever node keeps it."""
+        """The most the KV cache of layers [start, end) can hold, on whichever node keeps it
+        (a slot cache's sliding layers: their window)."""
         row = kv_row_bytes(self.args.num_key_value_heads, self.args.head_dim,
                            serving_dtype(self.dtype, self.device))
+        if self.paged:
+            return self.num_blocks * self.block_size * row * (end - start)
         windows = [self.args.window(i) for i in range(start, end)]
         return self.num_slots * sequence_kv_bytes(windows, row, self.max_len)
 
     def kv_cache_stats(self) -> dict:
-        """Held now: the master's own caches (workers keep theirs); capacity: every node's."""
-        local = [part[2] for part in self.plan if part[0] == "local"]
-        return {"kv_cache_bytes": sum(c.held_bytes() for c in local),
-                "kv_cache_capacity_bytes": sum(self.kv_cache_bytes(s.start, s.end)
-                                               for s in self.segments)}
+        """Capacity: every node's; held now: a slot cache counts the master's own (workers keep
+        theirs), the engine counts a pool's blocks itself."""
+        stats = {"kv_cache_capacity_bytes": sum(self.kv_cache_bytes(s.start, s.end)
+                                                for s in self.segments)}
+        if not self.paged:
+            local = [part[2] for part in self.plan if part[0] == "local"]
+            stats["kv_cache_bytes"] = sum(c.held_bytes() for c in local)
+        return stats
 
     def _remember(self, inputs: torch.Tensor, batch: StepBatch) -> None:
-        """inputs: token ids [B, T], or input embeddings [B, T, D] kept as one row per position."""
+        """A headless ring's inputs (embeddings [B, T, D], one row per position), to replay
+        them; a paged pipeline asks the engine for its sequences' tokens instead."""
+        if self.paged:
+            return
         rows = inputs.tolist() if inputs.dtype == torch.long else list(inputs.detach().clone())
         for slot, pos, toks in zip(batch.slots.tolist(), batch.positions.tolist(), rows):
             h = self.history.setdefault(slot, [])
@@ -455,8 +539,9 @@ class ClusterPipeline:
         return self._heartbeats()[1]
 
     def _recover(self, error: str, lost: Optional[list] = None, attempts: int = 3) -> None:
-        """Re-place the layers without the lost worker, refill every cache and run the steps
-        that were in flight; a failure on the way starts over, up to attempts times."""
+        """Rebuild the ring without the lost worker, compute again what its layers had cached
+        and run the steps that were in flight; a failure on the way starts over (then with
+        every layer placed afresh), up to attempts times."""
         import ray
 
         for attempt in range(attempts):
@@ -466,15 +551,24 @@ class ClusterPipeline:
             for w in lost:
                 w.status = "lost"
                 self.lost[w.node_id] = w
-            for w in self.workers.values():
-                try:
-                    ray.kill(w.actor)
-                except Exception:  # its node is gone already
-                    log.debug("actor of %s already gone", w.name)
             self.link = None
             try:
-                self._build([n for n in rc.alive_workers() if n["NodeID"] not in self.lost])
-                self._replay()
+                keep = False
+                if attempt == 0 and lost:
+                    try:
+                        keep = self._master_takes_over(lost)
+                    except Exception as e:  # a survivor failed too: place everything anew
+                        log.warning("keeping the other stages failed (%s)", e)
+                if not keep:
+                    for w in self.workers.values():
+                        try:
+                            ray.kill(w.actor)
+                        except Exception:  # its node is gone already
+                            log.debug("actor of %s already gone", w.name)
+                    self._build([n for n in rc.alive_workers() if n["NodeID"] not in self.lost])
+                if self.owner is not None:  # the rebuilt layers hold no unreferenced blocks
+                    self.owner.forget_prefix_cache()
+                self._replay(keep)
                 for rec in self.inflight:
                     self.results[rec["handle"]] = self._run(rec["tokens"], rec["batch"],
                                                             rec["logits_at"])
@@ -484,23 +578,71 @@ class ClusterPipeline:
                 error, lost = str(e), e.lost
                 continue
             self.events.append({"time": time.time(), "event": "recovered", "error": error,
-                                "lost": [w.name for w in lost],
+                                "lost": [w.name for w in lost or []],
+                                "kept_caches": bool(keep),
                                 "seconds": round(time.monotonic() - t0, 2)})
             log.warning("recovered in %.1fs without %s", time.monotonic() - t0,
-                        ", ".join(w.name for w in lost) or "a lost worker")
+                        ", ".join(w.name for w in lost or []) or "a lost worker")
             return
         raise RuntimeError(f"the cluster could not recover: {error}")
 
-    def _replay(self, chunk: int = 512) -> None:
-        """Refill every live sequence's KV cache from the tokens it had cached."""
-        for slot, toks in self.history.items():
+    def _master_takes_over(self, lost: list) -> bool:
+        """Load the lost workers' layers here, keep every other stage (layers and caches) as
+        it is, and reconnect the ring. False (nothing changed) when the master lacks the
+        memory for them."""
+        import ray
+
+        gone = {w.name for w in lost}
+        taken = [s for s in self.segments if s.node in gone]
+        held = sum(sum(self.layer_bytes[s.start:s.end]) for s in self.segments
+                   if s.node == "master") + self.master_extra
+        if held + sum(sum(self.layer_bytes[s.start:s.end]) for s in taken) \
+                > usable_memory(device_memory(self.device)):
+            return False
+        for w in lost:
+            try:
+                ray.kill(w.actor)
+            except Exception:  # its node is gone already
+                log.debug("actor of %s already gone", w.name)
+            w.layers = (0, 0)
+            self.workers.pop(w.name, None)
+        self.segments = sorted([Segment("master", s.start, s.end) if s.node in gone else s
+                                for s in self.segments], key=lambda s: (s.start, s.end))
+        local = {(p[1].start, p[1].end): (p[1], p[2]) for p in self.plan if p[0] == "local"}
+        self.rebuilt = set()
+        for s in taken:
+            local[s.start, s.end] = (self._load_local(s.start, s.end, layers_only=True), None)
+            self.rebuilt.add((s.start, s.end))
+        for rank, seg in enumerate([s for s in self.segments if s.node != "master"], start=1):
+            self.workers[seg.node].rank = rank
+        self._assemble(local, keep_caches=True)
+        self.events.append({"time": time.time(), "event": "placed",
+                            "layers": {s.node: layer_range(s.start, s.end)
+                                       for s in self.segments},
+                            "seconds": 0.0})
+        return True
+
+    def _replay(self, partial: bool, chunk: int = 512) -> None:
+        """Compute again every live sequence's cached positions. partial: only the layers the
+        master took over lost theirs: the steps go round the ring no further than those."""
+        upto = None
+        if partial:
+            upto = max(k for k, p in enumerate(self.plan)
+                       if p[0] == "local" and (p[1].start, p[1].end) in self.rebuilt)
+        if self.paged:
+            items = [(toks, table) for toks, table in self.owner.live_kv()] \
+                if self.owner is not None else []
+        else:
+            items = [(toks, slot) for slot, toks in self.history.items()]
+        for toks, table in items:
             for start in range(0, len(toks), chunk):
                 part = toks[start:start + chunk]
-                batch = StepBatch.make([list(range(start, start + len(part)))], [slot],
+                batch = StepBatch.make([list(range(start, start + len(part)))], [table],
                                        self.device)
                 inputs = (torch.tensor([part], device=self.device) if isinstance(part[0], int)
                           else torch.stack(part)[None])
-                self._run(inputs, batch, torch.tensor([len(part) - 1], device=self.device))
+                self._run(inputs, batch, torch.tensor([len(part) - 1], device=self.device),
+                          upto)
 
     # --- lifecycle and reporting ---------------------------------------------------
 
@@ -516,14 +658,21 @@ class ClusterPipeline:
 
         doc = text_topology(model_id, self.stages, workers, self.checkpoint,
                             resolve_quant(self.quant, str(self.device)), self.dtype)
-        doc["master"]["layers"] = ",".join(layer_range(s.start, s.end) for s in self.segments
-                                           if s.node == "master" and s.end > s.start)
-        local = [part[2] for part in self.plan if part[0] == "local"]
-        doc["master"]["kv_cache_bytes"] = sum(c.held_bytes() for c in local)
-        doc["master"]["kv_cache_capacity_bytes"] = sum(c.capacity_bytes() for c in local)
+        doc["master"]["layers"] = layer_ranges((s.start, s.end) for s in self.segments
+                                               if s.node == "master")
+        local = [part for part in self.plan if part[0] == "local"]
+        if not self.paged:  # (a pool's blocks in use: the engine's /health)
+            doc["master"]["kv_cache_bytes"] = sum(p[2].held_bytes() for p in local)
+        doc["master"]["kv_cache_capacity_bytes"] = sum(
+            self.kv_cache_bytes(p[1].start, p[1].end) for p in local)
+        # Positions each stage computed in prompt-sized steps (prefills and replays).
+        doc["master"]["prefilled_tokens"] = {layer_range(*k): n
+                                             for k, n in sorted(self.prefilled.items())}
+        beats = self._heartbeats()[0] if self.workers else {}
         for entry, w in zip(doc["workers"], list(self.workers.values())):
             start, end = w.layers if w.status == "ready" else (0, 0)
             entry["kv_cache_capacity_bytes"] = self.kv_cache_bytes(start, end)
+            entry["prefilled_tokens"] = beats.get(w.name, {}).get("prefilled_tokens")
         doc["memory_bytes"] = sum(self.layer_bytes) + self.master_extra
         doc["layer_size_bytes"] = max(self.layer_bytes)
         doc["events"] = self.events
@@ -544,8 +693,9 @@ class ClusterPipeline:
 
 def start_cluster_pipeline(checkpoint, dtype, device: str, num_slots: int, max_len: int,
                            opts: rc.ClusterOptions, quant: Optional[str] = "auto",
-                           headless: bool = False) -> ClusterPipeline:
+                           headless: bool = False, kv_memory: Optional[int] = None
+                           ) -> ClusterPipeline:
     """Start the head, advertise it, wait for workers and build the pipeline."""
     head, master_ip = rc.start_master(opts)
     return ClusterPipeline(checkpoint, dtype, device, num_slots, max_len, opts, head, master_ip,
-                           quant, headless)
+                           quant, headless, kv_memory)

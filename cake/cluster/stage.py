@@ -121,12 +121,14 @@ class StageWorker(NodeWorker):
         self.model = self.cache = self.link = None
         self.thread: Optional[threading.Thread] = None
         self.steps_done = 0
+        self.prefilled_tokens = 0  # positions of prompt-sized steps (T > 1) this stage ran
         self.error: Optional[str] = None
         self.weights_from = None
 
     def ping(self) -> dict:
         """The heartbeat the master asks for while a step is in flight."""
         return {"steps_done": self.steps_done, "error": self.error,
+                "prefilled_tokens": self.prefilled_tokens,
                 "running": bool(self.thread and self.thread.is_alive())}
 
     # weights
@@ -193,9 +195,11 @@ class StageWorker(NodeWorker):
     # data plane
 
     def start(self, rank: int, world: int, name: str, local_ip: str, prev: int, next_: int,
-              num_slots: int, max_len: int, join_timeout_s: float, backend: str,
-              secure: bool) -> bool:
-        """Join the process group and run the receive loop in a thread."""
+              num_blocks: int, block_size: int, max_len: int, join_timeout_s: float,
+              backend: str, secure: bool, keep_cache: bool = False) -> bool:
+        """Join the process group and run the receive loop in a thread. The KV cache is
+        num_blocks blocks of block_size positions (block_size max_len: a slot cache);
+        keep_cache: a new ring after another stage was lost keeps this one's cache."""
         from cake.cluster import transport
         from cake.cluster.keys import own_link_secret
         from cake.text.kv_cache import KVCache, serving_dtype
@@ -204,37 +208,54 @@ class StageWorker(NodeWorker):
         group = transport.Group(rank, world, name, local_ip, join_timeout_s, backend,
                                 own_link_secret() if secure else None)
         layers = range(self.model.start, self.model.end)
-        self.cache = KVCache(layers, num_slots, max_len, args.num_key_value_heads, args.head_dim,
-                             serving_dtype(dtype, self.device), self.device,
-                             windows={i: args.window(i) for i in layers})
-        self.link = transport.Link(group, args.hidden_size, dtype, self.device)
-        self.prev, self.next = prev, next_
-        self.link.post(prev)  # the first frame's receive, before the master can send it
-        self.thread = threading.Thread(target=self._loop, name="cake-stage", daemon=True)
+        kv = (args.num_key_value_heads, args.head_dim, serving_dtype(dtype, self.device),
+              self.device)
+        if not (keep_cache and self.cache is not None):
+            self.cache = (KVCache(layers, num_blocks, max_len, *kv,
+                                  windows={i: args.window(i) for i in layers})
+                          if block_size >= max_len
+                          else KVCache.pool(layers, num_blocks, block_size, *kv))
+        link = transport.Link(group, args.hidden_size, dtype, self.device)
+        self.link, self.prev, self.next = link, prev, next_
+        link.post(prev)  # the first frame's receive, before the master can send it
+        self.steps_done, self.error = 0, None  # the master counts steps per ring
+        self.thread = threading.Thread(target=self._loop, args=(link, prev, next_),
+                                       name="cake-stage", daemon=True)
         self.thread.start()
         return True
 
     @torch.inference_mode()
-    def _loop(self) -> None:
+    def _loop(self, link, prev: int, next_: int) -> None:
         """Waits for the next step as long as the master lives (a lost master resets the
-        connection); the master watches for a stage that hangs."""
+        connection); the master watches for a stage that hangs. Its own link: a loop of an
+        abandoned ring that wakes up later touches nothing of the new one."""
         from cake.cluster import transport
 
         try:
             while True:
-                op, x, batch = self.link.recv(self.prev)
+                op, x, batch = link.recv(prev)
                 if op == transport.OP_STOP:
-                    if self.next != 0:
-                        for work, _ in self.link.send_stop(self.next):
+                    if next_ != 0:
+                        for work, _ in link.send_stop(next_):
                             work.wait()
                     return
+                if batch.copies:  # copy-on-write of blocks forks shared
+                    self.cache.copy_blocks(batch.copies)
                 y = self.model(x, batch, self.cache)
-                for work, _ in self.link.send(self.next, y, batch):
+                if x.shape[1] > 1:
+                    self.prefilled_tokens += x.shape[0] * x.shape[1]
+                for work, _ in link.send(next_, y, batch):
                     work.wait()
+                if link is not self.link:
+                    return
                 self.steps_done += 1
         except transport.FrameRejected as e:  # tampered with, replayed, or another cluster's
+            if link is not self.link:
+                return
             self.error = f"rejected a frame from rank {self.prev}: {e}"
             log.error("stage loop ended: %s", self.error)
         except Exception as e:  # a peer died
+            if link is not self.link:  # the old ring's: the new one is fine
+                return
             self.error = f"{type(e).__name__}: {e}"
             log.warning("stage loop ended: %s", self.error)

@@ -36,6 +36,18 @@ def layer_range(start: int, end: int) -> str:
     return f"model.layers.{start}-{end - 1}" if end > start else ""
 
 
+def layer_ranges(spans) -> str:
+    """(start, end) pairs -> their layer ranges, adjacent ones joined: a master that took a
+    lost worker's layers beside its own shows one range."""
+    joined: list[list[int]] = []
+    for start, end in sorted((a, b) for a, b in spans if b > a):
+        if joined and joined[-1][1] == start:
+            joined[-1][1] = end
+        else:
+            joined.append([start, end])
+    return ",".join(layer_range(a, b) for a, b in joined)
+
+
 def layer_names(ranges: str) -> list[str]:
     """'model.layers.0-2,vae' -> ['model.layers.0', 'model.layers.1', 'model.layers.2', 'vae']."""
     names = []
@@ -181,13 +193,13 @@ def text_topology(model_id: str, stages: list, workers: list[dict] | None = None
     args = stages[0].args
     total = sum(t.numel() * t.element_size() for s in stages for t in s.state_dict().values())
     per_layer = max((d["total_bytes"] for d in details.values()), default=0)
-    local = [layer_range(s.start, s.end) for s in stages if s.end > s.start]
+    local = layer_ranges((s.start, s.end) for s in stages)
     return {
         "model": model_id, "model_id": model_id,
         "dtype": DTYPE_NAMES.get(dtype, str(dtype)),
         "num_layers": args.num_hidden_layers, "memory_bytes": total,
         "layer_size_bytes": per_layer,
-        "master": node(device, ",".join(local), memory_used=total),
+        "master": node(device, local, memory_used=total),
         "workers": workers or [],
         "layer_details": dict(sorted(details.items(), key=lambda kv: int(kv[0].split(".")[2]))),
     }

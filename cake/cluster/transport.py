@@ -40,10 +40,11 @@ from cake.text.kv_cache import StepBatch
 
 # On the wire: a prefix (int64: sealed bytes, the next frame's bytes; authenticated as the
 # seal's associated data), then the sealed message: a header (int64: op, rows, tokens per row,
-# kv_len, span slot (-1: none), span first position, payload dtype, step number), the batch's
-# positions and slots unless it is one span, and the payload.
+# kv_len, span slot (-1: none), span first position, payload dtype, step number, block table
+# width (0: one slot per row), blocks to copy), the batch's positions and slots (or block
+# tables) unless it is one span, the (src, dst) blocks to copy first, and the payload.
 PREFIX_BYTES = 16
-HEADER = 8
+HEADER = 10
 HEADER_BYTES = HEADER * 8
 TAG_BYTES = 16  # AES-GCM's authentication tag
 MAX_MESSAGE = 1 << 31
@@ -246,10 +247,18 @@ class Link:
             return torch.tensor([op] + [0] * (HEADER - 1), dtype=torch.long).view(torch.uint8)
         B, T = batch.positions.shape
         span = batch.span or (-1, 0)
-        head = [op, B, T, batch.kv_len, span[0], span[1], DTYPES.index(x.dtype), self.step]
+        width = batch.slots.shape[1] if batch.slots.dim() == 2 else 0
+        head = [op, B, T, batch.kv_len, span[0], span[1], DTYPES.index(x.dtype), self.step,
+                width, len(batch.copies)]
         parts = [torch.tensor(head, dtype=torch.long)]
-        if batch.span is None:
+        if batch.span is None and width:  # tables as int32, padded to keep 8-byte alignment
+            parts.append(batch.positions.flatten().cpu())
+            table = batch.slots.flatten().to(torch.int32).cpu()
+            parts.append(torch.cat([table, table.new_zeros(table.numel() % 2)]))
+        elif batch.span is None:
             parts.append(torch.cat([batch.positions.flatten(), batch.slots]).cpu())
+        if batch.copies:
+            parts.append(torch.tensor(batch.copies, dtype=torch.long))
         parts.append(x.detach().cpu().contiguous())
         return torch.cat([p.reshape(-1).view(torch.uint8) for p in parts])
 
@@ -319,9 +328,11 @@ class Link:
         if message.numel() < HEADER_BYTES:
             raise FrameRejected(f"a message from rank {src} is too short")
         h = message[:HEADER_BYTES].view(torch.long).tolist()
-        op, B, T, kv_len, span_slot, span_p0, kind, step = h
+        op, B, T, kv_len, span_slot, span_p0, kind, step, width, n_copies = h
         if op != OP_FORWARD:
             return op, None, None
+        if not (0 <= width < MAX_MESSAGE and 0 <= n_copies < MAX_MESSAGE):
+            raise FrameRejected(f"a message from rank {src} does not match its header")
         self.step = step
         at = HEADER_BYTES
         if span_slot >= 0:
@@ -329,9 +340,19 @@ class Link:
             slots = torch.tensor([span_slot], device=self.device)
             batch = StepBatch(positions, slots, kv_len, (span_slot, span_p0))
         else:
-            index = message[at:at + (B * T + B) * 8].view(torch.long).to(self.device)
-            at += (B * T + B) * 8
-            batch = StepBatch(index[:B * T].view(B, T), index[B * T:], kv_len, None)
+            n = B * T if width else B * T + B
+            index = message[at:at + n * 8].view(torch.long).to(self.device)
+            at += n * 8
+            slots = index[B * T:]
+            if width:
+                tables = message[at:at + B * width * 4].view(torch.int32)
+                slots = tables.to(device=self.device, dtype=torch.long).view(B, width)
+                at += (B * width + B * width % 2) * 4
+            batch = StepBatch(index[:B * T].view(B, T), slots, kv_len, None)
+        if n_copies:
+            pairs = message[at:at + n_copies * 16].view(torch.long).view(-1, 2).tolist()
+            batch.copies = [tuple(p) for p in pairs]
+            at += n_copies * 16
         dtype = DTYPES[kind]
         shape = (B, T) if dtype == torch.long else (B, T, self.hidden_size)
         n = B * T * (1 if dtype == torch.long else self.hidden_size) * dtype.itemsize

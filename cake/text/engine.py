@@ -91,6 +91,7 @@ class Sequence(Job):
     blocks: list[int] = field(default_factory=list)  # block table: position p in blocks[p // bs]
     hashes: list[bytes] = field(default_factory=list)  # of the full blocks of its tokens
     num_registered: int = 0  # blocks[:num_registered] are in the prefix cache
+    num_dropped: int = 0  # blocks[:num_dropped] left every layer's window and went back
     num_cached: int = 0  # positions whose keys and values are in the cache
     cached_tokens: int = 0  # prompt tokens mapped from the prefix cache when admitted
     generated: list[int] = field(default_factory=list)
@@ -132,6 +133,8 @@ class Engine:
         # Drafts are extra rows of their sequence in one step, and forks share its prompt's
         # blocks: neither holds where recurrent layers keep one state per sequence.
         self.draft_tokens = draft_tokens if pipeline.state_is_kv else 0
+        # Blocks behind this many positions are read by no layer again (every layer slides).
+        self.window = pipeline.block_window if pipeline.state_is_kv else None
         self.pool = BlockPool(pipeline.num_blocks, pipeline.block_size)
         self.block_size = pipeline.block_size
         self.waiting: deque[Sequence] = deque()
@@ -148,6 +151,7 @@ class Engine:
         self.preemptions = 0
         self.rejected = 0  # requests turned away with the queue full
         self.drafted = self.draft_accepted = 0  # speculative tokens guessed, and confirmed
+        pipeline.attach(self)
 
     @property
     def max_len(self) -> int:
@@ -317,20 +321,47 @@ class Engine:
         return self.pipeline.prefix_reusable and seq.prompt_logprobs is None
 
     def _register(self, seq: Sequence) -> None:
-        """Offer the sequence's newly filled blocks to the prefix cache."""
+        """Offer the sequence's newly filled blocks to the prefix cache, and give back those
+        that left the window of every layer."""
         full = seq.num_cached // self.block_size
-        if full <= seq.num_registered or not self.pipeline.prefix_reusable:
-            return
-        block_hashes(seq.tokens[:full * self.block_size], self.block_size, seq.hashes)
-        for i in range(seq.num_registered, full):
-            self.pool.register(seq.blocks[i], seq.hashes[i])
-        seq.num_registered = full
+        if full > seq.num_registered and self.pipeline.prefix_reusable:
+            block_hashes(seq.tokens[:full * self.block_size], self.block_size, seq.hashes)
+            for i in range(seq.num_registered, full):
+                self.pool.register(seq.blocks[i], seq.hashes[i])
+            seq.num_registered = full
+        if self.window is not None:
+            self._drop_behind_window(seq)
+
+    def _drop_behind_window(self, seq: Sequence) -> None:
+        """The next position computed (num_cached) and every later one attend to positions
+        > num_cached - window: a block wholly at or before that is read no more. Its table
+        entry becomes block 0, which the masks keep out of every read."""
+        behind = (seq.num_cached - self.window + 1) // self.block_size
+        for i in range(seq.num_dropped, min(behind, len(seq.blocks))):
+            if self.pool.release(seq.blocks[i]):
+                self.pipeline.release(seq.blocks[i])
+            seq.blocks[i] = 0
+        seq.num_dropped = max(seq.num_dropped, min(behind, len(seq.blocks)))
 
     def _release_blocks(self, seq: Sequence) -> None:
-        for b in seq.blocks:
+        for b in seq.blocks[seq.num_dropped:]:
             if self.pool.release(b):
                 self.pipeline.release(b)
-        seq.blocks, seq.num_cached, seq.num_registered = [], 0, 0
+        seq.blocks, seq.num_cached, seq.num_registered, seq.num_dropped = [], 0, 0, 0
+
+    # -- what a pipeline asks of the engine after it lost a stage's cache ----------------
+
+    def live_kv(self) -> list[tuple[list[int], list[int]]]:
+        """(tokens whose keys and values are cached, block table) of every sequence holding
+        blocks: what a pipeline recomputes into a stage that lost its cache."""
+        return [(s.tokens[:s.num_cached], list(s.blocks))
+                for s in list(self.prefilling) + self.running
+                if s.blocks and s.num_cached and not s.done]
+
+    def forget_prefix_cache(self) -> None:
+        """Cached blocks nobody references are gone on some stage: drop them."""
+        for b in self.pool.forget_cached():
+            self.pipeline.release(b)
 
     def _writable(self, seq: Sequence, position: int) -> bool:
         """Make the block of `position` the sequence's own (a new block, or a copy of one it
@@ -409,10 +440,11 @@ class Engine:
             self._finish(f, "cancelled")
         forks = [f for f in forks if not f.done]
         for f in forks:  # the prompt's blocks, shared until one of them writes
-            for b in seq.blocks:
+            for b in seq.blocks[seq.num_dropped:]:
                 self.pool.share(b)
             f.blocks, f.hashes = list(seq.blocks), list(seq.hashes)
             f.num_cached, f.num_registered = end, seq.num_registered
+            f.num_dropped = seq.num_dropped
             f.cached_tokens = seq.cached_tokens
         for s in [seq, *forks]:
             if s.max_new == 0:  # scoring only (completions' echo with max_tokens 0)

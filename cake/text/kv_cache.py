@@ -5,7 +5,7 @@ A sequence holds a block table: position p lives in block table[p // block_size]
 p % block_size. Blocks are handed out by a BlockPool; full blocks are content-addressed (a hash
 chain over their token ids, as vLLM does), so a new request maps the longest prefix another
 one computed and prefills only the rest. A slot cache (one block of the whole context per
-sequence: cluster stages, speech models) is the same with block_size = the context.
+sequence: speech models, on one machine or a ring) is the same with block_size = the context.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ class StepBatch:
     span: Optional[tuple[int, int]] = None
     first_slot: Optional[int] = None  # when the rows' slots are first_slot, first_slot + 1, ...
     newest: Optional[list[tuple[int, int]]] = None  # (slot, newest position) per row
+    copies: list = field(default_factory=list)  # (src, dst) blocks to copy before the step
     _index: dict = field(default_factory=dict, repr=False)  # block size -> pool rows
 
     def rows(self) -> list[tuple[int, int]]:
@@ -335,6 +336,16 @@ class BlockPool:
             self.share(b)
             found.append(b)
         return found
+
+    def forget_cached(self) -> list[int]:
+        """Drop the prefix cache's unreferenced blocks (their keys and values were lost);
+        returns them, free now. Referenced blocks keep their hashes."""
+        gone = list(self.cached)
+        for b in gone:
+            del self.by_hash[self.hash_of.pop(b)]
+        self.cached.clear()
+        self.free.extend(gone)
+        return gone
 
     def stats(self) -> dict:
         return {"kv_blocks_total": self.num_blocks, "kv_blocks_used": self.used(),

@@ -17,7 +17,7 @@ from cake.text.kv_cache import KVCache, StepBatch, kv_row_bytes, serving_dtype
 class Pipeline(Protocol):
     """What the engine uses of a pipeline. Its KV cache is num_blocks blocks of block_size
     positions; the engine hands them out (kv_cache.BlockPool) and names each row's blocks in
-    the StepBatch. A pipeline whose blocks hold a whole context (cluster stages) is a slot
+    the StepBatch. A pipeline whose blocks hold a whole context (a speech model's ring) is a slot
     cache under the same interface."""
 
     max_len: int
@@ -29,6 +29,12 @@ class Pipeline(Protocol):
     can_copy_blocks: bool  # copy_blocks works (n > 1 forks share a prompt's blocks)
     depth: int  # steps the engine may keep in flight (submit/collect); 1: forward only
     group_rows: int  # with steps in flight, the fewest sequences worth a step of their own
+    # Where every layer slides: positions this far behind the next one are read by no layer,
+    # so their blocks can go back to the pool (None: some layer reads the whole sequence).
+    block_window: Optional[int]
+
+    def attach(self, owner: "KVOwner") -> None:
+        """The engine that hands out the blocks (asked what to recompute after a loss)."""
 
     def forward(self, tokens: torch.Tensor, batch: StepBatch,
                 logits_at: Optional[torch.Tensor]) -> torch.Tensor:
@@ -50,6 +56,22 @@ class Pipeline(Protocol):
     def kv_cache_stats(self) -> dict:
         """{"kv_cache_capacity_bytes": the most it can hold, and "kv_cache_bytes" (held now)
         where the pipeline counts it itself}."""
+
+
+class KVOwner(Protocol):
+    """What a pipeline that loses a stage's cache asks of the engine."""
+
+    def live_kv(self) -> list[tuple[list[int], list[int]]]:
+        """(tokens cached, block table) of every live sequence."""
+
+    def forget_prefix_cache(self) -> None:
+        """Drop the cached blocks no sequence references."""
+
+
+def all_sliding_window(args, layers: range) -> Optional[int]:
+    """The widest window when every layer slides, else None (see Pipeline.block_window)."""
+    windows = [args.window(i) for i in layers]
+    return max(windows) if windows and all(windows) else None
 
 
 def pool_blocks(block_bytes: int, block_size: int, max_len: int, max_batch: int,
@@ -104,6 +126,7 @@ class LocalPipeline:
             * layers * block_size
         self.num_blocks = pool_blocks(block_bytes, block_size, max_len, max_batch, kv_memory,
                                       self.device)
+        self.block_window = all_sliding_window(args, range(args.num_hidden_layers))
         self.caches = [KVCache.pool(range(s.start, s.end), self.num_blocks, block_size,
                                     args.num_key_value_heads, args.head_dim, kv_dtype,
                                     self.device)
@@ -118,6 +141,9 @@ class LocalPipeline:
 
     def submit(self, tokens, batch, logits_at=None):
         return self.forward(tokens, batch, logits_at)
+
+    def attach(self, owner) -> None:  # one process: no stage's cache is ever lost
+        pass
 
     def collect(self, handle):
         return handle

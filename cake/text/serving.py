@@ -84,7 +84,7 @@ def load_text_model(path: str | Path, model_id: str, device: Optional[str] = Non
     if cluster is not None:
         from cake.cluster.pipeline import start_cluster_pipeline
         pipeline = start_cluster_pipeline(checkpoint, dtype, device, max_batch, ctx, cluster,
-                                          quant)
+                                          quant, kv_memory=kv_memory)
     else:
         from cake.text.expert_offload import budget_for
         budget = budget_for(checkpoint, expert_offload, expert_memory)
