@@ -77,7 +77,10 @@ def vocoder_config(path: Path) -> dict:
 def load(folder: Path, device: str = "cpu", dtype=torch.float32):
     """(flow model, vocoder, tokens, config) from a LuxTTS folder."""
     cfg = json.loads((folder / "config.json").read_text())
-    tokens = read_tokens(folder / "tokens.txt")
+    try:
+        tokens = read_tokens(folder / "tokens.txt")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     weights = next((folder / n for n in ("model.safetensors", "model.pt")
                     if (folder / n).is_file()), None)
     if weights is None:
