@@ -108,11 +108,11 @@ class AttentionWeights(nn.Module):
         scores = torch.matmul(q, k)
         pos = self.linear_pos(pos_emb).reshape(-1, 2 * T - 1, h, self.pos_head_dim)
         pos_scores = torch.matmul(p, pos.permute(2, 0, 3, 1))  # (h, B, T, 2T-1)
-        # row i needs offsets i-j for j in 0..T-1: columns T-1-i .. 2T-2-i of the table
-        rows = torch.arange(T, device=x.device)[:, None]
-        cols = (T - 1) - rows + torch.arange(T, device=x.device)[None, :]
-        scores = scores + pos_scores.gather(
-            -1, cols.expand(h, pos_scores.shape[1], T, T))
+        # row i needs offsets j-i for j in 0..T-1, columns T-1-i .. 2T-2-i of the table: a
+        # strided view whose row step is one column less than a full row
+        s0, s1, s2, s3 = pos_scores.stride()
+        scores = scores + pos_scores.as_strided((h, pos_scores.shape[1], T, T),
+                                                (s0, s1, s2 - s3, s3), s3 * (T - 1))
         if key_padding_mask is not None:
             scores = scores.masked_fill(key_padding_mask[:, None, :], -1000.0)
         return scores.softmax(dim=-1)
