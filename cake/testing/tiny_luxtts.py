@@ -19,6 +19,16 @@ MODEL = {"fm_decoder_downsampling_factor": [1, 2, 1], "fm_decoder_num_layers": [
          "text_encoder_num_heads": 2, "text_encoder_dim": 16, "time_embed_dim": 16,
          "text_embed_dim": 16, "query_head_dim": 8, "value_head_dim": 4, "pos_head_dim": 4,
          "pos_dim": 8, "feat_dim": 100}
+# ZipVoice's own defaults (k2-fsa's ZipVoice class), the shape of the 123M-parameter LuxTTS
+REAL_MODEL = {"fm_decoder_downsampling_factor": [1, 2, 4, 2, 1],
+              "fm_decoder_num_layers": [2, 2, 4, 4, 4],
+              "fm_decoder_cnn_module_kernel": [31, 15, 7, 15, 31],
+              "fm_decoder_feedforward_dim": 1536, "fm_decoder_num_heads": 4,
+              "fm_decoder_dim": 512, "text_encoder_num_layers": 4,
+              "text_encoder_feedforward_dim": 512, "text_encoder_cnn_module_kernel": 9,
+              "text_encoder_num_heads": 4, "text_encoder_dim": 192, "time_embed_dim": 192,
+              "text_embed_dim": 192, "query_head_dim": 32, "value_head_dim": 12,
+              "pos_head_dim": 4, "pos_dim": 48, "feat_dim": 100}
 FEATURE = {"type": "vocos", "sampling_rate": 24000, "feat_scale": 0.1}
 VOCODER_YAML = """\
 feature_extractor:
@@ -57,8 +67,9 @@ def _perturbed(module: torch.nn.Module, seed: int) -> dict:
     return state
 
 
-def write_luxtts(folder: Path) -> str:
-    """Write the tiny checkpoint; returns a sha256 over its files."""
+def write_luxtts(folder: Path, real_size: bool = False) -> str:
+    """Write the tiny checkpoint (or one of LuxTTS's shape: ZipVoice's default dimensions and
+    a 512-wide, 8-block Vocos); returns a sha256 over its files."""
     from cake.audio.luxtts.features import mel_filters
     from cake.audio.luxtts.flow import FlowModel
     from cake.audio.luxtts.checkpoint import vocoder_config
@@ -66,12 +77,18 @@ def write_luxtts(folder: Path) -> str:
 
     folder = Path(folder)
     (folder / "vocoder").mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"model": MODEL, "feature": FEATURE},
+    model = REAL_MODEL if real_size else MODEL
+    (folder / "config.json").write_text(json.dumps({"model": model, "feature": FEATURE},
                                                    indent=1))
     (folder / "tokens.txt").write_text(tokens_text(), encoding="utf-8")
-    (folder / "vocoder" / "config.yaml").write_text(VOCODER_YAML)
+    yaml = VOCODER_YAML
+    if real_size:
+        yaml = (yaml.replace("dim: 64, intermediate_dim: 96, num_layers: 2",
+                             "dim: 512, intermediate_dim: 1536, num_layers: 8")
+                .replace("{dim: 64,", "{dim: 512,").replace("in_channels: 64", "in_channels: 512"))
+    (folder / "vocoder" / "config.yaml").write_text(yaml)
     torch.manual_seed(0)
-    flow = FlowModel(MODEL, vocab_size=len(PHONEMES) + 1, pad_id=0)
+    flow = FlowModel(model, vocab_size=len(PHONEMES) + 1, pad_id=0)
     torch.save({"model": _perturbed(flow, 1)}, folder / "model.pt")
     vocoder = Vocoder(**vocoder_config(folder / "vocoder" / "config.yaml"))
     state = _perturbed(vocoder, 2)
@@ -90,4 +107,4 @@ def write_luxtts(folder: Path) -> str:
 if __name__ == "__main__":
     import sys
 
-    print(write_luxtts(Path(sys.argv[1])))
+    print(write_luxtts(Path(sys.argv[1]), real_size="--real-size" in sys.argv))

@@ -61,10 +61,8 @@ def generate(prompt_tokens, prompt_lens, prompt_features, prompt_rms, tokens, mo
     return wav
 
 
-def main(folder: Path, out: Path):
-    sha = hashlib.sha256()
-    for name in FILES:
-        sha.update((folder / name).read_bytes())
+def load(folder: Path):
+    """The flow model and vocoder as LuxTTS's load_models_gpu makes them (here on CPU)."""
     cfg = json.loads((folder / "config.json").read_text())
     vocab = sum(1 for line in (folder / "tokens.txt").read_text().splitlines() if line)
     torch.manual_seed(0)
@@ -76,6 +74,36 @@ def main(folder: Path, out: Path):
     vocos.load_state_dict(torch.load(folder / "vocoder" / "vocos.bin", map_location="cpu"))
     vocos.eval()
     vocos.freq_range = 12000  # as LuxTTS sets it
+    return model, vocos, vocab
+
+
+def bench(folder: Path, inputs: Path, repeats: int):
+    """Time generate() on the inputs cake's benchmark saved (benchmarks/bench_speech_luxtts.py):
+    wall and CPU seconds of each run after a warm-up, and the audio, as one JSON line."""
+    import time
+
+    model, vocos, _ = load(folder)
+    x = np.load(inputs)
+    features = torch.from_numpy(x["prompt_features"])[None]
+    lens = torch.tensor([features.shape[1]])
+    wall, cpu = [], []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            torch.manual_seed(5)
+            w0, c0 = time.perf_counter(), time.process_time()
+            wave = generate([x["prompt_tokens"].tolist()], lens, features, float(x["rms"]),
+                            x["tokens"].tolist(), model, vocos, num_step=int(x["steps"]),
+                            guidance_scale=3.0, speed=1.0, t_shift=0.5)
+            wall.append(time.perf_counter() - w0)
+            cpu.append(time.process_time() - c0)
+    print(json.dumps({"wall": wall[1:], "cpu": cpu[1:], "audio": wave[0].tolist()}))
+
+
+def main(folder: Path, out: Path):
+    sha = hashlib.sha256()
+    for name in FILES:
+        sha.update((folder / name).read_bytes())
+    model, vocos, vocab = load(folder)
 
     g = torch.Generator().manual_seed(11)
     tokens = torch.randint(1, vocab, (8,), generator=g).tolist()
@@ -129,4 +157,8 @@ def main(folder: Path, out: Path):
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    if sys.argv[1] == "bench":
+        torch.set_num_threads(int(sys.argv[5]))
+        bench(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))
+    else:
+        main(Path(sys.argv[1]), Path(sys.argv[2]))
