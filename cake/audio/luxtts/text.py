@@ -64,7 +64,7 @@ class Phonemizer:
                     from piper.phonemize_espeak import EspeakPhonemizer
                 except ImportError:
                     raise ValueError("LuxTTS needs espeak-ng phonemes: install piper-tts "
-                                     "(pip install 'cake[speech]')") from None
+                                     "(pip install 'cake[audio]')") from None
                 self._espeak = EspeakPhonemizer()
             sentences = self._espeak.phonemize(self.lang, text)
         return [p for sentence in sentences for p in sentence]
