@@ -57,13 +57,16 @@ def tokens_text() -> str:
     return "_\t0\n" + "".join(f"{p}\t{i}\n" for i, p in enumerate(PHONEMES, start=1))
 
 
-def _perturbed(module: torch.nn.Module, seed: int) -> dict:
+def _perturbed(module: torch.nn.Module, seed: int, relative: bool = False) -> dict:
     """The module's state with every parameter moved off its initial value (zero biases and
-    unit scales would hide mistakes)."""
+    unit scales would hide mistakes). At LuxTTS's real depth an added 0.05 makes the random
+    network chaotic (a 1e-6 change of the input moves the output by its own size, in the
+    reference too), so there each value is scaled by 1 + 0.05 noise instead."""
     g = torch.Generator().manual_seed(seed)
     state = {}
     for name, p in module.state_dict().items():
-        state[name] = (p + 0.05 * torch.randn(p.shape, generator=g)).contiguous()
+        noise = 0.05 * torch.randn(p.shape, generator=g)
+        state[name] = (p * (1 + noise) if relative else p + noise).contiguous()
     return state
 
 
@@ -89,9 +92,9 @@ def write_luxtts(folder: Path, real_size: bool = False) -> str:
     (folder / "vocoder" / "config.yaml").write_text(yaml)
     torch.manual_seed(0)
     flow = FlowModel(model, vocab_size=len(PHONEMES) + 1, pad_id=0)
-    torch.save({"model": _perturbed(flow, 1)}, folder / "model.pt")
+    torch.save({"model": _perturbed(flow, 1, relative=real_size)}, folder / "model.pt")
     vocoder = Vocoder(**vocoder_config(folder / "vocoder" / "config.yaml"))
-    state = _perturbed(vocoder, 2)
+    state = _perturbed(vocoder, 2, relative=real_size)
     for head, n_fft in (("head", 1024), ("head_48k", 1024)):
         state[f"{head}.istft.window"] = torch.hann_window(n_fft)
     state["feature_extractor.mel_spec.spectrogram.window"] = torch.hann_window(1024)
