@@ -12,9 +12,12 @@ from pathlib import Path
 
 import torch
 
-MODEL = {"fm_decoder_downsampling_factor": [1, 2, 1], "fm_decoder_num_layers": [1, 1, 1],
-         "fm_decoder_cnn_module_kernel": [7, 5, 7], "fm_decoder_feedforward_dim": 48,
-         "fm_decoder_num_heads": 2, "fm_decoder_dim": 32, "text_encoder_num_layers": 1,
+# The real model's U-Net of five stacks (frame rates 1, 1/2, 1/4, 1/2, 1), two layers where
+# the real one has several, at tiny widths.
+MODEL = {"fm_decoder_downsampling_factor": [1, 2, 4, 2, 1],
+         "fm_decoder_num_layers": [2, 1, 1, 1, 2], "fm_decoder_cnn_module_kernel": [7, 5, 3, 5, 7],
+         "fm_decoder_feedforward_dim": 48,
+         "fm_decoder_num_heads": 2, "fm_decoder_dim": 32, "text_encoder_num_layers": 2,
          "text_encoder_feedforward_dim": 32, "text_encoder_cnn_module_kernel": 3,
          "text_encoder_num_heads": 2, "text_encoder_dim": 16, "time_embed_dim": 16,
          "text_embed_dim": 16, "query_head_dim": 8, "value_head_dim": 4, "pos_head_dim": 4,
