@@ -22,8 +22,13 @@ def add_args(p) -> None:
     add_once(g, "--audio-output", default="speech.wav", metavar="FILE",
              help="cake run: where to write the WAV (default speech.wav)")
     add_once(g, "--voice", help="cake run: voice name (a Piper voice or a voice-dir sample)")
-    add_once(g, "--cfg-scale", type=float, default=1.5, help="VibeVoice guidance, 1.0-3.0")
-    add_once(g, "--diffusion-steps", type=int, default=10, help="VibeVoice steps per frame")
+    add_once(g, "--cfg-scale", type=float, default=None,
+             help="guidance, 1.0-3.0 (default: VibeVoice 1.5, LuxTTS 3.0)")
+    add_once(g, "--diffusion-steps", type=int, default=None,
+             help="VibeVoice steps per frame (default 10), LuxTTS Euler steps (default 4)")
+    add_once(g, "--voice-text", metavar="TEXT",
+             help="cake run: the words spoken in --voice-prompt (LuxTTS; default: the .txt "
+                  "file beside it)")
     add_once(g, "--max-frames", type=int, default=150,
              help="cake run: VibeVoice speech frames at most (7.5 per second)")
     add_once(g, "--speed", type=float, default=1.0, help="cake run: speaking rate (Piper)")
@@ -33,7 +38,7 @@ def load(args: argparse.Namespace):
     """The bundled Piper voice when no model is named, a Piper .onnx voice file, or a
     VibeVoice or VibeVoice-Realtime checkpoint (folder or Hugging Face repo id; Microsoft's
     original layout is converted on load). A checkpoint cake recognises but cannot serve
-    (LuxTTS) ends the command with one line saying so."""
+    or a LuxTTS folder. A checkpoint that does not load ends the command with one line."""
     from pathlib import Path
 
     from cake.audio.service import SpeechService
@@ -58,16 +63,21 @@ def load(args: argparse.Namespace):
         model = PiperSpeech(Path(args.model))
     else:
         from cake import hub
-        from cake.audio.unsupported import why_not
+        from cake.audio.luxtts.checkpoint import CheckpointError, is_luxtts
         from cake.audio.vibevoice.checkpoint import UnsupportedCheckpoint
         from cake.audio.vibevoice.model import VibeVoiceSpeech
         from cake.audio.vibevoice.realtime import VibeVoiceRealtimeSpeech, is_realtime
 
         ref = hub.resolve(args.model)
-        if reason := why_not(Path(ref.path)):
-            raise SystemExit(f"cake: {reason}")
         try:
-            if is_realtime(Path(ref.path)):
+            if is_luxtts(Path(ref.path)):
+                if cluster is not None:
+                    raise SystemExit("cake: LuxTTS runs on one machine (a 123M-parameter "
+                                     "model has no layers worth splitting; drop the key)")
+                from cake.audio.luxtts.speech import LuxTTSSpeech
+
+                model = LuxTTSSpeech.load(ref.path, ref.model_id, device=args.device)
+            elif is_realtime(Path(ref.path)):
                 if cluster is not None:
                     raise SystemExit("cake: VibeVoice-Realtime runs on one machine; its "
                                      "voices are prefilled caches a cluster cannot take yet "
@@ -81,7 +91,7 @@ def load(args: argparse.Namespace):
             else:
                 model = VibeVoiceSpeech.load(ref.path, ref.model_id, device=args.device,
                                              dtype=args.dtype, cluster=cluster)
-        except (UnsupportedCheckpoint, FileNotFoundError) as e:
+        except (UnsupportedCheckpoint, CheckpointError, FileNotFoundError) as e:
             raise SystemExit(f"cake: {e}") from None
     return SpeechService(model, voices)
 
@@ -94,6 +104,7 @@ def run(service, args) -> None:
 
     try:
         req = service.request(args.prompt, voice=args.voice, cfg_scale=args.cfg_scale,
+                              voice_text=getattr(args, "voice_text", None),
                               max_frames=args.max_frames, diffusion_steps=args.diffusion_steps,
                               speed=args.speed, seed=getattr(args, "seed", None))
     except ValueError as e:

@@ -37,6 +37,7 @@ class VoiceSample:
     samples: np.ndarray  # mono float32
     rate: int
     source: str  # where it came from, for messages
+    text: Optional[str] = None  # the words spoken in it (LuxTTS needs them)
 
 
 @dataclass
@@ -60,14 +61,18 @@ class SpeechJob(Job):
     id: int = field(default_factory=lambda: next(_job_ids))
 
 
-def load_sample(data: bytes, source: str) -> VoiceSample:
+def load_sample(data: bytes, source: str, path: Optional[Path] = None) -> VoiceSample:
+    """A voice sample; a server-side one may carry its transcript in a .txt file beside it."""
     try:
         samples, rate = read_audio(data)
     except AudioError as e:
         raise ValueError(f"{source}: {e}") from None
     if len(samples) > MAX_VOICE_SECONDS * rate:
         raise ValueError(f"{source} is longer than {MAX_VOICE_SECONDS} s")
-    return VoiceSample(samples, rate, source)
+    text = None
+    if path is not None and (transcript := Path(path).with_suffix(".txt")).is_file():
+        text = transcript.read_text(encoding="utf-8", errors="replace").strip() or None
+    return VoiceSample(samples, rate, source, text)
 
 
 class SpeechService:
@@ -76,7 +81,8 @@ class SpeechService:
         self.model_id, self.sample_rate = model.model_id, model.sample_rate
         self.default_sample = None
         if voices.prompt is not None and model.can_clone:
-            self.default_sample = load_sample(voices.prompt.read_bytes(), "--voice-prompt")
+            self.default_sample = load_sample(voices.prompt.read_bytes(), "--voice-prompt",
+                                              voices.prompt)
         self.worker = SerialWorker(self._synthesize, "speech")
 
     def voice_names(self) -> list[str]:
@@ -86,10 +92,14 @@ class SpeechService:
         return names
 
     def request(self, text: str, voice: Optional[str] = None, voice_data: Optional[bytes] = None,
-                voice_path: Optional[str] = None, **params) -> SpeechRequest:
-        """A validated request; ValueError carries the message for the client."""
+                voice_path: Optional[str] = None, voice_text: Optional[str] = None,
+                **params) -> SpeechRequest:
+        """A validated request; ValueError carries the message for the client. Parameters
+        left as None take the model's own defaults (LuxTTS: 4 steps, guidance 3)."""
         if not text or not text.strip():
             raise ValueError("input must be non-empty text")
+        params = {**getattr(self.model, "defaults", {}),
+                  **{k: v for k, v in params.items() if v is not None or k == "seed"}}
         for name, value in params.items():
             low, high = RANGES.get(name, (None, None))
             if low is not None and not low <= value <= high:
@@ -99,7 +109,7 @@ class SpeechService:
         wants_clone = voice_data is not None or voice_path is not None
         if wants_clone and not self.model.can_clone:
             raise ValueError(f"{self.model_id} cannot clone a voice: voice_data and voice_path "
-                             "need a model that clones a sample (VibeVoice-1.5B); use voice "
+                             "need a model that clones a sample (VibeVoice-1.5B, LuxTTS); use voice "
                              f"to pick one of {', '.join(self.voice_names())}")
         req = SpeechRequest(text=text, **params)
         if voice_data is not None:
@@ -109,11 +119,17 @@ class SpeechService:
                 path = self.voices.check_path(voice_path)
             except VoiceNotAllowed as e:
                 raise ValueError(str(e)) from None
-            req.sample = load_sample(path.read_bytes(), f"voice_path {voice_path!r}")
+            req.sample = load_sample(path.read_bytes(), f"voice_path {voice_path!r}", path)
         elif voice is not None:
             self._pick_voice(req, voice)
         if req.sample is None and req.voice is None:
             req.sample = self.default_sample
+        if voice_text is not None:
+            if req.sample is None:
+                raise ValueError("voice_text is the transcript of a voice sample: send it with "
+                                 "voice_data, voice_path or a voice sample's name")
+            req.sample = VoiceSample(req.sample.samples, req.sample.rate, req.sample.source,
+                                     voice_text)
         self.model.check(req)
         return req
 
@@ -122,7 +138,8 @@ class SpeechService:
         if voice in self.model.voice_names():
             req.voice = voice
         elif voice in library:
-            req.sample = load_sample(Path(library[voice]).read_bytes(), f"voice {voice!r}")
+            req.sample = load_sample(Path(library[voice]).read_bytes(), f"voice {voice!r}",
+                                     Path(library[voice]))
         elif voice.lower() in OPENAI_VOICES:
             pass  # the default voice
         else:

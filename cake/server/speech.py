@@ -34,11 +34,13 @@ class SpeechBody(WireModel):
     voice: Optional[str] = None
     voice_data: Optional[str] = None
     voice_path: Optional[str] = None
+    voice_text: Optional[str] = None  # the words spoken in the voice sample (LuxTTS)
     response_format: Literal["wav", "pcm"] = "wav"
     # Ranges are checked by the speech service (cake/audio/service.py RANGES).
-    cfg_scale: float = 1.5
+    # None: the model's default (VibeVoice 1.5 and 10, LuxTTS 3 and 4)
+    cfg_scale: Optional[float] = None
     max_frames: int = 150
-    diffusion_steps: int = 10
+    diffusion_steps: Optional[int] = None
     speed: float = 1.0
     seed: Optional[int] = None
     stream: bool = False
@@ -84,7 +86,8 @@ async def speech(request: Request):
         # Reading a voice sample is file and codec work: keep it off the event loop.
         req = await asyncio.to_thread(
             service.request, body.input, voice=body.voice, voice_data=voice_data,
-            voice_path=body.voice_path, cfg_scale=body.cfg_scale, max_frames=body.max_frames,
+            voice_path=body.voice_path, voice_text=body.voice_text, cfg_scale=body.cfg_scale,
+            max_frames=body.max_frames,
             diffusion_steps=body.diffusion_steps, speed=body.speed, seed=body.seed)
     except ValueError as e:
         raise APIError(400, str(e))
