@@ -1,4 +1,5 @@
-"""LuxTTS behind the speech service: a reference clip and its transcript in, 48 kHz speech out.
+"""LuxTTS behind the speech service: a reference clip and its transcript in, speech out at the
+API's 24 kHz (its vocoder makes 48 kHz; the API serves every voice at 24 kHz).
 
 The whole utterance is made at once (flow matching is not autoregressive): cancellation is
 checked before every Euler step, and the audio goes out in 0.2 s chunks. Cake runs no speech
@@ -28,12 +29,13 @@ OUTPUT_RMS = 0.1  # ... and the speech lowered again by prompt_rms / OUTPUT_RMS
 SPEED_FACTOR = 1.3  # LuxTTS speaks 1.3x the duration rule's rate at speed 1
 T_SHIFT = 0.5
 MAX_SECONDS = 60
-CHUNK = 9600  # 0.2 s at 48 kHz
+CHUNK = 4800  # 0.2 s at 24 kHz
+SERVED_RATE = 24000  # SPEC-API: WAV and PCM at 24 kHz
 
 
 class LuxTTSSpeech:
     can_clone = True
-    sample_rate = 48000
+    sample_rate = SERVED_RATE
     needs_voice_text = True
     defaults = {"cfg_scale": 3.0, "diffusion_steps": 4}
 
@@ -88,6 +90,7 @@ class LuxTTSSpeech:
                              generator=generator, cancelled=cancelled)
         if wave is None:
             return
+        wave = resample(wave, self.vocoder.rate, SERVED_RATE)
         for start in range(0, len(wave), CHUNK):
             if cancelled():
                 return
