@@ -159,6 +159,47 @@ def test_gguf_q8_0_keeps_blocks(ggufs, name):
     assert (ours - theirs).abs().max() <= 5e-3 * theirs.abs().max()
 
 
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen3_5_moe", "qwen3_5"])
+def test_decode_kernels_equal_op_by_op(ggufs, name):
+    """The MoE and hybrid decode kernels (attention half in one call, every routed expert of
+    a step in one call) compute what the same quantized model computes op by op."""
+    kernels_or_skip()
+    model = load_stage(GGUFCheckpoint(ggufs(name, "q8_0")), quant_mode="auto")
+    layers = list(model.model.layers.values())
+    moes = [b.mlp for b in layers if hasattr(b.mlp, "kernel_ready")]
+    attended = [b for b in layers if getattr(b, "attention_args", None) is not None]
+    assert all(m.kernel_ready for m in moes) and len(moes) == (0 if name == "qwen3_5" else 4)
+    assert len(attended) == (4 if name == "qwen3_moe" else 1)
+    _, fast = generate([model], [new_cache(model)], PROMPT, DECODE_STEPS)
+    for m in moes:
+        m.kernel_ready = False
+    for b in attended:
+        b.attention_args = None
+    _, slow = generate([model], [new_cache(model)], PROMPT, DECODE_STEPS)
+    assert slow.abs().max() > 1
+    # The kernel normalizes before quantizing activations in C++, the ops in torch: int16
+    # rounding that flips between them moves these random models' logits by ~5e-5 of their
+    # largest (measured); a wrong layout or routing would be off by O(1).
+    torch.testing.assert_close(fast, slow, atol=2e-4 * slow.abs().max(), rtol=0)
+
+
+def test_deltanet_step_kernel_equals_recurrence():
+    from cake.text.models.deltanet import l2norm, recurrent_delta_rule
+
+    kernels_or_skip()
+    g = torch.Generator().manual_seed(0)
+    B, H, Dk, Dv = 3, 4, 16, 24
+    q, k = (l2norm(torch.randn(B, 1, H, Dk, generator=g)) for _ in range(2))
+    v = torch.randn(B, 1, H, Dv, generator=g)
+    decay, beta = -torch.rand(B, 1, H, generator=g), torch.rand(B, 1, H, generator=g)
+    state = torch.randn(B, H, Dk, Dv, generator=g)
+    want, want_state = recurrent_delta_rule(q, k, v, decay, beta, state)
+    got_state = state.clone()
+    got = torch.ops.cake.deltanet_decode_step(q, k, v, decay, beta, got_state)
+    torch.testing.assert_close(got[:, None], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_state, want_state, atol=1e-5, rtol=1e-5)
+
+
 def chat_ids(tok, messages) -> list[int]:
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

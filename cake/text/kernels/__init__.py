@@ -30,7 +30,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-HEADERS = [Path(__file__).with_name("thread_pool.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("thread_pool.h", "moe_kernels.h")]
 _lock = threading.Lock()
 _ops = None
 _tried = False
