@@ -292,13 +292,17 @@ def test_state_freed_with_its_sequence(models):
     """The pipeline's DeltaNet state: one per live sequence, kept under its first block and
     gone when that block is released; such a pipeline says a cached prefix cannot be reused
     (nor its blocks shared by forks or draft rows)."""
-    from cake.text.kv_cache import StepBatch
+    from cake.text.kv_cache import StepBatch, kv_row_bytes
     from cake.text.linear_state import states_of
     from cake.text.pipeline import LocalPipeline
 
     model = load_stage(SafetensorsCheckpoint(models("qwen3_5")[1]))
-    pipe = LocalPipeline([model], max_len=64, kv_memory=1 << 20)
+    # Only the full-attention layer takes room in the KV pool: 4x the blocks of 4 layers.
+    block = kv_row_bytes(model.args.num_key_value_heads, model.args.head_dim, torch.float16) * 16
+    pipe = LocalPipeline([model], max_len=64, kv_memory=40 * block)
     assert pipe.prefix_reusable is False and pipe.state_is_kv is False
+    assert list(pipe.caches[0].k) == [2]
+    assert pipe.caches[0].block_bytes() == block and pipe.num_blocks == 40
     states = states_of(pipe.caches[0])
     positions = [list(range(len(PROMPT)))]
     pipe.forward(torch.tensor([PROMPT]), StepBatch.make(positions, [[1, 2]], "cpu"))

@@ -197,8 +197,8 @@ class ClusterPipeline:
             if seg.node == "master":
                 stage = by_start[seg.start]
                 self.stages.append(stage)
-                cache = KVCache(range(stage.start, stage.end), self.num_slots, self.max_len,
-                                self.args.num_key_value_heads, self.args.head_dim,
+                cache = KVCache(self.args.kv_layers(stage.start, stage.end), self.num_slots,
+                                self.max_len, self.args.num_key_value_heads, self.args.head_dim,
                                 serving_dtype(self.dtype, self.device), self.device,
                                 windows={i: self.args.window(i)
                                          for i in range(stage.start, stage.end)})
@@ -399,7 +399,7 @@ class ClusterPipeline:
         window), on whichever node keeps it."""
         row = kv_row_bytes(self.args.num_key_value_heads, self.args.head_dim,
                            serving_dtype(self.dtype, self.device))
-        windows = [self.args.window(i) for i in range(start, end)]
+        windows = [self.args.window(i) for i in self.args.kv_layers(start, end)]
         return self.num_slots * sequence_kv_bytes(windows, row, self.max_len)
 
     def kv_cache_stats(self) -> dict:

@@ -203,7 +203,7 @@ class StageWorker(NodeWorker):
         args, dtype = self.model.args, self.dtype
         group = transport.Group(rank, world, name, local_ip, join_timeout_s, backend,
                                 own_link_secret() if secure else None)
-        layers = range(self.model.start, self.model.end)
+        layers = args.kv_layers(self.model.start, self.model.end)  # DeltaNet layers keep none
         self.cache = KVCache(layers, num_slots, max_len, args.num_key_value_heads, args.head_dim,
                              serving_dtype(dtype, self.device), self.device,
                              windows={i: args.window(i) for i in layers})
