@@ -387,12 +387,20 @@ class ClusterPipeline:
 
     def release(self, slot: int) -> None:
         # A finished sequence's cached positions are masked out on every node until its slot
-        # is reused; forgetting its tokens is all there is to free.
+        # is reused; what a stage keeps beside the KV cache (DeltaNet's state) is freed on
+        # the master here and on the workers by a release message down each chain.
         self.history.pop(slot, None)
-        for part in self.plan:
-            if part[0] == "local":
-                part[2].release(slot)
-                part[1].release_sequence(slot, part[2])
+        with self.lock:
+            for part in self.plan:
+                if part[0] == "local":
+                    part[2].release(slot)
+                    part[1].release_sequence(slot, part[2])
+                elif not self.state_is_kv:
+                    try:
+                        for work, _ in self.link.send_release(part[1], [slot]):
+                            work.wait()
+                    except Exception as e:  # a lost stage: a rebuilt one starts without state
+                        log.warning("release of slot %d not sent: %s", slot, e)
 
     def kv_cache_bytes(self, start: int, end: int) -> int:
         """The most the KV cache of layers [start, end) can hold (sliding layers: their

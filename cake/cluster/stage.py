@@ -228,6 +228,14 @@ class StageWorker(NodeWorker):
                         for work, _ in self.link.send_stop(self.next):
                             work.wait()
                     return
+                if op == transport.OP_RELEASE:  # x: the slots of finished sequences
+                    for slot in x.tolist():
+                        self.cache.release(slot)
+                        self.model.release_sequence(slot, self.cache)
+                    if self.next != 0:  # the chain's last stage answers the master, not this
+                        for work, _ in self.link.send_release(self.next, x.tolist()):
+                            work.wait()
+                    continue
                 y = self.model(x, batch, self.cache)
                 for work, _ in self.link.send(self.next, y, batch):
                     work.wait()
