@@ -338,6 +338,23 @@ def test_offloaded_experts_compute_the_same(ggufs, name):
     assert 0 < lru.resident_bytes <= 3 * one and lru.loads > 3 * 4
 
 
+def test_placement_counts_the_experts_as_loaded(ggufs):
+    """Cluster placement weighs each layer by what it takes once loaded: a Q8_0 GGUF's
+    experts at their packed size (each a slice of the file's ffn_*_exps)."""
+    from cake.cluster.pipeline import layer_sizes
+    from cake.text.expert_offload import module_bytes
+
+    kernels_or_skip()
+    ck = GGUFCheckpoint(ggufs("qwen3_5_moe", "q8_0"))
+    model = load_stage(ck, quant_mode="auto")
+    planned, _ = layer_sizes(ck, model.args.num_hidden_layers, torch.float32, "auto")
+    for i, layer in model.model.layers.items():
+        loaded = module_bytes(layer)
+        experts = sum(module_bytes(e) for e in layer.mlp.experts)
+        assert experts > loaded / 2  # the experts are most of the layer
+        assert abs(planned[int(i)] - loaded) <= 0.02 * loaded, (i, planned[int(i)], loaded)
+
+
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
