@@ -1,4 +1,5 @@
-"""Our own CPU kernels (cpu_kernels.cpp, with the MoE/hybrid ones of moe_kernels.h), compiled on first use and cached.
+"""Our own CPU kernels (cpu_kernels.cpp, which includes the MoE and hybrid families' own,
+moe_kernels.h), compiled on first use and cached.
 
 The library is built with the system C++ compiler straight against the installed torch
 (no ninja, no pybind11), for this machine's instruction set (-march=native, or $CAKE_KERNEL_MARCH), into
