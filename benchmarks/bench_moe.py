@@ -9,13 +9,16 @@ and quantized by llama.cpp's llama_model_quantize. Three servers run side by sid
 threads: llama.cpp (`python -m llama_cpp.server --interrupt_requests False`), cake with every
 expert resident, and cake with --expert-offload under a budget of half the experts' bytes.
 Each repetition measures each in turn: decode = one greedy reply of 64 tokens, tokens / wall
-time. Best of the repetitions; ratios are cake / llama.cpp from the same run. The last line
-is one JSON object.
+time, and the server process's CPU time per token (user + system over all its threads, from
+/proc: on a shared machine the fairer figure; llama.cpp's threads spin while waiting, which
+counts). Best of the repetitions; ratios are cake / llama.cpp from the same run; the load
+average before and after. The last line is one JSON object.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -54,6 +57,12 @@ def build_qwen3moe(path: Path, shape: str) -> None:
     write_random(w, tensors, types)
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=2)
@@ -80,25 +89,39 @@ def main() -> None:
                                 f"{half_mib:.0f}", "--api"], args.threads),
     }
     runs = {name: [] for name in servers}
+    cpu_ms = {name: [] for name in servers}
     texts = {}
+    load_before = os.getloadavg()
     try:
         for rep in range(args.reps):
             names = list(servers)
             for name in names[rep % len(names):] + names[:rep % len(names)]:
+                pid = servers[name].proc.pid
+                cpu = cpu_seconds(pid)
                 wall, text, n = servers[name].timed_chat(
                     f"{QUESTIONS[rep % len(QUESTIONS)]} ({rep})", NEW_TOKENS)
+                cpu = cpu_seconds(pid) - cpu
                 runs[name].append(n / wall)
+                cpu_ms[name].append(1000 * cpu / n)
                 texts.setdefault(name, []).append(text)
-                print(f"rep {rep + 1} {name}: {n} tokens, {n / wall:.1f} tok/s", file=sys.stderr)
+                print(f"rep {rep + 1} {name}: {n} tokens, {n / wall:.1f} tok/s, "
+                      f"{1000 * cpu / n:.1f} CPU ms/token, load {os.getloadavg()[0]:.1f}",
+                      file=sys.stderr)
     finally:
         for server in servers.values():
             server.stop()
     best = {name: max(r) for name, r in runs.items()}
+    least_cpu = {name: min(r) for name, r in cpu_ms.items()}
     result = {"model": model.name, "threads": args.threads, "experts_mib": round(experts / 2**20),
               "offload_budget_mib": round(half_mib),
               "decode_tok_s": {k: round(v, 1) for k, v in best.items()},
               "decode_ratio": round(best["cake"] / best["llama.cpp"], 2),
               "offload_decode_ratio": round(best["cake-offload"] / best["llama.cpp"], 2),
+              "cpu_ms_per_token": {k: round(v, 1) for k, v in least_cpu.items()},
+              "cpu_ratio": round(least_cpu["llama.cpp"] / least_cpu["cake"], 2),
+              "offload_cpu_ratio": round(least_cpu["llama.cpp"] / least_cpu["cake-offload"], 2),
+              "load_avg_before_after": [round(load_before[0], 1),
+                                        round(os.getloadavg()[0], 1)],
               "offload_text_equal": texts["cake"] == texts["cake-offload"]}
     print(json.dumps(result))
 

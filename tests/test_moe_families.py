@@ -159,6 +159,54 @@ def test_gguf_q8_0_keeps_blocks(ggufs, name):
     assert (ours - theirs).abs().max() <= 5e-3 * theirs.abs().max()
 
 
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen3_5_moe", "qwen3_5"])
+def test_decode_kernels_equal_op_by_op(ggufs, name):
+    """The MoE and hybrid decode kernels (attention half in one call, every routed expert of
+    a step in one call) compute what the same quantized model computes op by op, and rows
+    decoded together what each gives alone."""
+    kernels_or_skip()
+    model = load_stage(GGUFCheckpoint(ggufs(name, "q8_0")), quant_mode="auto")
+    layers = list(model.model.layers.values())
+    moes = [b.mlp for b in layers if hasattr(b.mlp, "kernel_ready")]
+    attended = [b for b in layers if getattr(b, "attention_args", None) is not None]
+    assert all(m.kernel_ready for m in moes) and len(moes) == (0 if name == "qwen3_5" else 4)
+    assert len(attended) == (4 if name == "qwen3_moe" else 1)
+    _, fast = generate([model], [new_cache(model)], PROMPT, DECODE_STEPS)
+    # Several rows per step (experts with more than one row). torch's ops on the way (the
+    # router's norm, DeltaNet) round differently with the batch's shape, and an int16
+    # rounding flip downstream moves these logits (largest ~6) by up to 1.5e-3 over 3 steps
+    # (measured; op by op the same: 3.4e-4 at the first); a wrong row would be off by O(1).
+    assert_batched_decode_equals_alone(model, [PROMPT[:7], PROMPT[2:]], [2, 0], 3, atol=4e-3,
+                                       greedy=False)
+    for m in moes:
+        m.kernel_ready = False
+    for b in attended:
+        b.attention_args = None
+    _, slow = generate([model], [new_cache(model)], PROMPT, DECODE_STEPS)
+    assert slow.abs().max() > 1
+    # The kernel normalizes before quantizing activations in C++, the ops in torch: int16
+    # rounding that flips between them moves these random models' logits by ~5e-5 of their
+    # largest (measured); a wrong layout or routing would be off by O(1).
+    torch.testing.assert_close(fast, slow, atol=2e-4 * slow.abs().max(), rtol=0)
+
+
+def test_deltanet_step_kernel_equals_recurrence():
+    from cake.text.models.deltanet import l2norm, recurrent_delta_rule
+
+    kernels_or_skip()
+    g = torch.Generator().manual_seed(0)
+    B, H, Dk, Dv = 3, 4, 16, 24
+    q, k = (l2norm(torch.randn(B, 1, H, Dk, generator=g)) for _ in range(2))
+    v = torch.randn(B, 1, H, Dv, generator=g)
+    decay, beta = -torch.rand(B, 1, H, generator=g), torch.rand(B, 1, H, generator=g)
+    state = torch.randn(B, H, Dk, Dv, generator=g)
+    want, want_state = recurrent_delta_rule(q, k, v, decay, beta, state)
+    got_state = state.clone()
+    got = torch.ops.cake.deltanet_decode_step(q, k, v, decay, beta, got_state)
+    torch.testing.assert_close(got[:, None], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_state, want_state, atol=1e-5, rtol=1e-5)
+
+
 def chat_ids(tok, messages) -> list[int]:
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
@@ -251,13 +299,17 @@ def test_state_freed_with_its_sequence(models):
     """The pipeline's DeltaNet state: one per live sequence, kept under its first block and
     gone when that block is released; such a pipeline says a cached prefix cannot be reused
     (nor its blocks shared by forks or draft rows)."""
-    from cake.text.kv_cache import StepBatch
+    from cake.text.kv_cache import StepBatch, kv_row_bytes
     from cake.text.linear_state import states_of
     from cake.text.pipeline import LocalPipeline
 
     model = load_stage(SafetensorsCheckpoint(models("qwen3_5")[1]))
-    pipe = LocalPipeline([model], max_len=64, kv_memory=1 << 20)
+    # Only the full-attention layer takes room in the KV pool: 4x the blocks of 4 layers.
+    block = kv_row_bytes(model.args.num_key_value_heads, model.args.head_dim, torch.float16) * 16
+    pipe = LocalPipeline([model], max_len=64, kv_memory=40 * block)
     assert pipe.prefix_reusable is False and pipe.state_is_kv is False
+    assert list(pipe.caches[0].k) == [2]
+    assert pipe.caches[0].block_bytes() == block and pipe.num_blocks == 40
     states = states_of(pipe.caches[0])
     positions = [list(range(len(PROMPT)))]
     pipe.forward(torch.tensor([PROMPT]), StepBatch.make(positions, [[1, 2]], "cpu"))
@@ -291,6 +343,23 @@ def test_offloaded_experts_compute_the_same(ggufs, name):
     _, theirs = generate([whole], [new_cache(whole)], PROMPT, DECODE_STEPS)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     assert 0 < lru.resident_bytes <= 3 * one and lru.loads > 3 * 4
+
+
+def test_placement_counts_the_experts_as_loaded(ggufs):
+    """Cluster placement weighs each layer by what it takes once loaded: a Q8_0 GGUF's
+    experts at their packed size (each a slice of the file's ffn_*_exps)."""
+    from cake.cluster.pipeline import layer_sizes
+    from cake.text.expert_offload import module_bytes
+
+    kernels_or_skip()
+    ck = GGUFCheckpoint(ggufs("qwen3_5_moe", "q8_0"))
+    model = load_stage(ck, quant_mode="auto")
+    planned, _ = layer_sizes(ck, model.args.num_hidden_layers, torch.float32, "auto")
+    for i, layer in model.model.layers.items():
+        loaded = module_bytes(layer)
+        experts = sum(module_bytes(e) for e in layer.mlp.experts)
+        assert experts > loaded / 2  # the experts are most of the layer
+        assert abs(planned[int(i)] - loaded) <= 0.02 * loaded, (i, planned[int(i)], loaded)
 
 
 def rss_bytes(pid: int) -> int:

@@ -220,10 +220,11 @@ class ClusterPipeline:
     def _new_cache(self, start: int, end: int) -> KVCache:
         kv = (self.args.num_key_value_heads, self.args.head_dim,
               serving_dtype(self.dtype, self.device), self.device)
+        layers = self.args.kv_layers(start, end)  # DeltaNet layers keep none
         if self.paged:
-            return KVCache.pool(range(start, end), self.num_blocks, self.block_size, *kv)
-        return KVCache(range(start, end), self.num_slots, self.max_len, *kv,
-                       windows={i: self.args.window(i) for i in range(start, end)})
+            return KVCache.pool(layers, self.num_blocks, self.block_size, *kv)
+        return KVCache(layers, self.num_slots, self.max_len, *kv,
+                       windows={i: self.args.window(i) for i in layers})
 
     def _assemble(self, local: dict, keep_caches: bool) -> None:
         """The ring: local stages ((start, end) -> (stage, its cache or None for a new one))
@@ -272,7 +273,8 @@ class ClusterPipeline:
                            serving_dtype(self.dtype, self.device))
         per_node: dict[str, int] = {}
         for seg in self.segments:
-            per_node[seg.node] = per_node.get(seg.node, 0) + (seg.end - seg.start)
+            layers = len(self.args.kv_layers(seg.start, seg.end))  # DeltaNet layers keep none
+            per_node[seg.node] = per_node.get(seg.node, 0) + layers
         counts = []
         for node, layers in per_node.items():
             if not layers:
@@ -469,21 +471,30 @@ class ClusterPipeline:
 
     def release(self, block: int) -> None:
         # A block's positions are masked out until a sequence writes them again; a headless
-        # ring forgets the slot's inputs, and recurrent state kept under it goes too.
+        # ring forgets the slot's inputs, and recurrent state kept under it (DeltaNet's) goes
+        # too: on the master here, on the workers by a release message down each chain.
         self.history.pop(block, None)
-        for part in self.plan:
-            if part[0] == "local":
-                part[2].release(block)
-                part[1].release_sequence(block, part[2])
+        with self.lock:
+            for part in self.plan:
+                if part[0] == "local":
+                    part[2].release(block)
+                    part[1].release_sequence(block, part[2])
+                elif not self.state_is_kv:
+                    try:
+                        for work, _ in self.link.send_release(part[1], [block]):
+                            work.wait()
+                    except Exception as e:  # a lost stage: a rebuilt one starts without state
+                        log.warning("release of block %d not sent: %s", block, e)
 
     def kv_cache_bytes(self, start: int, end: int) -> int:
         """The most the KV cache of layers [start, end) can hold, on whichever node keeps it
         (a slot cache's sliding layers: their window)."""
         row = kv_row_bytes(self.args.num_key_value_heads, self.args.head_dim,
                            serving_dtype(self.dtype, self.device))
+        layers = self.args.kv_layers(start, end)  # DeltaNet layers keep none
         if self.paged:
-            return self.num_blocks * self.block_size * row * (end - start)
-        windows = [self.args.window(i) for i in range(start, end)]
+            return self.num_blocks * self.block_size * row * len(layers)
+        windows = [self.args.window(i) for i in layers]
         return self.num_slots * sequence_kv_bytes(windows, row, self.max_len)
 
     def kv_cache_stats(self) -> dict:

@@ -207,7 +207,7 @@ class StageWorker(NodeWorker):
         args, dtype = self.model.args, self.dtype
         group = transport.Group(rank, world, name, local_ip, join_timeout_s, backend,
                                 own_link_secret() if secure else None)
-        layers = range(self.model.start, self.model.end)
+        layers = args.kv_layers(self.model.start, self.model.end)  # DeltaNet layers keep none
         kv = (args.num_key_value_heads, args.head_dim, serving_dtype(dtype, self.device),
               self.device)
         if not (keep_cache and self.cache is not None):
@@ -239,6 +239,14 @@ class StageWorker(NodeWorker):
                         for work, _ in link.send_stop(next_):
                             work.wait()
                     return
+                if op == transport.OP_RELEASE:  # x: the slots of finished sequences
+                    for slot in x.tolist():
+                        self.cache.release(slot)
+                        self.model.release_sequence(slot, self.cache)
+                    if next_ != 0:  # the chain's last stage answers the master, not this
+                        for work, _ in link.send_release(next_, x.tolist()):
+                            work.wait()
+                    continue
                 if batch.copies:  # copy-on-write of blocks forks shared
                     self.cache.copy_blocks(batch.copies)
                 y = self.model(x, batch, self.cache)

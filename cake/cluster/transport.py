@@ -43,12 +43,14 @@ from cake.text.kv_cache import StepBatch
 # kv_len, span slot (-1: none), span first position, payload dtype, step number, block table
 # width (0: one slot per row), blocks to copy), the batch's positions and slots (or block
 # tables) unless it is one span, the (src, dst) blocks to copy first, and the payload.
+# A release (OP_RELEASE) is the header with the count of its slots in the rows field, then
+# those slots.
 PREFIX_BYTES = 16
 HEADER = 10
 HEADER_BYTES = HEADER * 8
 TAG_BYTES = 16  # AES-GCM's authentication tag
 MAX_MESSAGE = 1 << 31
-OP_FORWARD, OP_STOP = 1, 2
+OP_FORWARD, OP_STOP, OP_RELEASE = 1, 2, 3
 FRAME_TAG, REST_TAG = 0, 1
 MAX_FRAME = 1 << 18  # steps up to 256 KiB (decode batches) travel in one message
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.long]
@@ -245,6 +247,9 @@ class Link:
         """The message in plain bytes: header, index, payload."""
         if x is None:
             return torch.tensor([op] + [0] * (HEADER - 1), dtype=torch.long).view(torch.uint8)
+        if op == OP_RELEASE:  # x: the slots
+            head = torch.tensor([op, x.numel()] + [0] * (HEADER - 2), dtype=torch.long)
+            return torch.cat([head, x.to(torch.long).cpu()]).view(torch.uint8)
         B, T = batch.positions.shape
         span = batch.span or (-1, 0)
         width = batch.slots.shape[1] if batch.slots.dim() == 2 else 0
@@ -273,7 +278,8 @@ class Link:
         sealed_len = message.numel() + sealer.tag
         size = PREFIX_BYTES + sealed_len
         frame = self.frame_out.get(dst, self.first_frame)
-        following = size if size <= MAX_FRAME else frame
+        # the next frame is sized like this step (a release leaves the steps' size as it is)
+        following = size if size <= MAX_FRAME and op == OP_FORWARD else frame
         prefix = torch.tensor([sealed_len, following], dtype=torch.long).view(torch.uint8)
         parts = [prefix, sealer.seal(message, prefix.numpy().tobytes())]
         if size < frame:
@@ -287,6 +293,11 @@ class Link:
 
     def send_stop(self, dst: int) -> list:
         return self.send(dst, None, None, OP_STOP)
+
+    def send_release(self, dst: int, slots: list[int]) -> list:
+        """Tell dst (and through it the stages after it) that these sequences are gone: their
+        per-sequence state beside the KV cache (DeltaNet's) can be freed."""
+        return self.send(dst, torch.tensor(slots, dtype=torch.long), None, OP_RELEASE)
 
     # receiving
 
@@ -329,6 +340,11 @@ class Link:
             raise FrameRejected(f"a message from rank {src} is too short")
         h = message[:HEADER_BYTES].view(torch.long).tolist()
         op, B, T, kv_len, span_slot, span_p0, kind, step, width, n_copies = h
+        if op == OP_RELEASE:
+            if not 0 <= B <= (message.numel() - HEADER_BYTES) // 8:
+                raise FrameRejected(f"a release from rank {src} names more slots than it holds")
+            slots = message[HEADER_BYTES:HEADER_BYTES + 8 * B].view(torch.long).clone()
+            return op, slots, None
         if op != OP_FORWARD:
             return op, None, None
         if not (0 <= width < MAX_MESSAGE and 0 <= n_copies < MAX_MESSAGE):

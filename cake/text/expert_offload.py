@@ -4,6 +4,8 @@ The experts stay in the checkpoint, memory-mapped (a GGUF's packed blocks, or sa
 and an expert is read only when a token is routed to it. Experts read recently stay
 resident, in a least-recently-used set under a byte budget shared by all layers; evicting
 one frees its memory, and the file pages it was read from are given back after reading.
+A GGUF's experts are repacked once into a file of their own and read from it afterwards
+(expert_cache.py).
 """
 from __future__ import annotations
 
@@ -104,10 +106,17 @@ def offload_experts(model: nn.Module, checkpoint, load_matrix: Callable, budget:
     the matrix `name` of source (a checkpoint), shaped like the nn.Linear `like`."""
     from cake.text.models.moe import SparseMoE
 
+    from cake.text import expert_cache
+
     lru = ExpertLRU(budget)
     names = [n for n in model.tensor_names() if ".mlp.experts." in n]
+    source, packed_path = checkpoint, None
     if names and checkpoint.raw(names[0]) is not None:  # GGUF blocks: keep only their map
         checkpoint = MappedMatrices(checkpoint, names)
+        layers = sorted({int(n.split(".")[2]) for n in names})
+        packed_path = expert_cache.path_for(source, layers)
+    packed = expert_cache.PackedExperts.open(packed_path)
+    offloaded: dict[int, tuple[OffloadedExperts, nn.Module]] = {}  # layer -> (them, a template)
     for path, moe in list(model.named_modules()):
         if not isinstance(moe, SparseMoE) or isinstance(moe.experts, OffloadedExperts):
             continue
@@ -132,6 +141,14 @@ def offload_experts(model: nn.Module, checkpoint, load_matrix: Callable, budget:
         count = len(moe.experts)
         del moe.experts  # a submodule until now
         moe.experts = OffloadedExperts(layer, count, load, lru, mapped)
+        offloaded[layer] = (moe.experts, template)
+    if packed is None and packed_path is not None and offloaded and expert_cache.build(
+            packed_path, {i: (x.count, x._load) for i, (x, _) in offloaded.items()}):
+        packed = expert_cache.PackedExperts.open(packed_path)
+    if packed is not None:  # read the experts repacked already
+        for layer, (experts, template) in offloaded.items():
+            experts._load = (lambda e, layer=layer, template=template:
+                             packed.expert(layer, e, template))
     return lru
 
 

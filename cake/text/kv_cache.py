@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import hashlib
 import math
 import mmap
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from array import array
@@ -120,7 +120,7 @@ class KVCache:
     the slots: on CPU the whole context is reserved but paged in only where written; on other
     devices (or with initial_len) capacity grows by doubling up to max_len."""
 
-    def __init__(self, layers: range, num_slots: int, max_len: int, n_kv_heads: int,
+    def __init__(self, layers: Sequence[int], num_slots: int, max_len: int, n_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device, initial_len: Optional[int] = None,
                  windows: Optional[dict[int, Optional[int]]] = None):
         """dtype: what keys and values are stored as (see serving_dtype). windows: layer ->
@@ -145,7 +145,7 @@ class KVCache:
         self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
 
     @classmethod
-    def pool(cls, layers: range, num_blocks: int, block_size: int, n_kv_heads: int,
+    def pool(cls, layers: Sequence[int], num_blocks: int, block_size: int, n_kv_heads: int,
              head_dim: int, dtype: torch.dtype, device) -> "KVCache":
         """A pool of num_blocks blocks of block_size positions, read through block tables.
         On CPU its pages are mapped only when written, so an idle pool costs nothing."""
@@ -224,6 +224,8 @@ class KVCache:
             self._forgotten[layer, slot] = end
 
     def bytes_per_token(self) -> int:
+        if not self.k:  # a stage of linear-attention layers only
+            return 0
         t = next(iter(self.k.values()))
         return 2 * len(self.k) * t.shape[2] * t.shape[3] * t.element_size()
 

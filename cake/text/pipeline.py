@@ -121,15 +121,17 @@ class LocalPipeline:
         self.prefix_reusable = self.state_is_kv = all(s.prefix_reusable for s in stages)
         args = first.args
         kv_dtype = serving_dtype(self.dtype, self.device)
-        layers = sum(s.end - s.start for s in stages)
+        # Only attention layers take room in a block (DeltaNet layers keep no KV): a hybrid
+        # model's pool holds as many more blocks, so admission lets in as many more sequences.
+        layers = sum(len(args.kv_layers(s.start, s.end)) for s in stages)
         block_bytes = kv_row_bytes(args.num_key_value_heads, args.head_dim, kv_dtype) \
-            * layers * block_size
+            * max(1, layers) * block_size
         self.num_blocks = pool_blocks(block_bytes, block_size, max_len, max_batch, kv_memory,
                                       self.device)
         self.block_window = all_sliding_window(args, range(args.num_hidden_layers))
-        self.caches = [KVCache.pool(range(s.start, s.end), self.num_blocks, block_size,
-                                    args.num_key_value_heads, args.head_dim, kv_dtype,
-                                    self.device)
+        self.caches = [KVCache.pool(args.kv_layers(s.start, s.end), self.num_blocks,
+                                    block_size, args.num_key_value_heads, args.head_dim,
+                                    kv_dtype, self.device)
                        for s in stages]
 
     @torch.inference_mode()

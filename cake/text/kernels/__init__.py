@@ -1,4 +1,5 @@
-"""Our own CPU kernels (cpu_kernels.cpp), compiled on first use and cached.
+"""Our own CPU kernels (cpu_kernels.cpp, which includes the MoE and hybrid families' own,
+moe_kernels.h), compiled on first use and cached.
 
 The library is built with the system C++ compiler straight against the installed torch
 (no ninja, no pybind11), for this machine's instruction set (-march=native, or $CAKE_KERNEL_MARCH), into
@@ -30,7 +31,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-HEADERS = [Path(__file__).with_name("thread_pool.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("thread_pool.h", "moe_kernels.h")]
 _lock = threading.Lock()
 _ops = None
 _tried = False

@@ -1337,3 +1337,6 @@ TORCH_LIBRARY(cake, m) {
         &decode_layer);
   m.def("silu_mul(Tensor x) -> Tensor", &silu_mul);
 }
+
+// The mixture-of-experts and hybrid-attention families' decode kernels (their own file).
+#include "moe_kernels.h"

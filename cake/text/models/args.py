@@ -96,6 +96,12 @@ class ModelArgs:
             return None
         return self.sliding_window or None
 
+    def kv_layers(self, start: int, end: int) -> list[int]:
+        """The layers of [start, end) that keep keys and values (a linear-attention layer
+        keeps a fixed-size state instead: the KV cache has no room for it)."""
+        return [i for i in range(start, end)
+                if self.layer_types is None or self.layer_types[i] != "linear_attention"]
+
     def has_rope(self, layer: int) -> bool:
         return self.rope_layers is None or bool(self.rope_layers[layer])
 

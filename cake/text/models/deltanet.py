@@ -2,7 +2,8 @@
 
 Each head keeps a state S [key_dim, value_dim]; per token t, with decay a_t = exp(g_t) and
 learning rate beta_t:  S <- a_t S;  S <- S + k_t (beta_t (v_t - S^T k_t))^T;  o_t = S^T q_t.
-Decoding runs that recurrence (one token, batched over rows and heads); a prompt runs the
+Decoding runs that recurrence (one token, batched over rows and heads: on CPU one kernel
+call, deltanet_decode_step, one pass over each state); a prompt runs the
 equivalent chunked form, where a chunk's updates become a few matrix products (the WY form:
 one unit-triangular solve per chunk) and only the chunk-to-chunk state is sequential.
 q, k and v come from one projection through a short causal depthwise convolution, whose
@@ -20,6 +21,7 @@ from cake.text import quant
 from cake.text.linear_state import states_of
 from cake.text.models.args import ModelArgs
 from cake.text.models.blocks import TransformerBlock
+from cake.text.models.moe import SparseMoE
 
 CHUNK = 64
 
@@ -158,8 +160,11 @@ class GatedDeltaNet(nn.Module):
         v = v.reshape(B, T, self.v_heads, self.v_dim).to(f)
         beta = torch.sigmoid(b).to(f)
         g = -self.A_log.to(f).exp() * F.softplus(a.to(f) + self.dt_bias.to(f))
-        rule = recurrent_delta_rule if T == 1 else chunked_delta_rule
-        out, state = rule(q, k, v, g, beta, state)
+        if T == 1 and state.dtype == torch.float32 and quant.available() and x.device.type == "cpu":
+            out = torch.ops.cake.deltanet_decode_step(q, k, v, g, beta, state)[:, None]
+        else:
+            rule = recurrent_delta_rule if T == 1 else chunked_delta_rule
+            out, state = rule(q, k, v, g, beta, state)
         states.put(layer, batch, (inputs[..., -(self.kernel - 1):].to(f), state))
         z = z.reshape(B, T, self.v_heads, self.v_dim)
         return self.out_proj(self.norm(out.to(x.dtype), z).reshape(B, T, -1))
@@ -180,7 +185,10 @@ class LinearAttentionBlock(TransformerBlock):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def decode(self, x, ropes, batch, cache, layer):
-        return self.forward(x, ropes, None, batch, cache, layer)
+        x = x + self.linear_attn(self.input_layernorm(x), batch, cache, layer)
+        if isinstance(self.mlp, SparseMoE):  # the routed experts in one kernel call
+            return self.mlp.decode(x, self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
 
     def fuse(self) -> None:
         self.linear_attn.fuse()
@@ -188,3 +196,5 @@ class LinearAttentionBlock(TransformerBlock):
 
     def prepare_kernel(self) -> None:
         self.kernel_args = None
+        if isinstance(self.mlp, SparseMoE):
+            self.mlp.prepare_kernel()

@@ -3,6 +3,10 @@ picks each token's top-k experts, the tokens are grouped by expert (one sort), a
 active expert runs once over all of its tokens; an optional shared expert, scaled by a
 sigmoid gate, sees every token.
 
+Decoding (one token per row) on CPU takes two kernel calls per layer: the attention half of
+the block (decode_attention_block) and every routed expert of the step at once
+(moe_experts); routing stays here, in float32, since offloaded experts are loaded by it.
+
 Experts are the shared gated MLP, one per expert, named as the per-expert checkpoints name
 them (mlp.experts.E.gate_proj.weight, ...), so each is an ordinary matrix to the loader: kept
 in a GGUF's packed blocks, quantized, or dense. Checkpoints with fused expert tensors are
@@ -16,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cake.text import quant
 from cake.text.models.args import ModelArgs
 from cake.text.models.blocks import MLP, TransformerBlock
 
@@ -65,6 +70,47 @@ class SparseMoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(x.dtype), ids
 
+    def prepare_kernel(self) -> None:
+        """The resident experts' kernel arguments (offloaded ones are read as they load); a
+        shared expert the kernel cannot take (a matrix left unquantized) runs op by op."""
+        experts = list(self.experts) if isinstance(self.experts, nn.ModuleList) else []
+        args = [expert_kernel_args(m) for m in experts]
+        self.kernel_ready = all(a is not None for a in args)
+        self.expert_args = args if experts else None
+        self.shared_args = (None if self.shared_expert is None
+                            else expert_kernel_args(self.shared_expert))
+
+    def decode(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """x + the MoE MLP of h (h: x normalized), x and h [B, 1, D]: one kernel call."""
+        B, D = x.shape[0], x.shape[-1]
+        x2, h2 = x.reshape(B, D), h.reshape(B, D)
+        if not getattr(self, "kernel_ready", False) or x.dtype != torch.float32:
+            return x + self.forward(h)
+        weights, ids = self.route(h2)
+        chosen = ids.flatten().tolist()
+        local: dict[int, int] = {}  # expert id -> its place in the kernel's lists
+        for e in chosen:
+            local.setdefault(e, len(local))
+        if self.expert_args is not None:
+            args = [self.expert_args[e] for e in local]
+        else:
+            args = [expert_kernel_args(self.experts[e]) for e in local]
+            if any(a is None for a in args):
+                return x + self.forward(h)
+        rows = torch.arange(B).repeat_interleave(self.top_k)
+        pairs = torch.tensor([local[e] for e in chosen])
+        weights = weights.flatten()
+        if self.shared_expert is not None and self.shared_args is None:
+            x2 = x2 + self.shared(h2)
+        elif self.shared_expert is not None:
+            args.append(self.shared_args)
+            rows = torch.cat([rows, torch.arange(B)])
+            pairs = torch.cat([pairs, torch.full((B,), len(args) - 1)])
+            weights = torch.cat([weights, torch.sigmoid(self.shared_expert_gate(h2)).flatten()])
+        gate_up, gate_up_types, down, down_types = zip(*args)
+        return torch.ops.cake.moe_experts.default(
+            x2, h2, rows, pairs, weights, gate_up, gate_up_types, down, down_types).view(x.shape)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
@@ -83,8 +129,62 @@ class SparseMoE(nn.Module):
                 out.index_add_(0, rows, y)
                 start += n
         if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            out = out + self.shared(x)
         return out.view(shape)
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+
+
+def expert_kernel_args(expert: nn.Module):
+    """(gate/up packed, its type, down packed, its type) of a SwiGLU expert whose gate and up
+    are one quantized matrix, else None (the expert runs op by op)."""
+    gate_up, down = getattr(expert, "gate_up_proj", None), expert.down_proj
+    if (expert.act != "silu" or not isinstance(gate_up, quant.QuantLinear)
+            or not isinstance(down, quant.QuantLinear)
+            or gate_up.bias is not None or down.bias is not None):
+        return None
+    return gate_up.packed, gate_up.qtype, down.packed, down.qtype
+
+
+def attention_kernel_args(block: TransformerBlock):
+    """decode_attention_block's weight arguments for a block's attention (its norms before
+    and after), or None where a matrix is not quantized."""
+    attn = block.self_attn
+    qkv = [attn.qkv_proj] if attn.qkv_proj is not None else [
+        attn.q_proj, attn.k_proj, attn.v_proj]
+    if not all(isinstance(m, quant.QuantLinear) for m in [*qkv, attn.o_proj]):
+        return None
+    norms = [None if name is None else getattr(block, name) for name in block.norm_names[:2]]
+    if attn.q_norm is not None:
+        norms += [attn.q_norm, attn.k_norm]
+    if any(n is not None and n.weight.dtype != torch.float32 for n in norms):
+        return None
+    weight = (lambda n: None if n is None else n.weight)  # noqa: E731
+    return (weight(norms[0]), weight(norms[1]), [m.packed for m in qkv], [m.qtype for m in qkv],
+            quant.joined_bias(qkv), weight(attn.q_norm), weight(attn.k_norm),
+            *attn.o_proj.kernel_args(), attn.output_gate)
+
+
+def decode_attention_half(block: TransformerBlock, x, ropes, batch, cache, layer):
+    """x + the block's attention for one new token per row, through decode_attention_block
+    when block.attention_args is set, else op by op."""
+    if block.attention_args is None:
+        h = block.self_attn.decode(block._norm(0, x), ropes, batch, cache, layer)
+        return x + block._norm(1, h)
+    k_cache, v_cache = cache.buffers(layer, batch.kv_len)
+    attn, B = block.self_attn, x.shape[0]
+    factor = 1.0 if attn.rope is None else attn.rope.attention_factor
+    return torch.ops.cake.decode_attention_block.default(
+        x.view(B, -1), *block.attention_args, k_cache, v_cache, batch.slots,
+        batch.positions.view(-1), ropes.table(attn.rope), factor, attn.q_scale, attn.n_heads,
+        block.window or 0, block.self_attn_eps).view(B, 1, -1)
+
+
+def prepare_attention_kernel(block: TransformerBlock) -> None:
+    block.attention_args = attention_kernel_args(block)
+    block.self_attn_eps = next(
+        (getattr(block, n).eps for n in block.norm_names if n is not None), 1e-6)
 
 
 def moe_layer(args: ModelArgs, layer: int) -> bool:
@@ -95,12 +195,21 @@ def moe_layer(args: ModelArgs, layer: int) -> bool:
 
 
 class MoEBlock(TransformerBlock):
-    """The decoder block with the sparse MLP; decoding composes the kernels op by op (the
-    one-call layer kernel has a dense MLP)."""
+    """The decoder block with the sparse MLP; decoding is two kernel calls (attention, then
+    the routed experts)."""
 
     def __init__(self, args: ModelArgs, window, rope):
         super().__init__(args, window, rope)
         self.mlp = SparseMoE(args)
+        self.attention_args = None
+
+    def decode(self, x, ropes, batch, cache, layer):
+        x = decode_attention_half(self, x, ropes, batch, cache, layer)
+        if self.norm_names[3] is not None:  # a norm after the MLP: not in the kernel
+            return x + self._norm(3, self.mlp(self._norm(2, x)))
+        return self.mlp.decode(x, self._norm(2, x))
 
     def prepare_kernel(self) -> None:
         self.kernel_args = None
+        prepare_attention_kernel(self)
+        self.mlp.prepare_kernel()

@@ -10,7 +10,8 @@ from cake.text.linear_state import states_of
 from cake.text.models import decoder
 from cake.text.models.blocks import TransformerBlock
 from cake.text.models.deltanet import LinearAttentionBlock
-from cake.text.models.moe import MoEBlock, SparseMoE
+from cake.text.models.moe import (MoEBlock, SparseMoE, decode_attention_half,
+                                  prepare_attention_kernel)
 
 
 def configure(cfg: dict, fields: dict) -> None:
@@ -44,10 +45,25 @@ class Model(decoder.Model):
             return LinearAttentionBlock(a, SparseMoE(a) if a.num_experts else None)
         if a.num_experts:
             return MoEBlock(a, None, self.layer_rope(i, tables))
-        return TransformerBlock(a, None, self.layer_rope(i, tables))
+        return GatedAttentionBlock(a, None, self.layer_rope(i, tables))
 
     def release_sequence(self, slot, cache):
         states_of(cache).release(slot)
 
     def plus_one(self, name: str) -> bool:
         return super().plus_one(name) and not name.endswith("linear_attn.norm.weight")
+
+
+class GatedAttentionBlock(TransformerBlock):
+    """The dense model's full-attention block: decoding runs its gated attention through
+    decode_attention_block (the one-call layer kernel has no output gate), the MLP op by op."""
+
+    attention_args = None
+
+    def decode(self, x, ropes, batch, cache, layer):
+        x = decode_attention_half(self, x, ropes, batch, cache, layer)
+        return x + self._norm(3, self.mlp(self._norm(2, x)))
+
+    def prepare_kernel(self) -> None:
+        self.kernel_args = None
+        prepare_attention_kernel(self)
