@@ -16,7 +16,9 @@ alternating which goes first:
 - streams: 8 different prompts at once, 128 tokens each, aggregate tokens / wall time
 - start: process start to the first answer of /v1/models (cake loads before it listens)
 - rss: peak resident memory while serving the 8 streams
-llama.cpp runs without its extra buffer types unless --llama-extra-bufts (see LLAMA_NO_EXTRA_BUFTS).
+llama.cpp runs as it ships, with its extra buffer types (weights repacked at load for its
+AVX-512/AMX kernels: what a user gets), unless --llama-no-extra-bufts (for a VM where they die of
+SIGILL); the buffer types its weights went to are printed (from its log).
 Best of the repetitions (the machine's cores are shared: noisy); ratios are cake / llama.cpp,
 streams against llama.cpp's single-stream decode. The last line is one JSON object.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,7 +46,8 @@ FTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K_M": 15, "
           "Q6_K": 18}
 NEW_TOKENS, STREAMS = 128, 8
 # llama_cpp.server without llama.cpp's extra buffer types (its AMX / repacked weight layouts):
-# with them, this build dies of SIGILL at the first token on a VM whose CPU flags show AMX.
+# with them, this build died of SIGILL at the first token on one VM whose CPU flags showed AMX
+# (not on others: without them llama.cpp is ~2x slower at decode here, so only on request).
 LLAMA_NO_EXTRA_BUFTS = """
 import runpy, sys
 import llama_cpp.llama_cpp as api
@@ -165,6 +169,13 @@ class Server(ServerProcess):
                          port, threads)
         self.start_s = time.perf_counter() - t
 
+    def weight_buffers(self) -> list[str]:
+        """The lines of llama.cpp's log that say where its weights went ('CPU_REPACK model
+        buffer size = ...', 'AMX model buffer size = ...')."""
+        self.log.seek(0)
+        lines = self.log.read().decode(errors="replace").splitlines()
+        return sorted({ln.split(": ", 1)[-1].strip() for ln in lines if "model buffer size" in ln})
+
     def timed_chat(self, question: str, max_tokens: int) -> tuple[float, str, int]:
         t = time.perf_counter()
         text, n = self.chat(question, max_tokens)
@@ -189,8 +200,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--shape", default="1b", choices=SHAPES)
     ap.add_argument("--dir", type=Path, default=Path.home() / ".cache" / "cake" / "bench")
-    ap.add_argument("--llama-extra-bufts", action="store_true",
-                    help="let llama.cpp use its AMX/repacked weight layouts (SIGILL on some VMs)")
+    ap.add_argument("--llama-no-extra-bufts", action="store_true",
+                    help="llama.cpp without its AMX/repacked weight layouts (SIGILL on some VMs)")
     ap.add_argument("--ttft-only", action="store_true",
                     help="only the ~512-token prompt (and start, RSS): a quick prefill check")
     args = ap.parse_args()
@@ -200,11 +211,13 @@ def main() -> None:
         model = quantized(args.dir, args.shape, qtype)
         cake = Server([sys.executable, "-m", "cake", "serve", str(model), "--max-batch",
                        str(STREAMS), "--api"], args.threads)
-        launch = ["-m", "llama_cpp.server"] if args.llama_extra_bufts else ["-c", LLAMA_NO_EXTRA_BUFTS]
+        launch = ["-c", LLAMA_NO_EXTRA_BUFTS] if args.llama_no_extra_bufts else ["-m", "llama_cpp.server"]
         llama = Server([sys.executable, *launch, "--model", str(model),
                         "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
                         "--interrupt_requests", "False", "--n_ctx", "4096", "--host",
                         "127.0.0.1", "--port"], args.threads)
+        llama_weights = llama.weight_buffers()
+        print(f"{qtype} llama.cpp weights: {llama_weights}", file=sys.stderr)
         runs = {"cake": [], "llama.cpp": []}
         try:
             identical = None
@@ -238,6 +251,8 @@ def main() -> None:
             "rss_mib": [round(c["rss"]), round(ll["rss"])],
             "rss_ratio": round(c["rss"] / ll["rss"], 2),
             "streams_identical_to_alone": identical,
+            "llama_weights": llama_weights,
+            "load_average": [round(x, 1) for x in os.getloadavg()],
         }
         print(qtype, json.dumps(results[qtype]), file=sys.stderr, flush=True)
     print(f"\n{args.shape} shape, {args.threads} threads, best of {args.reps}, "
