@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, TokenType
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, TokenType
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tokenizers.processors import TemplateProcessing
@@ -121,6 +121,41 @@ class _Reader(GGUFReader):
         end = offset + np.dtype(dtype).itemsize * count
         arr = self._plain[offset:end].view(dtype=dtype)[:count]
         return arr.view(arr.dtype.newbyteorder(override_order or self.byte_order))
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        """Arrays in one step: a scalar array as one view (not a view per value), a string
+        array (a vocabulary's tokens and merges, ~100k strings) parsed straight from the bytes,
+        each string a _Str part (not two array views): most of a second start went here."""
+        if GGUFValueType(raw_type) != GGUFValueType.ARRAY or self.byte_order != "I":
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_itype = self._get(orig_offs, np.uint32)
+        alen = self._get(orig_offs + 4, np.uint64)
+        itype, n, offs = GGUFValueType(int(raw_itype[0])), int(alen[0]), orig_offs + 12
+        nptype = self.gguf_scalar_to_np.get(itype)
+        if n == 0:  # (gguf's types then lack the item type)
+            return super()._get_field_parts(orig_offs, raw_type)
+        if nptype is not None:
+            values = self._get(offs, nptype, n)
+            return 12 + int(values.nbytes), [raw_itype, alen, values], [2], [GGUFValueType.ARRAY, itype]
+        if itype != GGUFValueType.STRING:
+            return super()._get_field_parts(orig_offs, raw_type)
+        buf, parts = memoryview(self._plain), [raw_itype, alen]
+        for _ in range(n):
+            size = int.from_bytes(buf[offs:offs + 8], "little")
+            parts.append(_Str(buf[offs + 8:offs + 8 + size]))
+            offs += 8 + size
+        return offs - orig_offs, parts, list(range(2, 2 + n)), [GGUFValueType.ARRAY, itype]
+
+
+class _Str(bytes):
+    """One string of a GGUF string array, as ReaderField.contents() reads its parts."""
+
+    def tobytes(self) -> bytes:
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        return len(self)
 
 
 class GGUFCheckpoint:
