@@ -182,15 +182,18 @@ class Server(ServerProcess):
         return time.perf_counter() - t, text, n
 
 
-def measure(server: Server, rep: int, ttft_only: bool = False) -> dict:
+def measure(server: Server, rep: int, ttft_only: bool = False, streams: bool = True) -> dict:
+    """streams=False: no 8-stream run (for llama.cpp, which serves them one after the other:
+    on a loaded box the longest part of the harness); RSS then peaks over the single stream."""
     ttft, _, _ = server.timed_chat(long_prompt(rep), 1)
     if ttft_only:  # decode and streams stand in as 0, RSS as what the server holds now
         return {"decode": 0.0, "ttft": ttft, "streams": 0.0, "tokens": 0,
                 "rss": rss_kib(server.proc.pid) / 1024}
-    wall, _, n = server.timed_chat(f"{QUESTIONS[rep % len(QUESTIONS)]} ({rep})", NEW_TOKENS)
-    served = server.serve_all([f"{q} [{rep}]" for q in QUESTIONS[:STREAMS]], NEW_TOKENS)
-    return {"decode": n / wall, "ttft": ttft, "streams": served["tok_s"],
-            "rss": served["rss_mib"], "tokens": n}
+    one = server.serve_all([f"{QUESTIONS[rep % len(QUESTIONS)]} ({rep})"], NEW_TOKENS)
+    served = server.serve_all([f"{q} [{rep}]" for q in QUESTIONS[:STREAMS]], NEW_TOKENS) \
+        if streams else {"tok_s": 0.0, "rss_mib": one["rss_mib"]}
+    return {"decode": one["tok_s"], "ttft": ttft, "streams": served["tok_s"],
+            "rss": max(one["rss_mib"], served["rss_mib"]), "tokens": int(one["tokens"])}
 
 
 def main() -> None:
@@ -202,6 +205,8 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path.home() / ".cache" / "cake" / "bench")
     ap.add_argument("--llama-no-extra-bufts", action="store_true",
                     help="llama.cpp without its AMX/repacked weight layouts (SIGILL on some VMs)")
+    ap.add_argument("--no-llama-streams", action="store_true",
+                    help="skip llama.cpp's own 8 streams (its RSS then peaks over 1 stream)")
     ap.add_argument("--ttft-only", action="store_true",
                     help="only the ~512-token prompt (and start, RSS): a quick prefill check")
     args = ap.parse_args()
@@ -228,7 +233,8 @@ def main() -> None:
             for rep in range(args.reps):
                 order = [("cake", cake), ("llama.cpp", llama)]
                 for name, server in order[::-1] if rep % 2 else order:
-                    runs[name].append(measure(server, rep + 1, args.ttft_only))
+                    runs[name].append(measure(server, rep + 1, args.ttft_only,
+                                              name == "cake" or not args.no_llama_streams))
                     print(f"{qtype} rep {rep + 1} {name}: {runs[name][-1]}", file=sys.stderr)
         finally:
             cake.stop()
