@@ -16,7 +16,9 @@ alternating which goes first:
 - streams: 8 different prompts at once, 128 tokens each, aggregate tokens / wall time
 - start: process start to the first answer of /v1/models (cake loads before it listens)
 - rss: peak resident memory while serving the 8 streams
-llama.cpp runs without its extra buffer types unless --llama-extra-bufts (see LLAMA_NO_EXTRA_BUFTS).
+llama.cpp runs as it ships, with its extra buffer types (weights repacked at load for its
+AVX-512/AMX kernels: what a user gets), unless --llama-no-extra-bufts (for a VM where they die of
+SIGILL); the buffer types its weights went to are printed (from its log).
 Best of the repetitions (the machine's cores are shared: noisy); ratios are cake / llama.cpp,
 streams against llama.cpp's single-stream decode. The last line is one JSON object.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,8 +45,12 @@ SHAPES = {
 FTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K_M": 15, "Q5_K_M": 17,
           "Q6_K": 18}
 NEW_TOKENS, STREAMS = 128, 8
-# llama_cpp.server without llama.cpp's extra buffer types (its AMX / repacked weight layouts):
-# with them, this build dies of SIGILL at the first token on a VM whose CPU flags show AMX.
+# llama_cpp.server without llama.cpp's extra buffer types (its AMX / repacked weight layouts).
+# Where the CPU has AMX, ggml puts Q4_0/Q4_K/Q6_K/Q8_0 weights in its AMX buffer; on the VMs
+# measured (2026-12-01: SIGILL; 2026-12-02, Xeon with amx_int8, which a plain AMX tile program
+# runs fine: a general protection fault in libggml-cpu at the first token) that path dies, and
+# llama-cpp-python can switch off only all extra buffer types (its CPU_REPACK too), not AMX
+# alone. Without AMX (AMD EPYC, the issue's 46-50 tok/s) CPU_REPACK is the default: run as shipped.
 LLAMA_NO_EXTRA_BUFTS = """
 import runpy, sys
 import llama_cpp.llama_cpp as api
@@ -165,21 +172,31 @@ class Server(ServerProcess):
                          port, threads)
         self.start_s = time.perf_counter() - t
 
+    def weight_buffers(self) -> list[str]:
+        """The lines of llama.cpp's log that say where its weights went ('CPU_REPACK model
+        buffer size = ...', 'AMX model buffer size = ...')."""
+        self.log.seek(0)
+        lines = self.log.read().decode(errors="replace").splitlines()
+        return sorted({ln.split(": ", 1)[-1].strip() for ln in lines if "model buffer size" in ln})
+
     def timed_chat(self, question: str, max_tokens: int) -> tuple[float, str, int]:
         t = time.perf_counter()
         text, n = self.chat(question, max_tokens)
         return time.perf_counter() - t, text, n
 
 
-def measure(server: Server, rep: int, ttft_only: bool = False) -> dict:
+def measure(server: Server, rep: int, ttft_only: bool = False, streams: bool = True) -> dict:
+    """streams=False: no 8-stream run (for llama.cpp, which serves them one after the other:
+    on a loaded box the longest part of the harness); RSS then peaks over the single stream."""
     ttft, _, _ = server.timed_chat(long_prompt(rep), 1)
     if ttft_only:  # decode and streams stand in as 0, RSS as what the server holds now
         return {"decode": 0.0, "ttft": ttft, "streams": 0.0, "tokens": 0,
                 "rss": rss_kib(server.proc.pid) / 1024}
-    wall, _, n = server.timed_chat(f"{QUESTIONS[rep % len(QUESTIONS)]} ({rep})", NEW_TOKENS)
-    served = server.serve_all([f"{q} [{rep}]" for q in QUESTIONS[:STREAMS]], NEW_TOKENS)
-    return {"decode": n / wall, "ttft": ttft, "streams": served["tok_s"],
-            "rss": served["rss_mib"], "tokens": n}
+    one = server.serve_all([f"{QUESTIONS[rep % len(QUESTIONS)]} ({rep})"], NEW_TOKENS)
+    served = server.serve_all([f"{q} [{rep}]" for q in QUESTIONS[:STREAMS]], NEW_TOKENS) \
+        if streams else {"tok_s": 0.0, "rss_mib": one["rss_mib"]}
+    return {"decode": one["tok_s"], "ttft": ttft, "streams": served["tok_s"],
+            "rss": max(one["rss_mib"], served["rss_mib"]), "tokens": int(one["tokens"])}
 
 
 def main() -> None:
@@ -189,8 +206,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--shape", default="1b", choices=SHAPES)
     ap.add_argument("--dir", type=Path, default=Path.home() / ".cache" / "cake" / "bench")
-    ap.add_argument("--llama-extra-bufts", action="store_true",
-                    help="let llama.cpp use its AMX/repacked weight layouts (SIGILL on some VMs)")
+    ap.add_argument("--llama-no-extra-bufts", action="store_true",
+                    help="llama.cpp without its AMX/repacked weight layouts (SIGILL on some VMs)")
+    ap.add_argument("--no-llama-streams", action="store_true",
+                    help="skip llama.cpp's own 8 streams (its RSS then peaks over 1 stream)")
     ap.add_argument("--ttft-only", action="store_true",
                     help="only the ~512-token prompt (and start, RSS): a quick prefill check")
     args = ap.parse_args()
@@ -200,11 +219,13 @@ def main() -> None:
         model = quantized(args.dir, args.shape, qtype)
         cake = Server([sys.executable, "-m", "cake", "serve", str(model), "--max-batch",
                        str(STREAMS), "--api"], args.threads)
-        launch = ["-m", "llama_cpp.server"] if args.llama_extra_bufts else ["-c", LLAMA_NO_EXTRA_BUFTS]
+        launch = ["-c", LLAMA_NO_EXTRA_BUFTS] if args.llama_no_extra_bufts else ["-m", "llama_cpp.server"]
         llama = Server([sys.executable, *launch, "--model", str(model),
                         "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
                         "--interrupt_requests", "False", "--n_ctx", "4096", "--host",
                         "127.0.0.1", "--port"], args.threads)
+        llama_weights = llama.weight_buffers()
+        print(f"{qtype} llama.cpp weights: {llama_weights}", file=sys.stderr)
         runs = {"cake": [], "llama.cpp": []}
         try:
             identical = None
@@ -215,7 +236,8 @@ def main() -> None:
             for rep in range(args.reps):
                 order = [("cake", cake), ("llama.cpp", llama)]
                 for name, server in order[::-1] if rep % 2 else order:
-                    runs[name].append(measure(server, rep + 1, args.ttft_only))
+                    runs[name].append(measure(server, rep + 1, args.ttft_only,
+                                              name == "cake" or not args.no_llama_streams))
                     print(f"{qtype} rep {rep + 1} {name}: {runs[name][-1]}", file=sys.stderr)
         finally:
             cake.stop()
@@ -238,6 +260,8 @@ def main() -> None:
             "rss_mib": [round(c["rss"]), round(ll["rss"])],
             "rss_ratio": round(c["rss"] / ll["rss"], 2),
             "streams_identical_to_alone": identical,
+            "llama_weights": llama_weights,
+            "load_average": [round(x, 1) for x in os.getloadavg()],
         }
         print(qtype, json.dumps(results[qtype]), file=sys.stderr, flush=True)
     print(f"\n{args.shape} shape, {args.threads} threads, best of {args.reps}, "

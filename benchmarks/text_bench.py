@@ -142,6 +142,7 @@ class ServerProcess:
         done.set()
         sampler.join()
         return {"texts": [t for t, _ in results], "tok_s": sum(n for _, n in results) / wall,
+                "tokens": sum(n for _, n in results),
                 "rss_mib": max(peak) / 1024, "hwm_mib": rss_kib(self.proc.pid, "VmHWM") / 1024}
 
     def stop(self):

@@ -521,3 +521,32 @@ def test_default_model_answers_paris(smollm):
             logits = model(torch.tensor([[out[-1]]]), StepBatch.make([[T + i]], [0], "cpu"), cache)
     text = tok.decode(out)
     assert text.startswith("The capital of France is Paris"), text  # transformers' answer
+
+
+def test_reader_fast_arrays_read_as_gguf_reads_them(tmp_path):
+    """Our reader parses string and scalar arrays in one step each (a second start's bulk):
+    every field's contents and types, and every tensor, as the gguf package's own reader."""
+    from cake.text.gguf_weights import _Reader
+
+    path = tmp_path / "arrays.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_array("tokenizer.ggml.tokens", ["a", "", "Ġé", "日本", "<|im_end|>"] * 3)
+    w.add_array("tokenizer.ggml.token_type", [1, 3, 1, 1, 4] * 3)
+    w.add_array("tokenizer.ggml.scores", [0.5, -1.0, 2.25])
+    w.add_array("some.bools", [True, False])
+    w.add_array("empty.strings", [])
+    w.add_string("general.name", "tiny")
+    w.add_uint32("llama.block_count", 2)
+    w.add_tensor("t", np.arange(12, dtype=np.float32).reshape(3, 4))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours, theirs = _Reader(path), gguf.GGUFReader(path)
+    assert ours.fields.keys() == theirs.fields.keys()
+    for name, field in theirs.fields.items():
+        assert ours.fields[name].types == field.types, name
+        assert ours.fields[name].contents() == field.contents(), name
+    assert ours.fields["tokenizer.ggml.tokens"].contents(2) == "Ġé"
+    assert [(t.name, t.data.tolist()) for t in ours.tensors] == [
+        (t.name, t.data.tolist()) for t in theirs.tensors]

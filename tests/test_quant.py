@@ -102,6 +102,24 @@ def check_product(qtype, rows: int, cols: int, seed: int = 0) -> None:
         assert (err <= 2 ** -7 * (x.double().abs() @ w.abs().T)).all(), (qtype.name, m, err.max())
 
 
+def test_prompts_of_wide_models_take_the_bfloat16_gemm_where_the_cpu_has_amx(monkeypatch):
+    """A 1B-class model's prompts go through the bfloat16 GEMM (within check_product's bound)
+    on an AMX CPU; the default model's (hidden 576) stay on the int16 kernels; CAKE_DENSE_ROWS
+    overrides."""
+    monkeypatch.delenv("CAKE_DENSE_ROWS", raising=False)
+    before = torch.ops.cake.set_dense_rows(0)
+    try:
+        assert kernels.dense_prompts_for(576) == 0
+        assert torch.ops.cake.set_dense_rows(0) == 0
+        wide = kernels.dense_prompts_for(2048)
+        assert wide == (kernels.DENSE_PROMPT_ROWS if kernels.has_amx() else 0)
+        assert torch.ops.cake.set_dense_rows(0) == wide
+        monkeypatch.setenv("CAKE_DENSE_ROWS", "7")
+        assert kernels.dense_prompts_for(2048) == 7
+    finally:
+        torch.ops.cake.set_dense_rows(before)
+
+
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
 @pytest.mark.parametrize("shape", range(3))
 def test_product_matches_dequantized_weights(qtype, shape):

@@ -10,13 +10,15 @@ from __future__ import annotations
 import logging
 import math
 import re
+import struct
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, TokenType
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, TokenType
+from gguf.gguf_reader import ReaderField
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tokenizers.processors import TemplateProcessing
@@ -121,6 +123,61 @@ class _Reader(GGUFReader):
         end = offset + np.dtype(dtype).itemsize * count
         arr = self._plain[offset:end].view(dtype=dtype)[:count]
         return arr.view(arr.dtype.newbyteorder(override_order or self.byte_order))
+
+    def __init__(self, path):
+        super().__init__(path)
+        for name, field in self.fields.items():
+            if isinstance(field.parts[-1], _StringArray):
+                self.fields[name] = _StringArrayField(field.offset, name, field.parts,
+                                                      field.data, field.types)
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        """Arrays in one step: a scalar array as one view (not a view per value); a string
+        array (a vocabulary's tokens and merges, ~100k strings) only measured here, its
+        strings decoded when asked for (_StringArrayField), not held as ~200k small arrays:
+        most of a second start went to making them, and to the garbage collector's pass
+        over them."""
+        if GGUFValueType(raw_type) != GGUFValueType.ARRAY or self.byte_order != "I":
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_itype = self._get(orig_offs, np.uint32)
+        alen = self._get(orig_offs + 4, np.uint64)
+        itype, n, offs = GGUFValueType(int(raw_itype[0])), int(alen[0]), orig_offs + 12
+        nptype = self.gguf_scalar_to_np.get(itype)
+        if n == 0 or (nptype is None and itype != GGUFValueType.STRING):
+            return super()._get_field_parts(orig_offs, raw_type)  # (nested arrays, empty)
+        if nptype is not None:
+            values = self._get(offs, nptype, n)
+            return 12 + int(values.nbytes), [raw_itype, alen, values], [2], [GGUFValueType.ARRAY, itype]
+        strings = _StringArray(self._plain, offs, n)
+        return 12 + strings.nbytes, [raw_itype, alen, strings], [2], [GGUFValueType.ARRAY, itype]
+
+
+class _StringArray:
+    """n length-prefixed UTF-8 strings from offset `start` of a GGUF's bytes."""
+
+    def __init__(self, data: np.ndarray, start: int, n: int):
+        self.data, self.start, self.n = data, start, n
+        unpack, offs = struct.Struct("<Q").unpack_from, start
+        for _ in range(n):
+            offs += 8 + unpack(data, offs)[0]
+        self.nbytes = offs - start
+
+    def strings(self) -> list[str]:
+        unpack, buf, offs, out = struct.Struct("<Q").unpack_from, self.data, self.start, []
+        raw = memoryview(buf)
+        for _ in range(self.n):
+            size = unpack(buf, offs)[0]
+            out.append(str(raw[offs + 8:offs + 8 + size], "utf-8"))
+            offs += 8 + size
+        return out
+
+
+class _StringArrayField(ReaderField):
+    """A ReaderField whose string array is decoded from the file's bytes on each contents()."""
+
+    def contents(self, index_or_slice=slice(None)):
+        strings = self.parts[-1].strings()
+        return strings[index_or_slice]
 
 
 class GGUFCheckpoint:

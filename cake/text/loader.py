@@ -80,6 +80,7 @@ def load_stage(checkpoint, start: int = 0, end: Optional[int] = None,
     model.fuse_projections()
     if mode:
         kernels.heap("serve")
+        kernels.dense_prompts_for(args.hidden_size)
     return model.eval()
 
 

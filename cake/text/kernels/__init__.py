@@ -133,11 +133,33 @@ def ops():
 
 
 def _tune_process() -> None:
-    # CAKE_DENSE_ROWS=64: products of 64 rows or more (prompts) through bfloat16 GEMM, ~5x the
-    # int16 kernels' speed on a CPU with AMX, but it moves the default model's logits by up to
-    # 0.7 (int16: 0.03; its answers stay), so it is off unless asked for.
+    # CAKE_DENSE_ROWS=64: products of 64 rows or more (prompts) through bfloat16 GEMM, ~3x the
+    # int16 kernels' speed per core on a CPU with AMX, but it moves the default model's logits
+    # by up to 0.7 (int16: 0.03; its answers stay), so small models keep int16 (see
+    # dense_prompts_for).
     torch.ops.cake.set_dense_rows(int(os.environ.get("CAKE_DENSE_ROWS", "0")))
     heap("serve")
+
+
+# Prompt-sized products (this many rows or more) of a model at least this wide go through the
+# bfloat16 GEMM when the CPU has AMX: there a 1B-class model's prompt is compute-bound and the
+# int16 products run at ~80 GMAC/s a core against ~220 for AMX bfloat16 with the dequantizing
+# (benchmarks/kernel_bench.py --dense-rows 64). The default model (hidden 576) stays int16.
+DENSE_PROMPT_ROWS, DENSE_MIN_HIDDEN = 64, 1024
+
+
+def has_amx() -> bool:
+    return "amx_bf16" in _cpu_flags().split()
+
+
+def dense_prompts_for(hidden_size: int) -> int:
+    """Set, for this process, from how many rows our products run as bfloat16 GEMM, for a
+    model of this width; CAKE_DENSE_ROWS, when set, decides instead. Returns the rows (0: never)."""
+    if ops() is None or "CAKE_DENSE_ROWS" in os.environ:
+        return int(os.environ.get("CAKE_DENSE_ROWS", "0") or 0)
+    rows = DENSE_PROMPT_ROWS if has_amx() and hidden_size >= DENSE_MIN_HIDDEN else 0
+    torch.ops.cake.set_dense_rows(rows)
+    return rows
 
 
 def heap(phase: str) -> None:
