@@ -21,7 +21,7 @@ def add_args(p) -> None:
                    help="a worker making no progress this long is replaced")
     g.add_argument("--pipeline-depth", type=int, default=0,
                    help="groups of requests in flight through the stages at once "
-                        "(default: one per machine, in groups of 8 requests or more)")
+                        "(default: one per machine)")
     g.add_argument("--cluster-insecure", action="store_true",
                    help="send hidden states between machines unencrypted (only over links "
                         "you trust: anyone on the network could read or alter them)")

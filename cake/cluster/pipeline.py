@@ -50,7 +50,6 @@ class StageLost(RuntimeError):
         self.lost = lost
 
 
-AUTO_GROUP_ROWS = 8  # see _build
 PING_TIMEOUT_S = 2.0  # a stage's Ray actor answers a ping in ~3 ms; one stopped never does
 
 
@@ -131,7 +130,7 @@ class ClusterPipeline:
         self.inflight: deque = deque()  # submitted steps whose logits are not back yet
         self.results: dict[int, torch.Tensor] = {}
         self._handles = itertools.count()
-        self.depth = self.group_rows = 1
+        self.depth = 1
         self.stages: list = []
         self.plan: list = []
         nodes = rc.wait_for_workers(opts, set(self.topology_nodes) or None)
@@ -260,11 +259,6 @@ class ClusterPipeline:
                                        if s.node != "master"}
         self.depth = (self.opts.pipeline_depth or len(machines)) \
             if shape == ["local", "remote", "local"] and last.start == last.end else 1
-        # A decode step reads every weight once whatever its rows, so a small batch split in
-        # groups costs each machine about as much per group as the whole batch did, plus a
-        # step's overheads twice: by default only groups of AUTO_GROUP_ROWS or more travel
-        # on their own. An explicit --pipeline-depth splits as asked.
-        self.group_rows = 1 if self.opts.pipeline_depth else AUTO_GROUP_ROWS
 
     def _pool_size(self) -> int:
         """Blocks every node can keep for its layers (kv_memory each, default a quarter of

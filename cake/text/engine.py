@@ -551,15 +551,14 @@ class Engine:
         self._register(seq)
 
     def _decode_in_flight(self) -> None:
-        """Stages on several machines: split the running sequences into up to pipeline.depth
-        groups (of pipeline.group_rows or more) and keep each group's next step in flight
-        while the others compute, so that no stage waits idle; each call takes back one
-        group's logits."""
+        """Stages on several machines: split the running sequences into pipeline.depth groups
+        and keep each group's next step in flight while the others compute, so that no stage
+        waits idle; each call takes back one group's logits."""
         depth = self.pipeline.depth
         live = [s for s in self.running if not s.done]
         busy = {s.id for group, _ in self._in_flight for s in group}
         idle = self._room_for([s for s in live if s.id not in busy])
-        size = max(self.pipeline.group_rows, -(-len(live) // max(1, depth)))
+        size = -(-len(live) // max(1, depth))
         while idle and depth > 1 and len(self._in_flight) < depth:
             group, idle = idle[:size], idle[size:]
             self._in_flight.append((group, self.pipeline.submit(*self._decode_inputs(group))))

@@ -28,7 +28,6 @@ class Pipeline(Protocol):
     state_is_kv: bool  # False: recurrent layers keep a state per sequence beside the KV
     can_copy_blocks: bool  # copy_blocks works (n > 1 forks share a prompt's blocks)
     depth: int  # steps the engine may keep in flight (submit/collect); 1: forward only
-    group_rows: int  # with steps in flight, the fewest sequences worth a step of their own
     # Where every layer slides: positions this far behind the next one are read by no layer,
     # so their blocks can go back to the pool (None: some layer reads the whole sequence).
     block_window: Optional[int]
@@ -103,7 +102,7 @@ def free_memory(device) -> int:
 
 
 class LocalPipeline:
-    depth, group_rows = 1, 1
+    depth = 1
     can_copy_blocks = True
 
     def __init__(self, stages: list, max_len: int, checkpoint=None, quant: Optional[str] = None,
