@@ -45,7 +45,7 @@ def test_openai_client_speaks_a_sentence(piper_server):
     audio = client.audio.speech.create(model="any", voice="alloy", input=SENTENCE,
                                        response_format="wav")
     samples, rate = read_wav(audio.content)
-    assert rate == 22050  # the voice's own rate
+    assert rate == 24000  # SPEC-API's rate (the voice's own is 22050)
     seconds = len(samples) / rate
     assert 2.0 < seconds < 15.0, seconds  # two sentences of speech, not a blip or silence
     assert rms(samples) > 0.02
@@ -55,7 +55,7 @@ def test_wav_and_pcm_carry_the_same_kind_of_audio(piper_server):
     r = speak(piper_server, input="Hello world, this is a test.", response_format="pcm")
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "audio/pcm"
-    assert r.headers["x-sample-rate"] == "22050"
+    assert r.headers["x-sample-rate"] == "24000"
     assert len(r.content) % 4 == 0
     pcm = np.frombuffer(r.content, "<f4")
     assert np.all(np.abs(pcm) <= 1.0) and rms(pcm) > 0.02
@@ -85,7 +85,7 @@ def test_stream_sends_a_wav_header_then_the_audio(piper_server):
     riff, size, wave_tag = struct.unpack("<4sI4s", body[:12])
     assert (riff, wave_tag) == (b"RIFF", b"WAVE") and size == 0xFFFFFFFF  # length unknown
     channels, rate, bits = struct.unpack("<H I 6x H", body[22:36])
-    assert (channels, rate, bits) == (1, 22050, 16)
+    assert (channels, rate, bits) == (1, 24000, 16)
     assert body[36:40] == b"data"
     samples = np.frombuffer(body[44:], "<i2").astype(np.float32) / 32767
     assert len(samples) / rate > 2.0 and rms(samples) > 0.02
@@ -154,7 +154,7 @@ def test_cake_run_writes_a_wav(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert str(out) in proc.stdout
     samples, rate = read_wav(out.read_bytes())
-    assert rate == 22050 and len(samples) / rate > 0.5 and rms(samples) > 0.02
+    assert rate == 24000 and len(samples) / rate > 0.5 and rms(samples) > 0.02
 
 
 def test_piper_refuses_voice_samples_at_startup(tmp_path):

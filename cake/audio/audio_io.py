@@ -30,6 +30,9 @@ def read_audio(data: bytes) -> tuple[np.ndarray, int]:
     return samples.mean(axis=1), int(rate)
 
 
+API_RATE = 24000  # SPEC-API: every voice's WAV and PCM at 24 kHz
+
+
 def resample(samples: np.ndarray, rate: int, target: int) -> np.ndarray:
     if rate == target:
         return samples
@@ -64,3 +67,21 @@ def streaming_wav_header(rate: int) -> bytes:
     return (b"RIFF" + struct.pack("<I", unknown) + b"WAVE"
             + b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
             + b"data" + struct.pack("<I", unknown))
+
+
+def resampled(chunks, rate: int, target: int = API_RATE):
+    """A stream of float32 chunks at rate, as chunks at target: one resampler over the whole
+    stream, so chunk edges leave no seams."""
+    if rate == target:
+        yield from chunks
+        return
+    import soxr
+
+    stream = soxr.ResampleStream(rate, target, 1, dtype="float32")
+    for chunk in chunks:
+        out = stream.resample_chunk(np.asarray(chunk, dtype=np.float32))
+        if len(out):
+            yield out
+    tail = stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+    if len(tail):
+        yield tail

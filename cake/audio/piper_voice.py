@@ -7,6 +7,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
+from cake.audio.audio_io import API_RATE, resampled
 from cake.audio.service import SpeechRequest
 
 
@@ -19,7 +20,7 @@ class PiperSpeech:
 
         self.voice = PiperVoice.load(onnx_path, config_path=config_path)
         self.config = self.voice.config
-        self.sample_rate = self.config.sample_rate
+        self.sample_rate = API_RATE  # served resampled from the voice's own rate
         self.name = Path(onnx_path).name.removesuffix(".onnx")
         self.model_id = model_id or self.name
 
@@ -39,17 +40,21 @@ class PiperSpeech:
 
     def synthesize(self, req: SpeechRequest, cancelled: Callable[[], bool]
                    ) -> Iterator[np.ndarray]:
-        """One chunk per sentence, as piper produces them; stops between sentences when
-        the request is cancelled."""
+        """One chunk per sentence, as piper produces them, at the API's rate; stops between
+        sentences when the request is cancelled."""
         from piper import SynthesisConfig
 
         speaker = self.config.speaker_id_map.get(req.voice) if req.voice else None
         config = SynthesisConfig(speaker_id=speaker,
                                  length_scale=self.config.length_scale / req.speed)
-        for chunk in self.voice.synthesize(req.text, config):
-            if cancelled():
-                return
-            yield chunk.audio_float_array
+
+        def sentences():
+            for chunk in self.voice.synthesize(req.text, config):
+                if cancelled():
+                    return
+                yield chunk.audio_float_array
+
+        yield from resampled(sentences(), self.config.sample_rate)
 
     def close(self) -> None:
         pass

@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from cake.audio.audio_io import resample
+from cake.audio.audio_io import API_RATE, resample
 from cake.audio.luxtts import checkpoint
 from cake.audio.luxtts.features import HOP, RATE, log_mel
 from cake.audio.luxtts.text import Phonemizer
@@ -30,12 +30,11 @@ SPEED_FACTOR = 1.3  # LuxTTS speaks 1.3x the duration rule's rate at speed 1
 T_SHIFT = 0.5
 MAX_SECONDS = 60
 CHUNK = 4800  # 0.2 s at 24 kHz
-SERVED_RATE = 24000  # SPEC-API: WAV and PCM at 24 kHz
 
 
 class LuxTTSSpeech:
     can_clone = True
-    sample_rate = SERVED_RATE
+    sample_rate = API_RATE
     needs_voice_text = True
     defaults = {"cfg_scale": 3.0, "diffusion_steps": 4}
 
@@ -90,7 +89,7 @@ class LuxTTSSpeech:
                              generator=generator, cancelled=cancelled)
         if wave is None:
             return
-        wave = resample(wave, self.vocoder.rate, SERVED_RATE)
+        wave = resample(wave, self.vocoder.rate, API_RATE)
         for start in range(0, len(wave), CHUNK):
             if cancelled():
                 return
