@@ -103,6 +103,18 @@ def test_speculative_sampling_keeps_the_samplers_distribution():
     assert 0 < second[d1] < sum(second.values()) / 2  # both branches were taken
 
 
+def test_a_draft_with_all_the_mass_is_kept_whatever_rounding_says():
+    """top_k 1 leaves the draft token all the mass; were p(d) read a hair under 1, the residual
+    would be empty (a soak run hit "invalid multinomial distribution" there): d holds."""
+    logits = torch.tensor([[0.0, 5.0, 1.0], [0.0, 1.0, 5.0], [5.0, 0.0, 1.0]])
+    for seed in range(20):
+        sampler = Sampler(SamplingParams(temperature=0.8, top_k=1, seed=seed), [0], 3)
+        real = sampler.distribution
+        # p(d) read under 1 (half, so that most seeds take that branch), the rest still 0
+        sampler.distribution = lambda row: real(row) * 0.5
+        assert verify_sampled(sampler, [1, 2], logits) == [1, 2, 0]
+
+
 def test_greedy_with_penalties_verifies_as_argmax():
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.9], [0.0, 0.0, 5.0]])
     params = SamplingParams(temperature=0, repetition_penalty=2.0, seed=1)

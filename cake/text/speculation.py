@@ -124,10 +124,11 @@ def verify_sampled(sampler, draft: list[int], logits: torch.Tensor) -> list[int]
         probs = sampler.distribution(logits[j])
         u = float(torch.rand((), generator=sampler.generator, device=probs.device))
         if u >= float(probs[d]):
-            probs[d] = 0  # the residual: p without the draft token (p(d) < 1 here)
-            out.append(sampler.draw(probs))
-            sampler.record(out[-1])
-            return out
+            probs[d] = 0  # the residual: p without the draft token
+            if float(probs.sum()) > 0:  # else p(d) fell short of 1 by rounding alone: d holds
+                out.append(sampler.draw(probs))
+                sampler.record(out[-1])
+                return out
         out.append(d)
         sampler.record(d)
     out.append(sampler.draw(sampler.distribution(logits[len(draft)])))
