@@ -69,6 +69,20 @@ def tree_rss(pid: int) -> int:
         return 0
 
 
+def rss_by_process(pids: list[int]) -> dict[str, int]:
+    """MiB per process of the trees, keyed by pid and a short name (to see which one grows)."""
+    out = {}
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            for q in [root, *root.children(recursive=True)]:
+                name = " ".join(q.cmdline()[:4])[-40:] or q.name()
+                out[f"{q.pid} {name}"] = q.memory_info().rss >> 20
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
 def client(url: str, seed: int, end: float, stats: dict, lock: threading.Lock) -> None:
     rng = random.Random(seed)
     with httpx.Client(base_url=url, timeout=300) as http:
@@ -114,6 +128,8 @@ def main() -> int:
     ap.add_argument("--busy", type=int, default=2, help="busy processes competing for cores")
     ap.add_argument("--cluster", action="store_true", help="a master and one worker")
     ap.add_argument("--model", default=None, help="default: the embedded default model")
+    ap.add_argument("--rss-every", type=float, default=0,
+                    help="seconds between per-process RSS lines on stderr (0: none)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="cake-soak-"))
     env = {**os.environ, "CAKE_CACHE": str(tmp / "cache")}
@@ -146,8 +162,14 @@ def main() -> int:
             t.start()
         rss_first = rss_peak = 0
         crashed = []
+        next_report = t0
         while time.monotonic() < end:
             time.sleep(1)
+            if args.rss_every and time.monotonic() >= next_report:
+                next_report += args.rss_every
+                print(json.dumps({"t": round(time.monotonic() - t0),
+                                  "rss_mib": rss_by_process([p.pid for p in procs])}),
+                      file=sys.stderr, flush=True)
             rss = sum(tree_rss(p.pid) for p in procs)
             rss_peak = max(rss_peak, rss)
             if not rss_first and time.monotonic() - t0 >= min(60, seconds / 4):

@@ -39,6 +39,10 @@ class Pipeline(Protocol):
                 logits_at: Optional[torch.Tensor]) -> torch.Tensor:
         """tokens [B, T] -> logits [B, V] at logits_at (one position per row)."""
 
+    def hidden(self, tokens: torch.Tensor, batch: StepBatch,
+               logits_at: Optional[torch.Tensor]) -> torch.Tensor:
+        """As forward, but the final norm's output [B, D] at logits_at (embeddings)."""
+
     def submit(self, tokens: torch.Tensor, batch: StepBatch,
                logits_at: Optional[torch.Tensor]) -> int:
         """Start a step; its logits come from collect(handle)."""
@@ -95,10 +99,6 @@ def free_memory(device) -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-    def hidden(self, tokens: torch.Tensor, batch: StepBatch,
-               logits_at: Optional[torch.Tensor]) -> torch.Tensor:
-        """As forward, but the final norm's output [B, D] at logits_at (embeddings)."""
 
 
 class LocalPipeline:
