@@ -8,6 +8,10 @@ then a stream dropped halfway (the server must cancel it and go on). Counted: cr
 server or a worker exits), errors (a non-200 answer, a stream that carries an error), lost
 streams (one that ends without `[DONE]`), and the growth of the server's resident memory
 from the first minute to the end (its process tree: the master's Ray processes included).
+The KV pool is kept small (--kv-memory) so that it is all in use within the first minute: the
+prefix cache keeps finished requests' blocks until the pool is full, so a big pool's pages
+keep being mapped as its unused blocks are reached (growth by design, up to the pool's size,
+which would hide a leak).
 Prints one JSON line; exits 1 unless crashes, errors and lost streams are all zero.
 """
 from __future__ import annotations
@@ -128,6 +132,7 @@ def main() -> int:
     ap.add_argument("--busy", type=int, default=2, help="busy processes competing for cores")
     ap.add_argument("--cluster", action="store_true", help="a master and one worker")
     ap.add_argument("--model", default=None, help="default: the embedded default model")
+    ap.add_argument("--kv-memory", default="32MiB", help="the server's KV pool (see above)")
     ap.add_argument("--rss-every", type=float, default=0,
                     help="seconds between per-process RSS lines on stderr (0: none)")
     args = ap.parse_args()
@@ -136,7 +141,7 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     serve = ["serve", *([args.model] if args.model else []), "--api", f"127.0.0.1:{port}",
-             "--max-batch", "8"]
+             "--max-batch", "8", "--kv-memory", args.kv_memory]
     procs = []
     if args.cluster:
         address = f"127.0.0.1:{free_port()}"
@@ -182,7 +187,8 @@ def main() -> int:
         rss_end = sum(tree_rss(p.pid) for p in procs)
         crashed = [" ".join(p.args[3:5]) for p in procs if p.poll() is not None]
         result = {"bench": "soak", "cluster": args.cluster, "minutes": args.minutes,
-                  "clients": args.clients, "busy": args.busy, "crashes": len(crashed),
+                  "clients": args.clients, "busy": args.busy, "kv_memory": args.kv_memory,
+                  "crashes": len(crashed),
                   "errors": stats.get("error", 0), "lost_streams": stats.get("lost", 0),
                   "completed": stats.get("ok", 0), "dropped_by_client": stats.get("dropped", 0),
                   "rss_after_first_minute_mib": round(rss_first / 2**20),

@@ -20,7 +20,7 @@ import pytest
 
 from cluster_procs import FRANCE, KEY, STORY, chat, start_cluster, topology
 from conftest import ROOT, free_port, hf_cache_with, write_tiny_model
-from test_paged_kv import SYSTEM
+from test_paged_kv import SYSTEM, health
 
 pytest.importorskip("ray")
 
@@ -178,6 +178,11 @@ def test_worker_killed_mid_stream_the_stream_completes(default_cluster, single_n
 
 # --- a tiny random model, manual topology, `cake split`, the worker's own HF cache ---------
 
+# The tiny six-layer model's KV: 2 heads of 16 at fp32, 16 positions a block, on the node
+# with the most layers (three): 12 KiB a block.
+KV_MEMORY, POOL_BLOCKS = "360KiB", 30
+
+
 def test_tiny_model_manual_topology_split_and_local_weights(start_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny-cluster")
     model = write_tiny_model(tmp / "model", "llama", num_hidden_layers=6,
@@ -198,7 +203,7 @@ def test_tiny_model_manual_topology_split_and_local_weights(start_server, tmp_pa
     single = start_server("tiny-org/tiny-six", "--temperature", "0", env=hub)
     master, workers, _ = start_cluster(
         start_server, tmp, ["tiny-org/tiny-six", "--topology", str(topo), "--max-batch", "2",
-                            "--worker-timeout", "5"],
+                            "--worker-timeout", "5", "--kv-memory", KV_MEMORY],
         [(["worker", "--name", "w1"], {"CAKE_CACHE": str(tmp / "bundles" / "w1"),
                                        "HF_HUB_CACHE": str(tmp / "empty")}),
          (["worker", "--name", "w2"], {})], env=hub)
@@ -212,6 +217,16 @@ def test_tiny_model_manual_topology_split_and_local_weights(start_server, tmp_pa
         assert doc["master"]["layer_range"].startswith("model.layers.0-0")
         for stream in (False, True):
             assert chat(master, FRANCE, 40, stream) == chat(single, FRANCE, 40, stream)
+
+        # The KV pool holds one long story, not two: the newest is preempted and recomputed
+        # on the ring, and both texts are as on one machine.
+        assert health(master)["kv_blocks_total"] == POOL_BLOCKS
+        dragons = [[{"role": "user", "content": f"Write a long story about a dragon called {n}."}]
+                   for n in ("Ash", "Blaze")]
+        with cf.ThreadPoolExecutor(2) as pool:
+            texts = list(pool.map(lambda m: chat(master, m, 220, True), dragons))
+        assert health(master)["preemptions"] > 0
+        assert texts == [chat(single, m, 220) for m in dragons]
 
         # Idle for longer than --worker-timeout: the stages wait for work as long as the
         # master lives, so the next request finds the ring as it was.

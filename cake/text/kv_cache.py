@@ -9,7 +9,7 @@ sequence: speech models, on one machine or a ring) is the same with block_size =
 """
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 import hashlib
 import math
@@ -283,7 +283,7 @@ class BlockPool:
 
     def __init__(self, num_blocks: int, block_size: int):
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.free: deque[int] = deque(range(num_blocks))  # holding nothing worth keeping
+        self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # nothing worth keeping
         self.cached: OrderedDict[int, None] = OrderedDict()  # unreferenced, hashed, LRU first
         self.refs = [0] * num_blocks
         self.hash_of: dict[int, bytes] = {}
@@ -299,7 +299,9 @@ class BlockPool:
     def allocate(self) -> int:
         """A block of one reference, evicting the least recently used cached one if need be."""
         if self.free:
-            b = self.free.popleft()
+            # The most recently freed first: its pages are mapped and likely in cache, and a
+            # block never written stays unmapped until the pool really needs it.
+            b = self.free.pop()
         else:
             b, _ = self.cached.popitem(last=False)
             del self.by_hash[self.hash_of.pop(b)]
