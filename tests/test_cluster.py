@@ -1,6 +1,7 @@
 """A model's layers spread over a master and two workers, each its own process, all on
 127.0.0.1: the same greedy text as one machine, the topology document, concurrent requests,
-a worker SIGKILLed mid-stream, a wrong cluster key, and a manual topology with `cake split`.
+a worker SIGKILLed mid-stream, a wrong cluster key, a manual topology with `cake split`, and a
+KV pool too small for two streams (one is preempted and recomputed on the ring).
 
 Two clusters share the module (each ~15 s to start on a small machine): the embedded default
 model with automatic placement, and a tiny random model with a topology file.
@@ -178,9 +179,9 @@ def test_worker_killed_mid_stream_the_stream_completes(default_cluster, single_n
 
 # --- a tiny random model, manual topology, `cake split`, the worker's own HF cache ---------
 
-# The tiny six-layer model's KV: 2 heads of 16 at fp32, 16 positions a block, on the node
-# with the most layers (three): 12 KiB a block.
-KV_MEMORY, POOL_BLOCKS = "360KiB", 30
+# The tiny six-layer model's KV: 2 heads of 16 at 16 bits, 16 positions a block, on the nodes
+# with the most layers (two): 4 KiB a block. One story of 220 tokens takes 16 blocks.
+KV_MEMORY, POOL_BLOCKS = "96KiB", 24
 
 
 def test_tiny_model_manual_topology_split_and_local_weights(start_server, tmp_path_factory):
