@@ -60,6 +60,9 @@ class Pipeline(Protocol):
         """{"kv_cache_capacity_bytes": the most it can hold, and "kv_cache_bytes" (held now)
         where the pipeline counts it itself}."""
 
+    def close(self) -> None:
+        """Let go of whatever the pipeline holds outside this process (a cluster's stages)."""
+
 
 class KVOwner(Protocol):
     """What a pipeline that loses a stage's cache asks of the engine."""
@@ -165,6 +168,9 @@ class LocalPipeline:
             if stage.expert_lru is not None:
                 stats.update(stage.expert_lru.stats())  # a local pipeline has one stage
         return stats
+
+    def close(self) -> None:
+        pass  # everything it holds goes with the process
 
     @torch.inference_mode()
     def hidden(self, tokens, batch, logits_at) -> torch.Tensor:

@@ -51,8 +51,7 @@ class TextModel:
 
     def close(self) -> None:
         self.engine.shutdown()
-        if hasattr(self.engine.pipeline, "close"):
-            self.engine.pipeline.close()
+        self.engine.pipeline.close()
 
     def params(self, **overrides) -> SamplingParams:
         """Request fields over the server defaults; None means 'not given'."""
