@@ -4,6 +4,7 @@ split, GGUFs written by llama.cpp's own converter, and a real `cake serve` of ea
 from __future__ import annotations
 
 import json
+import mmap
 import shutil
 from pathlib import Path
 
@@ -343,6 +344,23 @@ def test_offloaded_experts_compute_the_same(ggufs, name):
     _, theirs = generate([whole], [new_cache(whole)], PROMPT, DECODE_STEPS)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     assert 0 < lru.resident_bytes <= 3 * one and lru.loads > 3 * 4
+    # Experts multiplied where they lie in the repacked file's map: the pages this process
+    # holds of it are those of the resident experts (each on pages of its own), not of all
+    # experts ever touched.
+    assert lru.packed_file is not None
+    assert mapped_rss(lru.packed_file) <= lru.resident_bytes + 3 * mmap.PAGESIZE
+
+
+def mapped_rss(path: str) -> int:
+    """This process's resident bytes of a file's mappings (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            inside = fields[-1] == path
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
 
 
 def test_placement_counts_the_experts_as_loaded(ggufs):

@@ -1,14 +1,18 @@
-"""Offloaded experts repacked once, kept on disk, read back by a copy.
+"""Offloaded experts repacked once, kept on disk, multiplied straight from its memory map.
 
 An offloaded expert is loaded each time it is routed to after an eviction. From a GGUF that
 means repacking its blocks into the kernels' layout, ~200 MB/s on one core: a few ms per
 expert, several experts per token. So the first start with --expert-offload repacks every
-expert of the stage once into a file beside the kernels' cache (gate/up already fused), and
-loading an expert is then a copy of its bytes from that file's memory map (GB/s), whose pages
-are given back right after, so they never count against the budget.
+expert of the stage once into a file beside the kernels' cache (gate/up already fused, each
+expert starting on a page of its own), and loading an expert is then a view of its bytes in
+that file's memory map: no copy (a copy cost more than the product itself, ~0.3 ms an expert
+here), the kernels read the page cache directly and its pages join this process's resident
+memory as they are touched. Evicting the expert gives its pages back (MADV_DONTNEED): they
+stay in the page cache for the next read, outside the budget.
 
-Key: the GGUF's path, size and mtime, the stage's layers, and the kernels' source (where the
-packed layout is defined). CAKE_NO_REPACK_CACHE=1 turns it off, as it does the stage cache.
+Key: the GGUF's path, size and mtime, the stage's layers, the file's layout (FORMAT) and the
+kernels' source (where the packed layout is defined). CAKE_NO_REPACK_CACHE=1 turns it off, as
+it does the stage cache.
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ from torch import nn
 from cake.text import kernels, quant
 
 PARTS = ("gate_up_proj", "down_proj")
+FORMAT = 2  # 2: each expert page-aligned, so giving one back leaves its neighbours mapped
+PAGE = mmap.PAGESIZE
 
 
 def path_for(checkpoint, layers: list[int]) -> Optional[Path]:
@@ -35,7 +41,7 @@ def path_for(checkpoint, layers: list[int]) -> Optional[Path]:
         return None
     st = Path(files[0]).stat()
     key = hashlib.sha256(f"{Path(files[0]).resolve()}|{st.st_size}|{st.st_mtime_ns}|"
-                         f"{layers}".encode())
+                         f"{layers}|{FORMAT}|{PAGE}".encode())
     key.update(kernels.SOURCE.read_bytes())
     for header in kernels.HEADERS:
         key.update(header.read_bytes())
@@ -61,6 +67,8 @@ def build(path: Path, layers: dict[int, tuple[int, Callable[[int], nn.Module]]])
                     if not cacheable(expert):
                         return False
                     entry = {}
+                    f.write(bytes(-offset % PAGE))
+                    offset += -offset % PAGE
                     for part in PARTS:
                         m = getattr(expert, part)
                         data = m.packed.contiguous()
@@ -81,15 +89,15 @@ def build(path: Path, layers: dict[int, tuple[int, Callable[[int], nn.Module]]])
 
 
 class PackedExperts:
-    """The cache file, mapped (not populated): expert(layer, e, like) copies one out."""
+    """The cache file: expert(layer, e, like) is one expert over its bytes there, in a
+    mapping of its own (unpopulated; its pages fault in as the kernels read them), unmapped
+    when the expert is dropped. One mapping per expert, not one of the whole file: the kernel
+    maps pages around each one that faults (fault-around, 64 KiB), which in one mapping would
+    leave pages of experts not resident counted against the budget."""
 
     def __init__(self, path: Path):
         self.index = json.loads(path.with_suffix(".json").read_text())
-        with open(path, "rb") as f:
-            self._map = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        with warnings.catch_warnings():  # read-only memory: only ever copied from
-            warnings.simplefilter("ignore", UserWarning)
-            self._data = torch.frombuffer(self._map, dtype=torch.uint8)
+        self._file = open(path, "rb")
 
     @classmethod
     def open(cls, path: Optional[Path]) -> Optional["PackedExperts"]:
@@ -99,21 +107,22 @@ class PackedExperts:
 
     def expert(self, layer: int, e: int, template: nn.Module) -> nn.Module:
         entry = self.index[f"{layer}.{e}"]
+        first, last = entry[PARTS[0]], entry[PARTS[-1]]
+        start = first["offset"]  # a page's (FORMAT 2)
+        end = last["offset"] + last["shape"][0] * last["shape"][1]
+        pages = mmap.mmap(self._file.fileno(), end - start, flags=mmap.MAP_SHARED,
+                          prot=mmap.PROT_READ, offset=start)
+        with warnings.catch_warnings():  # read-only memory: the kernels only read weights
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.frombuffer(pages, dtype=torch.uint8)
         expert = type(template).__new__(type(template))
         nn.Module.__init__(expert)
         expert.act = entry["act"]
         for part in PARTS:
             p = entry[part]
             rows, cols = p["shape"]
-            start, n = p["offset"], rows * cols
-            packed = self._data[start:start + n].view(rows, cols).clone()
-            self._give_back(start, n)
-            setattr(expert, part, quant.QuantLinear.from_packed(packed, p["qtype"], p["in"],
-                                                                p["out"]))
+            at = p["offset"] - start
+            setattr(expert, part, quant.QuantLinear.from_packed(
+                data[at:at + rows * cols].view(rows, cols), p["qtype"], p["in"], p["out"],
+                check=False))
         return expert
-
-    def _give_back(self, start: int, n: int) -> None:
-        """The file pages just copied leave this process's resident memory (they stay in the
-        page cache for the next read)."""
-        lo = start // mmap.PAGESIZE * mmap.PAGESIZE
-        self._map.madvise(mmap.MADV_DONTNEED, lo, start + n - lo)

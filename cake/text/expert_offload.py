@@ -4,8 +4,9 @@ The experts stay in the checkpoint, memory-mapped (a GGUF's packed blocks, or sa
 and an expert is read only when a token is routed to it. Experts read recently stay
 resident, in a least-recently-used set under a byte budget shared by all layers; evicting
 one frees its memory, and the file pages it was read from are given back after reading.
-A GGUF's experts are repacked once into a file of their own and read from it afterwards
-(expert_cache.py).
+A GGUF's experts are repacked once into a file of their own, and the kernels then multiply
+them where they lie in that file, each expert a mapping of its own (no copy), unmapped when
+it is evicted (expert_cache.py).
 """
 from __future__ import annotations
 
@@ -30,25 +31,31 @@ class ExpertLRU:
 
     def __init__(self, budget: int):
         self.budget = budget
-        self._held: OrderedDict[tuple[int, int], tuple[nn.Module, int]] = OrderedDict()
+        # key -> (module, bytes, whether its memory came from the heap, not a file's map)
+        self._held: OrderedDict[tuple[int, int], tuple[nn.Module, int, bool]] = OrderedDict()
         self.resident_bytes = 0
         self.mapped_bytes = 0  # the checkpoint bytes of every offloaded expert
         self.loads = 0
+        self.packed_file: Optional[str] = None  # experts used where they lie (expert_cache)
 
-    def get(self, key: tuple[int, int], load: Callable[[], nn.Module]) -> nn.Module:
-        if key in self._held:
+    def get(self, key: tuple[int, int], load: Callable[[], nn.Module],
+            heap: bool = True) -> nn.Module:
+        """heap: the module's memory is allocated (else a file's map, unmapped when the
+        module goes)."""
+        held = self._held.get(key)
+        if held is not None:
             self._held.move_to_end(key)
-            return self._held[key][0]
+            return held[0]
         module = load()
         size = module_bytes(module)
-        evicted = False
+        heap_freed = False
         while self._held and self.resident_bytes + size > self.budget:
-            _, (_, freed) = self._held.popitem(last=False)
+            _, (_, freed, from_heap) = self._held.popitem(last=False)
             self.resident_bytes -= freed
-            evicted = True
-        if evicted:
+            heap_freed |= from_heap
+        if heap_freed:
             give_back_heap()
-        self._held[key] = (module, size)
+        self._held[key] = (module, size, heap)
         self.resident_bytes += size
         self.loads += 1
         return module
@@ -72,13 +79,14 @@ class OffloadedExperts:
     def __init__(self, layer: int, count: int, load: Callable[[int], nn.Module],
                  lru: ExpertLRU, mapped_bytes: int):
         self.layer, self.count, self._load, self.lru = layer, count, load, lru
+        self.heap = True  # loads allocate (else they map expert_cache's file)
         lru.mapped_bytes += mapped_bytes
 
     def __len__(self) -> int:
         return self.count
 
     def __getitem__(self, e: int) -> nn.Module:
-        return self.lru.get((self.layer, e), lambda: self._load(e))
+        return self.lru.get((self.layer, e), lambda: self._load(e), self.heap)
 
 
 class MappedMatrices:
@@ -145,10 +153,12 @@ def offload_experts(model: nn.Module, checkpoint, load_matrix: Callable, budget:
     if packed is None and packed_path is not None and offloaded and expert_cache.build(
             packed_path, {i: (x.count, x._load) for i, (x, _) in offloaded.items()}):
         packed = expert_cache.PackedExperts.open(packed_path)
-    if packed is not None:  # read the experts repacked already
+    if packed is not None:  # the experts repacked already, used where they lie in its map
+        lru.packed_file = str(packed_path)
         for layer, (experts, template) in offloaded.items():
             experts._load = (lambda e, layer=layer, template=template:
                              packed.expert(layer, e, template))
+            experts.heap = False
     return lru
 
 

@@ -63,10 +63,13 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_packed(cls, packed: torch.Tensor, qtype, in_features: int, out_features: int,
-                    bias: Optional[torch.Tensor] = None) -> "QuantLinear":
-        """A layer over weights already repacked (by repack, earlier: repack_cache)."""
-        torch.ops.cake.dequantize_rows(packed, int(qtype), out_features, in_features,
-                                       torch.zeros(0, dtype=torch.long))  # checks the shape
+                    bias: Optional[torch.Tensor] = None, check: bool = True) -> "QuantLinear":
+        """A layer over weights already repacked (by repack, earlier: repack_cache). check:
+        the shape now (the kernels check it again at every call; an offloaded expert's load,
+        which runs per token, skips this one)."""
+        if check:
+            torch.ops.cake.dequantize_rows(packed, int(qtype), out_features, in_features,
+                                           torch.zeros(0, dtype=torch.long))
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.qtype, layer.in_features, layer.out_features = int(qtype), in_features, out_features

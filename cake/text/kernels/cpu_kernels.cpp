@@ -1183,6 +1183,32 @@ const float* weights_or_null(const std::optional<at::Tensor>& t, int64_t n, cons
   return t->data_ptr<float>();
 }
 
+// A layer's q/k norms (Qwen3, Gemma 3, OLMo 2, ...), checked once: each weight [head dim] or
+// [the whole projection], both or neither; apply normalizes one row's q and k in place.
+struct QkNorms {
+  const float *q = nullptr, *k = nullptr;
+  int64_t qn = 0, kn = 0;
+
+  QkNorms(const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
+          int64_t n_q, int64_t n_kv, int64_t head_dim) {
+    qn = q_norm.has_value() ? q_norm->numel() : 0;
+    kn = k_norm.has_value() ? k_norm->numel() : 0;
+    TORCH_CHECK(q_norm.has_value() == k_norm.has_value() &&
+                (!qn || (n_q % qn == 0 && qn % head_dim == 0)) &&
+                (!kn || (n_kv % kn == 0 && kn % head_dim == 0)),
+                "q/k norm weights: [head dim] or [the whole projection], both or neither");
+    q = weights_or_null(q_norm, qn, "q norm weights");
+    k = weights_or_null(k_norm, kn, "k norm weights");
+  }
+
+  // row: q [n_q] then k [n_kv]
+  void apply(float* row, int64_t n_q, int64_t n_kv, float eps) const {
+    if (!q) return;
+    rms_norm_groups(row, n_q, q, qn, eps);
+    rms_norm_groups(row + n_q, n_kv, k, kn, eps);
+  }
+};
+
 // A whole decoder layer for one new token per row, x [B, dim] -> x after the layer, with
 // quantized q/k/v, o, gate/up and down matrices. One call instead of a dozen PyTorch ops: the
 // Python per token stays flat as layers grow. What the families differ in is an argument:
@@ -1238,13 +1264,7 @@ at::Tensor decode_layer(const at::Tensor& x_in, const std::optional<at::Tensor>&
   const std::optional<at::Tensor>* norms[4] = {&attn_norm, &post_attn_norm, &ffn_norm,
                                                &post_ffn_norm};
   for (int i = 0; i < 4; ++i) norm[i] = weights_or_null(*norms[i], dim, "layer norm weights");
-  const int64_t qn = q_norm.has_value() ? q_norm->numel() : 0;
-  const int64_t kn = k_norm.has_value() ? k_norm->numel() : 0;
-  TORCH_CHECK(q_norm.has_value() == k_norm.has_value() && (!qn || (n_q % qn == 0 && qn % S.D == 0))
-              && (!kn || (n_kv % kn == 0 && kn % S.D == 0)),
-              "q/k norm weights: [head dim] or [the whole projection], both or neither");
-  const float* qw = weights_or_null(q_norm, qn, "q norm weights");
-  const float* kw = weights_or_null(k_norm, kn, "k norm weights");
+  const QkNorms qk_norms(q_norm, k_norm, n_q, n_kv, S.D);
 
   float* xp = x.data_ptr<float>();
   std::vector<ActBlock> xq;
@@ -1261,10 +1281,7 @@ at::Tensor decode_layer(const at::Tensor& x_in, const std::optional<at::Tensor>&
   quantize_rows(xp, B, dim, xq, norm[0], eps);
   linear_parts(xq.data(), B, dim / QK, qkv_w, qkv_types, {n_q, n_kv, n_kv}, qkv_bias,
                qkv.data());
-  for (int64_t b = 0; b < B && qw; ++b) {
-    rms_norm_groups(&qkv[b * n_qkv], n_q, qw, qn, eps);
-    rms_norm_groups(&qkv[b * n_qkv + n_q], n_kv, kw, kn, eps);
-  }
+  for (int64_t b = 0; b < B; ++b) qk_norms.apply(&qkv[b * n_qkv], n_q, n_kv, eps);
   if (rope_here && inv_freq.numel() > 0)
     rope_rows(qkv.data(), B, n_qkv, S.H + S.Hkv, S.D, positions.data_ptr<int64_t>(), inv_freq,
               (float)rope_factor);

@@ -185,13 +185,7 @@ at::Tensor decode_attention_block(
   check_bias(o_bias, dim);
   const float* pre = weights_or_null(attn_norm, dim, "layer norm weights");
   const float* post = weights_or_null(post_attn_norm, dim, "layer norm weights");
-  const int64_t qn = q_norm.has_value() ? q_norm->numel() : 0;
-  const int64_t kn = k_norm.has_value() ? k_norm->numel() : 0;
-  TORCH_CHECK(q_norm.has_value() == k_norm.has_value() && (!qn || (n_q % qn == 0 && qn % S.D == 0))
-              && (!kn || (n_kv % kn == 0 && kn % S.D == 0)),
-              "q/k norm weights: [head dim] or [the whole projection], both or neither");
-  const float* qw = weights_or_null(q_norm, qn, "q norm weights");
-  const float* kw = weights_or_null(k_norm, kn, "k norm weights");
+  const QkNorms qk_norms(q_norm, k_norm, n_q, n_kv, S.D);
 
   float* xp = x.data_ptr<float>();
   std::vector<ActBlock> xq;
@@ -212,10 +206,7 @@ at::Tensor decode_attention_block(
       std::copy(r + q_width, r + n_raw, &qkv[b * n_qkv + n_q]);
     }
   }
-  for (int64_t b = 0; b < B && qw; ++b) {
-    rms_norm_groups(q + b * n_qkv, n_q, qw, qn, eps);
-    rms_norm_groups(q + b * n_qkv + n_q, n_kv, kw, kn, eps);
-  }
+  for (int64_t b = 0; b < B; ++b) qk_norms.apply(q + b * n_qkv, n_q, n_kv, eps);
   if (rope_here && inv_freq.numel() > 0)
     rope_rows(q, B, n_qkv, S.H + S.Hkv, S.D, positions.data_ptr<int64_t>(), inv_freq,
               (float)rope_factor);

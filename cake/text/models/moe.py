@@ -94,7 +94,7 @@ class SparseMoE(nn.Module):
         if self.expert_args is not None:
             args = [self.expert_args[e] for e in local]
         else:
-            args = [expert_kernel_args(self.experts[e]) for e in local]
+            args = [loaded_kernel_args(self.experts[e]) for e in local]
             if any(a is None for a in args):
                 return x + self.forward(h)
         rows = torch.arange(B).repeat_interleave(self.top_k)
@@ -145,6 +145,14 @@ def expert_kernel_args(expert: nn.Module):
             or gate_up.bias is not None or down.bias is not None):
         return None
     return gate_up.packed, gate_up.qtype, down.packed, down.qtype
+
+
+def loaded_kernel_args(expert: nn.Module):
+    """expert_kernel_args of an offloaded expert, worked out once per load (kept on it)."""
+    args = expert.__dict__.get("kernel_args")
+    if args is None:
+        args = expert.__dict__["kernel_args"] = expert_kernel_args(expert)
+    return args
 
 
 def attention_kernel_args(block: TransformerBlock):
