@@ -14,7 +14,10 @@ alternating which goes first:
 - decode: one greedy reply of 128 tokens to a short chat prompt, tokens / wall time
 - ttft: a fresh ~512-token prompt (a new first word each time: no prefix-cache hits), one token
 - streams: 8 different prompts at once, 128 tokens each, aggregate tokens / wall time
-- start: process start to the first answer of /v1/models (cake loads before it listens)
+- start: process start to the first 200 of /v1/models (cake listens at once, answering 503
+  while it loads), and the CPU time the server had used by then (all its threads: a figure
+  a loaded box moves less than wall time); --start-only measures nothing else, restarting
+  both servers --reps times
 - rss: peak resident memory while serving the 8 streams
 llama.cpp runs as it ships, with its extra buffer types (weights repacked at load for its
 AVX-512/AMX kernels: what a user gets), unless --llama-no-extra-bufts (for a VM where they die of
@@ -171,6 +174,7 @@ class Server(ServerProcess):
         super().__init__([*cmd, f"127.0.0.1:{port}" if cmd[-1] == "--api" else str(port)],
                          port, threads)
         self.start_s = time.perf_counter() - t
+        self.start_cpu_s = cpu_seconds(self.proc.pid)
 
     def weight_buffers(self) -> list[str]:
         """The lines of llama.cpp's log that say where its weights went ('CPU_REPACK model
@@ -183,6 +187,31 @@ class Server(ServerProcess):
         t = time.perf_counter()
         text, n = self.chat(question, max_tokens)
         return time.perf_counter() - t, text, n
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process's threads have used (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_starts(cake_cmd: list[str], llama_cmd: list[str], threads: int, reps: int) -> dict:
+    """Start each server `reps` times, in turns (alternating which goes first); best wall
+    time and CPU time to ready of each."""
+    starts = {"cake": [], "llama.cpp": []}
+    order = [("cake", cake_cmd), ("llama.cpp", llama_cmd)]
+    for rep in range(reps):
+        for name, cmd in order[::-1] if rep % 2 else order:
+            server = Server(cmd, threads)
+            server.stop()
+            starts[name].append((server.start_s, server.start_cpu_s))
+            print(f"start rep {rep + 1} {name}: {server.start_s:.2f} s, "
+                  f"{server.start_cpu_s:.2f} s CPU", file=sys.stderr)
+    (c, c_cpu), (ll, ll_cpu) = (min(starts[n]) for n in ("cake", "llama.cpp"))
+    return {"start_s": [round(c, 2), round(ll, 2)], "start_ratio": round(c / ll, 2),
+            "start_cpu_s": [round(c_cpu, 2), round(ll_cpu, 2)],
+            "start_cpu_ratio": round(c_cpu / ll_cpu, 2),
+            "load_average": [round(x, 1) for x in os.getloadavg()]}
 
 
 def measure(server: Server, rep: int, ttft_only: bool = False, streams: bool = True) -> dict:
@@ -212,18 +241,26 @@ def main() -> None:
                     help="skip llama.cpp's own 8 streams (its RSS then peaks over 1 stream)")
     ap.add_argument("--ttft-only", action="store_true",
                     help="only the ~512-token prompt (and start, RSS): a quick prefill check")
+    ap.add_argument("--start-only", action="store_true",
+                    help="only start to ready (wall and CPU time), each server --reps times")
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for qtype in args.types.split(","):
         model = quantized(args.dir, args.shape, qtype)
-        cake = Server([sys.executable, "-m", "cake", "serve", str(model), "--max-batch",
-                       str(STREAMS), "--api"], args.threads)
+        cake_cmd = [sys.executable, "-m", "cake", "serve", str(model), "--max-batch",
+                    str(STREAMS), "--api"]
         launch = ["-c", LLAMA_NO_EXTRA_BUFTS] if args.llama_no_extra_bufts else ["-m", "llama_cpp.server"]
-        llama = Server([sys.executable, *launch, "--model", str(model),
-                        "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
-                        "--interrupt_requests", "False", "--n_ctx", "4096", "--host",
-                        "127.0.0.1", "--port"], args.threads)
+        llama_cmd = [sys.executable, *launch, "--model", str(model),
+                     "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
+                     "--interrupt_requests", "False", "--n_ctx", "4096", "--host",
+                     "127.0.0.1", "--port"]
+        if args.start_only:
+            results[qtype] = measure_starts(cake_cmd, llama_cmd, args.threads, args.reps)
+            print(qtype, json.dumps(results[qtype]), file=sys.stderr, flush=True)
+            continue
+        cake = Server(cake_cmd, args.threads)
+        llama = Server(llama_cmd, args.threads)
         llama_weights = llama.weight_buffers()
         print(f"{qtype} llama.cpp weights: {llama_weights}", file=sys.stderr)
         runs = {"cake": [], "llama.cpp": []}
@@ -257,6 +294,7 @@ def main() -> None:
             "llama_streams8_tok_s": round(ll["streams"], 1),
             "start_s": [round(c["start"], 1), round(ll["start"], 1)],
             "start_ratio": round(c["start"] / ll["start"], 2),
+            "start_cpu_s": [round(cake.start_cpu_s, 2), round(llama.start_cpu_s, 2)],
             "rss_mib": [round(c["rss"]), round(ll["rss"])],
             "rss_ratio": round(c["rss"] / ll["rss"], 2),
             "streams_identical_to_alone": identical,
@@ -266,6 +304,14 @@ def main() -> None:
         print(qtype, json.dumps(results[qtype]), file=sys.stderr, flush=True)
     print(f"\n{args.shape} shape, {args.threads} threads, best of {args.reps}, "
           f"{time.strftime('%Y-%m-%d %H:%M')}; pairs are cake, llama.cpp")
+    if args.start_only:
+        print(f"{'type':8} {'start s':>12} {'x':>5} {'CPU s to ready':>15} {'x':>5}  load avg")
+        for q, r in results.items():
+            print(f"{q:8} {r['start_s'][0]:5.2f} {r['start_s'][1]:6.2f} {r['start_ratio']:5.2f} "
+                  f"{r['start_cpu_s'][0]:7.2f} {r['start_cpu_s'][1]:7.2f} "
+                  f"{r['start_cpu_ratio']:5.2f}  {r['load_average']}")
+        print(json.dumps(results))
+        return
     print(f"{'type':8} {'decode tok/s':>18} {'x':>5} {'~512-tok TTFT s':>16} {'x':>5} "
           f"{'8 streams':>9} {'x1':>5} {'start s':>12} {'x':>5} {'RSS MiB':>12} {'x':>5}")
     for q, r in results.items():

@@ -118,6 +118,8 @@ def _quantize_matrices(model, checkpoint, mode: str, cache: bool = True) -> None
     cache = repack_cache.path_for(checkpoint, model) \
         if mode == "auto" and fast and cache else None
     cached = repack_cache.load(cache)
+    if cached is not None and hasattr(checkpoint, "read_sparsely"):
+        checkpoint.read_sparsely()
     entries, tensors = {}, {}
     for path, module in list(model.named_modules()):
         if not isinstance(module, (nn.Linear, nn.Embedding)):

@@ -1,19 +1,24 @@
 """A GGUF stage's repacked weights, cached on disk and memory-mapped back on the next start.
 
 Repacking a 1B model takes seconds, and every fresh 4 KiB page of memory costs a fault (~10 us
-on VMs). A second start maps the cached file instead, populated in one call (as llama.cpp maps
-its GGUF): its pages are the page cache's, shared, read-only, never copied. The weights lie in
+on VMs). A second start maps the cached file instead (as llama.cpp maps its GGUF): its pages
+are the page cache's, shared, read-only, never copied. The server is ready as soon as the file
+is mapped; a thread reads it in meanwhile (populate), so neither the start waits for the disk
+nor the first request for a fault per page. The weights lie in
 module order, so q/k/v and gate/up stay adjacent and fuse without a copy (quant.fuse_linears).
 Key: the GGUF's path, size, mtime and first and last MiB, the stage's layers, and the kernels'
 source, where the packed layout is defined. CAKE_NO_REPACK_CACHE=1 turns it off.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
 import mmap
 import os
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -50,12 +55,31 @@ def load(path: Optional[Path]) -> Optional[tuple[torch.Tensor, dict]]:
     with open(path, "rb") as f:
         head = int.from_bytes(f.read(8), "little")
         index = json.loads(f.read(head))
-        mapped = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
-                           prot=mmap.PROT_READ)
+        mapped = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
     with warnings.catch_warnings():  # read-only memory: the kernels only read weights
         warnings.simplefilter("ignore", UserWarning)
         data = torch.frombuffer(mapped, dtype=torch.uint8)
+    populate(data)
     return data, index
+
+
+_MADV_WILLNEED, _MADV_POPULATE_READ = 3, 22  # <sys/mman.h>; POPULATE_READ: Linux 5.14
+
+
+def populate(mapped: torch.Tensor) -> threading.Thread:
+    """Fault a mapped file's pages in, in a thread of its own: libc's madvise through ctypes
+    runs without the GIL, so the rest of the start goes on meanwhile. Where the kernel lacks
+    MADV_POPULATE_READ, the page cache is at least filled ahead (MADV_WILLNEED)."""
+    def run():  # (holds `mapped`: the mapping outlives the call)
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            address, size = mapped.data_ptr(), mapped.numel()
+            if libc.madvise(address, size, _MADV_POPULATE_READ) != 0:
+                libc.madvise(address, size, _MADV_WILLNEED)
+    thread = threading.Thread(target=run, name="cake-populate", daemon=True)
+    thread.start()
+    return thread
 
 
 def packed(data: torch.Tensor, entry: dict) -> torch.Tensor:
