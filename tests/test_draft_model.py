@@ -179,9 +179,9 @@ def test_the_drafts_cache_follows_the_tokens_that_held(tmp_path, monkeypatch):
         proposals = []
         propose = spec.engine.drafter.propose
 
-        def recorded(seqs, ks, budget):
+        def recorded(seqs, ks):
             states = [list(s.tokens) for s in seqs]
-            drafts, qs = propose(seqs, ks, budget)
+            drafts, qs = propose(seqs, ks)
             proposals.extend((t, d) for t, d in zip(states, drafts) if d)
             return drafts, qs
 

@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 # Tokens behind the newest that round 0 feeds as rows of their own; a longer gap (a fresh
 # prompt, a stretch decoded without the draft) is first computed as a prefill chunk.
 CATCHUP_ROWS = 8
+# Most positions of one sequence the draft catches up on in a step (a long prompt takes a few
+# steps, as its prefill did). Per sequence, not per step: whether a sequence guesses in a step
+# then depends on its own history alone, so a seeded request samples the same text alone or
+# beside others.
+CATCHUP_CHUNK = 256
 # Any text: words, digits, punctuation, accents, CJK, an emoji, code, spaces and a newline.
 SAMPLE_TEXT = ("Hello, world! The 3 quick brown foxes (naïve café, 東京, 🙂) jumped over "
                "2,048 lazy dogs.\n  def f(x): return x ** 2  # done")
@@ -68,22 +73,20 @@ class DraftModel:
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         self.pipeline.copy_blocks(pairs)
 
-    def propose(self, seqs: list, ks: list[int], budget: int
+    def propose(self, seqs: list, ks: list[int]
                 ) -> tuple[list[list[int]], list[Optional[list[torch.Tensor]]]]:
-        """Up to ks[i] draft tokens for each sequence (engine Sequences whose blocks reach
-        the positions drafted), and for sampled ones the distribution each was drawn from
-        (None for greedy: point masses). A sequence the draft is far behind is first caught
-        up, at most `budget` tokens a step, and guesses once it is close."""
+        """ks[i] draft tokens for each sequence (engine Sequences whose blocks reach the
+        positions drafted), and for sampled ones the distribution each was drawn from (None
+        for greedy: point masses). A sequence the draft is far behind is first caught up,
+        CATCHUP_CHUNK positions a step: it guesses nothing until it is close."""
         drafts: list[list[int]] = [[] for _ in seqs]
         qs: list[Optional[list[torch.Tensor]]] = [
             None if s.sampler.params.greedy else [] for s in seqs]
         feed: dict[int, list[tuple[int, int]]] = {}  # sequence -> (token, position) rows
         for i, (s, k) in enumerate(zip(seqs, ks)):
             start = s.draft_cached
-            if s.length - start > CATCHUP_ROWS and budget > 0:
-                n = min(s.length - 1 - start, budget)
-                self._prefill(s, start, start + n)
-                budget -= n
+            if s.length - start > CATCHUP_ROWS:
+                self._prefill(s, start, min(s.length - 1, start + CATCHUP_CHUNK))
             if k > 0 and s.length - s.draft_cached <= CATCHUP_ROWS:
                 tokens = s.tokens
                 feed[i] = [(tokens[p], p) for p in range(s.draft_cached, s.length)]
@@ -116,7 +119,10 @@ class DraftModel:
 
     @staticmethod
     def _choose(seqs: list, logits: torch.Tensor) -> list[tuple[int, Optional[torch.Tensor]]]:
-        """Each sequence's draft token from its row of draft logits, and q where sampled."""
+        """Each sequence's draft token from its row of draft logits, and q where sampled:
+        the sampler's distribution as it stands at the step's start (its penalties do not
+        count the tokens drafted before in the step; verification is exact for any q, and
+        this one differs from p's processing only there)."""
         samplers = [s.sampler for s in seqs]
         if all(s.plain_greedy for s in samplers):
             return [(t, None) for t in logits.argmax(-1).tolist()]

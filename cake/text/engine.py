@@ -212,6 +212,7 @@ class Engine:
         if params.grammar is not None:
             constraint = Constraint(params.grammar,
                                     guidance_tokenizer(self.tokenizer, self.vocab_size))
+        # a seeded sample's guesses must not depend on other requests' records
         reproducible = params.seed is not None and not params.greedy
         return Sequence(
             record=DraftRecord(MODEL_PRIOR_HOLDS if reproducible
@@ -568,8 +569,7 @@ class Engine:
                 s.record.idle()
         if not by_model:
             return drafts, {}
-        guessed, qs = self.drafter.propose([s for s, _ in by_model], [k for _, k in by_model],
-                                           self.token_budget)
+        guessed, qs = self.drafter.propose([s for s, _ in by_model], [k for _, k in by_model])
         for (s, _), draft in zip(by_model, guessed):
             if draft:
                 drafts[s.id] = draft

@@ -45,8 +45,13 @@ PRIOR_HOLDS = (0.0, 0.25, 0.4, 0.5, 0.6)
 CONTEXT_WEIGHT = 2.0  # trials of the broader record a narrower one starts from
 MEMORY = 64  # trials per order remembered: past that the counts halve, so the bet follows
 # the text as it changes between free and copied
-MODEL_PRIOR_HOLDS = 0.6  # a draft model's first guess, worth PRIOR_TRIALS trials
-IDLE_DECAY = 0.98  # per step a draft model does not guess: its record's pull to the prior
+# A draft model's first guess, worth PRIOR_TRIALS trials: hopeful, so that a draft that is
+# cheap enough gets tried and its measured record decides from then on
+MODEL_PRIOR_HOLDS = 0.8
+# Per step a sequence's draft model does not guess: its record's pull back to the prior. Slow:
+# a bad draft is tried again every few hundred steps (each try first catches the draft up on
+# the tokens it missed), a stretch it failed at does not stop it for good.
+IDLE_DECAY = 0.995
 
 
 class PromptLookup:
@@ -106,12 +111,13 @@ class PromptLookup:
 class DraftRecord:
     """How often one sequence's draft-model tokens held: the chance that the next one holds.
     Counted as PromptLookup counts an order; while the record keeps the model from guessing
-    it drifts back to the prior (IDLE_DECAY a step), so a stretch of text the draft model
-    failed at does not stop it for the rest of the sequence."""
+    it drifts back to the prior (IDLE_DECAY a step)."""
 
-    def __init__(self, prior: float = MODEL_PRIOR_HOLDS):
+    def __init__(self, start: float = MODEL_PRIOR_HOLDS, prior: float = MODEL_PRIOR_HOLDS):
+        """start: the first guess of the chance (worth PRIOR_TRIALS trials); prior: the
+        chance an idle record drifts back to."""
         self.prior = prior
-        self.held, self.trials = PRIOR_TRIALS * prior, PRIOR_TRIALS
+        self.held, self.trials = PRIOR_TRIALS * start, PRIOR_TRIALS
 
     def holds(self) -> float:
         return self.held / self.trials
