@@ -76,6 +76,9 @@ def test_greedy_text_equals_decoding_without_guesses(servers):
         assert answers(servers[name]) == plain, name
         after = engine(servers[name])
         assert after["draft_model"] == ("model" if name == "same" else "other")
+        shown = httpx.get(servers[name].url + "/api/v1/topology").json()["master"]
+        assert shown["draft_model"]["model"] == after["draft_model"]
+        assert shown["draft_model"]["layers"] == 2
         drafted = after["draft_model_tokens"] - before["draft_model_tokens"]
         held = after["draft_model_tokens_accepted"] - before["draft_model_tokens_accepted"]
         assert drafted > 100, name

@@ -70,6 +70,13 @@ class DraftModel:
         self.name, self.pipeline, self.cost = name, pipeline, cost
         self.max_len = pipeline.max_len
 
+    def describe(self) -> dict:
+        """For the topology document."""
+        stage = self.pipeline.stages[0]
+        return {"model": self.name, "layers": stage.args.num_hidden_layers,
+                "weight_bytes": weight_bytes(stage), "relative_cost": round(self.cost, 3),
+                **self.pipeline.kv_cache_stats()}
+
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         self.pipeline.copy_blocks(pairs)
 
