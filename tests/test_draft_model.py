@@ -202,3 +202,28 @@ def test_the_drafts_cache_follows_the_tokens_that_held(tmp_path, monkeypatch):
     finally:
         spec.close()
         alone.close()
+
+
+def test_a_cached_prefix_spares_the_draft_its_keys_and_values(tmp_path):
+    """A prompt's full blocks, once computed by both models, serve the next request with
+    that prompt in both: the draft computes only the rest."""
+    from cake.text.sampling import SamplingParams
+    from cake.text.serving import load_text_model
+
+    model = write_tiny_model(tmp_path / "model", seed=0)
+    spec = load_text_model(model, "model", draft_model=(model, "model"), draft_min=2)
+    try:
+        computed = []
+        prefill = spec.engine.drafter._prefill
+        spec.engine.drafter._prefill = lambda s, a, b: (computed.append(a), prefill(s, a, b))
+        prompt = spec.tokenizer.encode("A system prompt about lighthouses and keepers. " * 6)
+        greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+        first = generate(spec, prompt, greedy)
+        assert computed[0] == 0
+        computed.clear()
+        assert generate(spec, prompt, greedy) == first
+        full = (len(prompt) - 1) // 16 * 16  # the blocks a request maps (one token computed)
+        assert spec.engine.stats()["prefix_cache_hit_tokens"] == full
+        assert computed[0] == full
+    finally:
+        spec.close()
