@@ -79,6 +79,12 @@ def test_greedy_text_equals_decoding_without_guesses(servers):
         shown = httpx.get(servers[name].url + "/api/v1/topology").json()["master"]
         assert shown["draft_model"]["model"] == after["draft_model"]
         assert shown["draft_model"]["layers"] == 2
+        scraped = dict(line.rsplit(" ", 1) for line in httpx.get(
+            servers[name].url + "/metrics").text.splitlines() if line.startswith("vllm:spec"))
+        assert float(scraped['vllm:spec_decode_num_draft_tokens_total{model_name="model"}']) \
+            == after["draft_tokens"]
+        assert float(scraped['vllm:spec_decode_num_accepted_tokens_total{model_name="model"}']) \
+            == after["draft_tokens_accepted"]
         drafted = after["draft_model_tokens"] - before["draft_model_tokens"]
         held = after["draft_model_tokens_accepted"] - before["draft_model_tokens_accepted"]
         assert drafted > 100, name
