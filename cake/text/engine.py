@@ -565,7 +565,7 @@ class Engine:
                 drafts[s.id] = draft
             if k:
                 by_model.append((s, k))
-            else:
+            elif self.drafter is not None:
                 s.record.idle()
         if not by_model:
             return drafts, {}

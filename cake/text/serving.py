@@ -114,6 +114,8 @@ def load_text_model(path: str | Path, model_id: str, device: Optional[str] = Non
     ctx = args.max_position_embeddings
     if context_length:
         ctx = min(ctx, context_length)
+    if draft_model is not None and draft_tokens <= 0:
+        raise UnfitDraft("--draft-model guesses up to --draft-tokens tokens: it cannot be 0")
     if draft_model is not None and cluster is not None:
         raise UnfitDraft("--draft-model runs on one machine: it cannot be used with a cluster "
                          "(--cluster-key)")
