@@ -1,6 +1,6 @@
 """The paged KV cache's targets, measured through `cake serve` of the embedded default model:
 
-    python benchmarks/bench_prefix.py [--threads 2] [--spec-only]
+    python benchmarks/bench_prefix.py [--threads 2] [--spec-only] [--draft-layers N]
 
 1. follow-up: a conversation of 1,500+ tokens; time to first token of the next turn, against
    the same turn with a cache-busting first token (same length, nothing to reuse), and the
@@ -15,6 +15,11 @@
    at one thread the truest ratio). --spec-only runs this part alone
 5. the decode-attention kernel reading scattered blocks in place, against a slot cache and
    against gathering the blocks into one first
+--draft-layers N (alone): a draft model for `--draft-model`, the default model cut to its
+first N layers (and its norm and head; a GGUF written here, its blocks copied as they are);
+free-text and copy decode speeds of three servers up together, their streams in turn: no
+draft model, the draft model as its record decides (default), and made to guess 3 tokens a
+step (--draft-min 3); each greedy text the same on all three, and the draft's acceptance.
 The machine is shared: ratios within one run are what to compare. Last line: JSON.
 """
 from __future__ import annotations
@@ -30,7 +35,7 @@ import time
 
 import httpx
 
-from text_bench import ServerProcess, free_port
+from text_bench import ServerProcess, free_port, default_gguf
 
 FACTS = " ".join(f"Fact {i}: the lighthouse on island {i} was built in {1800 + i} and its "
                  f"keeper feeds {i % 7 + 2} cats." for i in range(1, 70))
@@ -205,7 +210,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--spec-only", action="store_true", help="only the decode speeds (part 4)")
     ap.add_argument("--reps", type=int, default=3, help="streams per decode speed (median)")
+    ap.add_argument("--draft-layers", type=int, default=None,
+                    help="only the draft-model speeds, with the default model's first N layers")
     args = ap.parse_args()
+    if args.draft_layers:
+        return draft_only(args.threads, args.reps, args.draft_layers)
     if args.spec_only:
         return spec_only(args.threads, args.reps)
     results = {"attention": attention_layouts()}
@@ -244,6 +253,63 @@ def main() -> None:
     }
     print(json.dumps(results, indent=1))
     print(json.dumps(summary))
+
+
+def truncated_gguf(path, layers: int):
+    """The default model's first `layers` blocks, its final norm and its (tied) head, as a
+    GGUF of the same metadata and tokenizer: a draft model of the same vocabulary."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    src = GGUFReader(default_gguf())
+    arch = src.fields["general.architecture"].contents()
+    w = GGUFWriter(path, arch)
+    for name, field in src.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue  # the writer's own
+        value = layers if name == f"{arch}.block_count" else field.contents()
+        sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+        w.add_key_value(name, value, field.types[0], sub)
+    for t in src.tensors:
+        if not t.name.startswith("blk.") or int(t.name.split(".")[1]) < layers:
+            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def draft_only(threads: int, reps: int, layers: int) -> None:
+    """Decode speeds without a draft model, with one as its record decides, and with one
+    made to guess; texts compared; the draft model's counts from /health."""
+    import tempfile
+    from pathlib import Path
+
+    results = {"load_average_before": os.getloadavg(), "draft_layers": layers}
+    with tempfile.TemporaryDirectory() as tmp:
+        draft = str(truncated_gguf(Path(tmp) / f"draft-{layers}-layers.gguf", layers))
+        servers = {"none_": serve(threads), "draft_": serve(threads, "--draft-model", draft),
+                   "forced_": serve(threads, "--draft-model", draft, "--draft-min", "3")}
+        try:
+            texts = {name: [stream(s, m, 128)["text"] for m in (COPY, FREE)]
+                     for name, s in servers.items()}
+            results["texts_equal"] = texts["draft_"] == texts["none_"] == texts["forced_"]
+            speeds = interleaved_speeds(servers, reps)
+            results["speeds"] = speeds
+            results["health"] = {name: {k: v for k, v in engine(s).items()
+                                        if k.startswith("draft")}
+                                 for name, s in servers.items()}
+        finally:
+            for s in servers.values():
+                s.stop()
+    results["load_average_after"] = os.getloadavg()
+    print(json.dumps(results, indent=1))
+    s = speeds
+    print(json.dumps({
+        "texts_equal": results["texts_equal"],
+        "draft_acceptance": results["health"]["forced_"]["draft_model_acceptance"],
+        **{f"{mode}_{kind}_vs_none{cpu}": round(s[f"{mode}_{kind}{cpu}"] / s[f"none_{kind}{cpu}"], 2)
+           for mode in ("draft", "forced") for kind in ("free", "copy") for cpu in ("", "_cpu")}}))
 
 
 def spec_only(threads: int, reps: int) -> None:

@@ -103,6 +103,70 @@ def test_speculative_sampling_keeps_the_samplers_distribution():
     assert 0 < second[d1] < sum(second.values()) / 2  # both branches were taken
 
 
+def chi2_stat(counts: Counter, probs: torch.Tensor) -> float:
+    n = sum(counts.values())
+    return sum((counts[t] - n * float(probs[t])) ** 2 / (n * float(probs[t]))
+               for t in range(len(probs)) if probs[t] > 0)
+
+
+def draft_model_rounds(params: SamplingParams, logits, draft_logits, seeds: int, rule):
+    """What the engine does with a draft model's guesses, one sequence at a time: two draft
+    tokens drawn from q (the draft's distribution under the sequence's sampler), verified
+    by `rule`; the histograms of the first, second and third tokens out."""
+    first, second, third = Counter(), Counter(), Counter()
+    for seed in range(seeds):
+        sampler = Sampler(SamplingParams(**{**params.__dict__, "seed": seed}), [2], 8)
+        q = [sampler.distribution(row) for row in draft_logits]
+        draft = [sampler.draw(x) for x in q]
+        out = rule(sampler, draft, logits, q)
+        first[out[0]] += 1
+        if len(out) > 1:
+            second[out[1]] += 1
+        if len(out) > 2:
+            third[out[2]] += 1
+    return first, second, third
+
+
+def residual_from_p(sampler, draft, logits, q):
+    """A broken rule: accept with min(1, p/q) as it should, but on a rejection draw from p
+    instead of max(0, p - q), which counts p's mass where q covers it twice."""
+    out = []
+    for j, d in enumerate(draft):
+        probs = sampler.distribution(logits[j])
+        if float(torch.rand((), generator=sampler.generator)) * float(q[j][d]) >= float(probs[d]):
+            out.append(sampler.draw(probs))
+            return out
+        out.append(d)
+    return out + [sampler.draw(sampler.distribution(logits[len(draft)]))]
+
+
+def test_speculative_sampling_with_a_draft_distribution_keeps_the_samplers():
+    """Draft tokens drawn from a real distribution q (a draft model's logits under the same
+    temperature, top-k and top-p as p, from a different model: q differs from p): each token
+    out has p's distribution, and more drafts hold than under the point-mass rule (which is
+    exact for any draft token too, but ignores what q knows). Drawing a rejection's token
+    from p rather than the residual fails the same test."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 8, generator=g) * 1.5
+    draft_logits = logits[:2] + torch.randn(2, 8, generator=g) * 1.5
+    params = SamplingParams(temperature=0.8, top_k=6, top_p=0.97)
+    probs = [Sampler(params, [2], 8).distribution(row) for row in logits]
+    q = [Sampler(params, [2], 8).distribution(row) for row in draft_logits]
+    assert all(float((a - b).abs().sum()) > 0.4 for a, b in zip(probs, q))  # far from p
+    assert all(float(x.max()) < 0.9 for x in q)  # no point mass
+    first, second, third = draft_model_rounds(params, logits, draft_logits, 12000,
+                                              verify_sampled)
+    for counts, p in zip((first, second, third), probs):
+        assert_fits(counts, p)
+    assert 500 < sum(third.values()) and sum(second.values()) < 11000  # both branches
+    point_mass = draft_model_rounds(params, logits, draft_logits, 6000,
+                                    lambda sampler, d, x, q: verify_sampled(sampler, d, x))
+    assert_fits(point_mass[0], probs[0])
+    assert sum(second.values()) / 12000 > 1.3 * sum(point_mass[1].values()) / 6000
+    broken = draft_model_rounds(params, logits, draft_logits, 6000, residual_from_p)
+    assert chi2_stat(broken[0], probs[0]) > 3 * chi2_limit(len(probs[0].nonzero()) - 1)
+
+
 def test_a_draft_with_all_the_mass_is_kept_whatever_rounding_says():
     """top_k 1 leaves the draft token all the mass; were p(d) read a hair under 1, the residual
     would be empty (a soak run hit "invalid multinomial distribution" there): d holds."""

@@ -35,6 +35,13 @@ class Metrics:
             "finished_reason"], registry=r)
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token", label,
                               buckets=LATENCY_BUCKETS, registry=r)
+        # Speculative tokens guessed (prompt lookup and a draft model) and confirmed: the
+        # engine's lifetime counts, carried over at each scrape
+        self.draft_tokens = Counter("vllm:spec_decode_num_draft_tokens",
+                                    "Speculative tokens guessed", label, registry=r)
+        self.accepted_tokens = Counter("vllm:spec_decode_num_accepted_tokens",
+                                       "Speculative tokens confirmed", label, registry=r)
+        self.counted = {"draft_tokens": 0, "draft_tokens_accepted": 0}
         self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between output events",
                              label, buckets=LATENCY_BUCKETS, registry=r)
 
@@ -79,4 +86,8 @@ async def metrics(request: Request):
         m.waiting.labels(model).set(stats["waiting"] + stats["prefilling"])
         total = stats["kv_blocks_total"]
         m.kv_usage.labels(model).set(stats["kv_blocks_used"] / total if total else 0)
+        for key, counter in (("draft_tokens", m.draft_tokens),
+                             ("draft_tokens_accepted", m.accepted_tokens)):
+            counter.labels(model).inc(max(0, stats[key] - m.counted[key]))
+            m.counted[key] = max(m.counted[key], stats[key])
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

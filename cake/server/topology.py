@@ -15,10 +15,15 @@ async def topology(request: Request):
 
 def document(state) -> dict:
     if state.text is not None:
-        pipeline = state.text.engine.pipeline
+        engine = state.text.engine
+        pipeline = engine.pipeline
         if hasattr(pipeline, "topology"):  # a cluster: workers and their status too
-            return pipeline.topology(state.model_id)
-        return text_topology(state.model_id, pipeline.stages)
+            doc = pipeline.topology(state.model_id)
+        else:
+            doc = text_topology(state.model_id, pipeline.stages)
+        if engine.drafter is not None:  # it runs beside the master's layers
+            doc.setdefault("master", {})["draft_model"] = engine.drafter.describe()
+        return doc
     loaded = state.image or state.audio
     doc = loaded.topology() if hasattr(loaded, "topology") else None
     if doc is not None:

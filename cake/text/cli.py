@@ -24,6 +24,12 @@ def add_args(p) -> None:
     g.add_argument("--draft-tokens", type=int, default=4,
                    help="tokens greedy decoding guesses ahead by prompt lookup and verifies "
                         "in the same forward (0: off)")
+    g.add_argument("--draft-model", default=None, metavar="MODEL",
+                   help="a small model of the same vocabulary (folder, .gguf or repo id) that "
+                        "guesses tokens ahead for the model to verify; one machine only")
+    g.add_argument("--draft-min", type=int, default=0,
+                   help="tokens the draft model guesses each step at least (default 0: as "
+                        "many as its record of held guesses says pay, up to --draft-tokens)")
     g.add_argument("--ctx-size", type=int, default=None,
                    help="context length (default: the model's)")
     g.add_argument("--quant", choices=["auto", "none", "q8_0", "q4_0", "q4_1"], default="auto",
@@ -51,14 +57,30 @@ def memory_size(text: str) -> int:
 
 def load(args):
     from cake import hub
-    from cake.text.loader import DTYPES
+    from cake.text.draft_model import UnfitDraft
     from cake.text.sampling import SamplingParams
-    from cake.text.serving import load_text_model
 
     ref = hub.resolve(args.model)
+    draft = None
+    if getattr(args, "draft_model", None):
+        try:
+            found = hub.resolve(args.draft_model)
+        except hub.ModelNotFound as e:
+            raise SystemExit(f"cake: --draft-model: {e}") from e
+        draft = (found.path, found.model_id)
     defaults = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               min_p=args.min_p, repetition_penalty=args.repeat_penalty,
                               seed=args.seed, max_tokens=args.sample_len)
+    try:
+        return _load(args, ref, defaults, draft)
+    except UnfitDraft as e:
+        raise SystemExit(f"cake: {e}") from e
+
+
+def _load(args, ref, defaults, draft):
+    from cake.text.loader import DTYPES
+    from cake.text.serving import load_text_model
+
     return load_text_model(ref.path, ref.model_id, device=args.device,
                            dtype=DTYPES[args.dtype] if args.dtype else None, defaults=defaults,
                            max_batch=args.max_batch, context_length=args.ctx_size,
@@ -69,7 +91,8 @@ def load(args):
                            draft_tokens=getattr(args, "draft_tokens", 4),
                            expert_offload=getattr(args, "expert_offload", False),
                            expert_memory=None if getattr(args, "expert_memory", None) is None
-                           else int(args.expert_memory * 2**20))
+                           else int(args.expert_memory * 2**20),
+                           draft_model=draft, draft_min=getattr(args, "draft_min", 0))
 
 
 def run(model, args) -> None:

@@ -33,7 +33,8 @@ from cake.text.kv_cache import BlockPool, StepBatch, block_hashes
 from cake.text.pipeline import Pipeline
 from cake.text.grammar import Constraint, guidance_tokenizer
 from cake.text.sampling import Sampler, SamplingParams, sample_batch, token_logprobs
-from cake.text.speculation import PromptLookup, verify_greedy, verify_sampled
+from cake.text.speculation import (MODEL_PRIOR_HOLDS, ROW_COST, DraftRecord, PromptLookup,
+                                   draft_length, expected_rate, verify_greedy, verify_sampled)
 from cake.text.tokenizer import IncrementalDetokenizer, StopMatcher, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,9 @@ class Sequence(Job):
     embed: bool = False  # prefill only and answer the last token's final hidden state
     lookup: PromptLookup = field(default_factory=PromptLookup)  # drafts and their record
     draft_context: tuple = ()  # the n-gram the pending draft followed
+    record: DraftRecord = field(default_factory=DraftRecord)  # the draft model's guesses
+    draft_cached: int = 0  # positions whose draft-model keys and values hold
+    draft_noted: int = 0  # blocks[:draft_noted] were checked for holding the draft's KV
 
     @property
     def tokens(self) -> list[int]:
@@ -123,11 +127,13 @@ class Sequence(Job):
 class Engine:
     def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer, vocab_size: int,
                  token_budget: int = 512, max_batch: int = 64, max_queue: int = 1024,
-                 draft_tokens: int = 4):
+                 draft_tokens: int = 4, drafter=None, draft_min: int = 0):
         """token_budget: tokens one step computes at most (decode rows plus prefill chunks);
         max_batch: sequences running at most (the KV pool bounds them too); max_queue:
         requests waiting at most, beyond which submit raises QueueFull; draft_tokens: most
-        tokens a greedy sequence guesses ahead by prompt lookup (0: no speculation)."""
+        tokens a sequence guesses ahead (0: no speculation); drafter: a DraftModel
+        (cake/text/draft_model.py) guessing besides prompt lookup, at least draft_min tokens
+        a step where it guesses."""
         self.pipeline, self.tokenizer, self.vocab_size = pipeline, tokenizer, vocab_size
         self.token_budget, self.max_batch, self.max_queue = token_budget, max_batch, max_queue
         # Drafts are extra rows of their sequence in one step, and forks share its prompt's
@@ -151,6 +157,15 @@ class Engine:
         self.preemptions = 0
         self.rejected = 0  # requests turned away with the queue full
         self.drafted = self.draft_accepted = 0  # speculative tokens guessed, and confirmed
+        self.drafter = drafter if self.draft_tokens else None
+        self.draft_min = draft_min
+        self.model_drafted = self.model_accepted = 0  # of those, the draft model's
+        # All sequences' draft-model record: where a sequence's text does not depend on its
+        # guesses (greedy, or unseeded), it starts from this one rather than the prior
+        self.model_record = DraftRecord()
+        # Prefix-cached blocks that hold the draft model's keys and values too (a block the
+        # target filled while the draft lagged holds only the target's)
+        self.draft_ready: set[int] = set()
         pipeline.attach(self)
 
     @property
@@ -197,7 +212,11 @@ class Engine:
         if params.grammar is not None:
             constraint = Constraint(params.grammar,
                                     guidance_tokenizer(self.tokenizer, self.vocab_size))
+        # a seeded sample's guesses must not depend on other requests' records
+        reproducible = params.seed is not None and not params.greedy
         return Sequence(
+            record=DraftRecord(MODEL_PRIOR_HOLDS if reproducible
+                               else self.model_record.holds()),
             id=next(self._ids), prompt_ids=list(prompt_ids), params=params, on_event=on_output,
             sampler=Sampler(params, prompt_ids, self.vocab_size, device=self.pipeline.device,
                             constraint=constraint),
@@ -239,7 +258,16 @@ class Engine:
                 "running": len(self.running), "tokens_generated": self.tokens_generated,
                 "requests_finished": self.requests_finished, "preemptions": self.preemptions,
                 "rejected": self.rejected, "draft_tokens": self.drafted,
-                "draft_tokens_accepted": self.draft_accepted, **self.pool.stats(), **kv}
+                "draft_tokens_accepted": self.draft_accepted, **self._draft_model_stats(),
+                **self.pool.stats(), **kv}
+
+    def _draft_model_stats(self) -> dict:
+        if self.drafter is None:
+            return {}
+        return {"draft_model": self.drafter.name, "draft_model_tokens": self.model_drafted,
+                "draft_model_tokens_accepted": self.model_accepted,
+                "draft_model_acceptance": round(self.model_accepted / self.model_drafted, 4)
+                if self.model_drafted else 0.0}
 
     # -- scheduler thread --------------------------------------------------------------
 
@@ -309,6 +337,10 @@ class Engine:
                 seq.blocks = found + [self.pool.allocate() for _ in range(need)]
                 seq.num_registered = len(found)
                 seq.num_cached = len(found) * bs
+                if self.drafter is not None:
+                    ready = next((i for i, b in enumerate(found) if b not in self.draft_ready),
+                                 len(found))
+                    seq.draft_cached, seq.draft_noted = ready * bs, ready
                 if not seq.generated:  # a first admission, not a resumption
                     seq.cached_tokens = seq.num_cached
                     if self._reuses_prefix(seq):
@@ -328,9 +360,20 @@ class Engine:
             block_hashes(seq.tokens[:full * self.block_size], self.block_size, seq.hashes)
             for i in range(seq.num_registered, full):
                 self.pool.register(seq.blocks[i], seq.hashes[i])
+                self.draft_ready.discard(seq.blocks[i])  # until the draft has filled it too
             seq.num_registered = full
+        if self.drafter is not None:
+            self._note_draft(seq)
         if self.window is not None:
             self._drop_behind_window(seq)
+
+    def _note_draft(self, seq: Sequence) -> None:
+        """Mark the sequence's registered blocks that hold the draft model's keys and values
+        too (a block it maps from the prefix cache spares the draft computing it again)."""
+        upto = min(seq.num_registered, seq.draft_cached // self.block_size)
+        for i in range(seq.draft_noted, upto):
+            self.draft_ready.add(seq.blocks[i])
+        seq.draft_noted = max(seq.draft_noted, upto)
 
     def _drop_behind_window(self, seq: Sequence) -> None:
         """The next position computed (num_cached) and every later one attend to positions
@@ -348,6 +391,7 @@ class Engine:
             if self.pool.release(b):
                 self.pipeline.release(b)
         seq.blocks, seq.num_cached, seq.num_registered, seq.num_dropped = [], 0, 0, 0
+        seq.draft_cached = seq.draft_noted = 0
 
     # -- what a pipeline asks of the engine after it lost a stage's cache ----------------
 
@@ -375,6 +419,8 @@ class Engine:
         if i < len(seq.blocks):  # copy on write
             old = seq.blocks[i]
             self.pipeline.copy_blocks([(old, block)])
+            if self.drafter is not None:
+                self.drafter.copy_blocks([(old, block)])
             self.pool.release(old)
             seq.blocks[i] = block
         else:
@@ -446,6 +492,7 @@ class Engine:
             f.num_cached, f.num_registered = end, seq.num_registered
             f.num_dropped = seq.num_dropped
             f.cached_tokens = seq.cached_tokens
+            f.draft_cached, f.draft_noted = seq.draft_cached, seq.draft_noted
         for s in [seq, *forks]:
             if s.max_new == 0:  # scoring only (completions' echo with max_tokens 0)
                 self._finish(s, "length")
@@ -492,55 +539,99 @@ class Engine:
             return self._decode_in_flight()
         seqs = self._room_for([s for s in self.running if not s.done])
         few = len(seqs) <= SPECULATE_UPTO
-        drafts = [self._draft(s) if few or s.params.seed is not None else [] for s in seqs]
-        if not any(drafts):
+        drafts, qs = self._drafts([s for s in seqs if few or s.params.seed is not None])
+        if not drafts:
             if seqs:
                 self._decoded(seqs, self.pipeline.forward(*self._decode_inputs(seqs)))
             return
-        logits = self.pipeline.forward(*self._decode_inputs(seqs, drafts))
+        guesses = [drafts.get(s.id, []) for s in seqs]
+        logits = self.pipeline.forward(*self._decode_inputs(seqs, guesses))
         rows = 0
-        for s, d in zip(seqs, drafts):
+        for s, d in zip(seqs, guesses):
             if d:
-                self._verify(s, d, logits[rows:rows + 1 + len(d)])
+                self._verify(s, d, logits[rows:rows + 1 + len(d)], qs.get(s.id, False))
             else:
                 self._decoded([s], logits[rows:rows + 1])
             rows += 1 + len(d)
 
-    def _draft(self, seq: Sequence) -> list[int]:
-        """Prompt lookup (cake.text.speculation): the tokens that followed the longest suffix
-        of the sequence seen before, as many as its record says pay, where they have room.
-        A seeded sampled sequence guesses whatever the batch (the seed's text then does not
-        depend on the company it runs in); a grammar's state is not for guessing ahead."""
+    def _drafts(self, seqs: list[Sequence]) -> tuple[dict, dict]:
+        """{sequence id: its draft} of those that guess this step, and {id: q} of those
+        whose draft the draft model made (q: the distributions its tokens were drawn from,
+        None for greedy's point masses)."""
+        drafts, by_model = {}, []
+        for s in seqs:
+            draft, k = self._draft(s)
+            if draft:
+                drafts[s.id] = draft
+            if k:
+                by_model.append((s, k))
+            elif self.drafter is not None:
+                s.record.idle()
+        if not by_model:
+            return drafts, {}
+        guessed, qs = self.drafter.propose([s for s, _ in by_model], [k for _, k in by_model])
+        for (s, _), draft in zip(by_model, guessed):
+            if draft:
+                drafts[s.id] = draft
+        return drafts, {s.id: q for (s, _), q, d in zip(by_model, qs, guessed) if d}
+
+    def _draft(self, seq: Sequence) -> tuple[list[int], int]:
+        """A draft from prompt lookup (cake.text.speculation): the tokens that followed the
+        longest suffix of the sequence seen before, as many as its record says pay; or the
+        number of tokens the draft model is to guess, where its record promises more for the
+        cost. ([], 0): no guess. Only as far as the pool has blocks for. A seeded sampled
+        sequence guesses whatever the batch (the seed's text then does not depend on the
+        company it runs in); a grammar's state is not for guessing ahead."""
         most = min(self.draft_tokens, seq.max_new - len(seq.generated) - 1,
                    self.max_len - seq.length - 1)
         if most <= 0 or seq.params.grammar is not None:
-            return []
+            return [], 0
         draft, seq.draft_context = seq.lookup.propose(seq.tokens, most)
-        for j in range(len(draft)):  # positions the pool has no block for are not guessed
+        k = 0
+        if self.drafter is not None:
+            alpha, cost = seq.record.holds(), ROW_COST + self.drafter.cost
+            room = min(most, self.drafter.max_len - seq.length)
+            k = max(min(self.draft_min, room), draft_length(alpha, room, cost))
+            if k and draft and expected_rate(alpha, k, cost) < expected_rate(
+                    seq.lookup.holds(seq.draft_context), len(draft)):
+                k = 0  # the copy promises more
+            if k:
+                draft = []
+        for j in range(max(len(draft), k)):  # positions the pool has no block for: no guess
             if not self._writable(seq, seq.length + j):
-                return draft[:j]
-        return draft
+                return draft[:j], min(k, j)
+        return draft, k
 
-    def _verify(self, seq: Sequence, draft: list[int], logits: torch.Tensor) -> None:
+    def _verify(self, seq: Sequence, draft: list[int], logits: torch.Tensor,
+                q=False) -> None:
         """Row j's logits follow draft[:j]. Greedy: the draft holds while the argmax agrees,
         exactly what decoding one token at a time gives; sampled: speculative sampling, the
-        same distribution as sampling one at a time."""
+        same distribution as sampling one at a time. q: the draft model's distributions
+        (None: its greedy point masses), False: the draft came from prompt lookup."""
         if seq.sampler.plain_greedy:
             tokens = verify_greedy(logits.argmax(-1).tolist(), draft)
             for token in tokens:
                 seq.sampler.record(token)
         else:
             try:
-                tokens = verify_sampled(seq.sampler, draft, logits)
+                tokens = verify_sampled(seq.sampler, draft, logits, q or None)
             except Exception:
                 log.exception("sampling failed for sequence %d", seq.id)
                 self._finish(seq, "error", error="sampling failed")
                 return
         held = len(tokens) - 1
-        seq.lookup.observe(seq.draft_context, len(draft), held)
+        if q is False:
+            seq.lookup.observe(seq.draft_context, len(draft), held)
+        else:
+            seq.record.observe(len(draft), held)
+            self.model_record.observe(len(draft), held)
+            self.model_drafted += len(draft)
+            self.model_accepted += held
         self.drafted += len(draft)
         self.draft_accepted += held
         seq.num_cached = seq.length + held  # the rows fed after a wrong guess are void
+        # the draft model's too: it holds the positions whose tokens held
+        seq.draft_cached = min(seq.draft_cached, seq.num_cached)
         top = seq.params.logprobs
         for token, row in zip(tokens, logits):
             if top is not None:  # noted as each is sent: the tokens after an end get none

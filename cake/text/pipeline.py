@@ -109,9 +109,12 @@ class LocalPipeline:
     can_copy_blocks = True
 
     def __init__(self, stages: list, max_len: int, checkpoint=None, quant: Optional[str] = None,
-                 kv_memory: Optional[int] = None, block_size: int = 16, max_batch: int = 64):
+                 kv_memory: Optional[int] = None, block_size: int = 16, max_batch: int = 64,
+                 num_blocks: Optional[int] = None):
         """checkpoint, quant: what the stages were loaded from, for the topology document.
-        kv_memory: bytes for the KV block pool (default: see pool_blocks)."""
+        kv_memory: bytes for the KV block pool (default: see pool_blocks); num_blocks: the
+        pool's size instead (a draft model's: as many blocks as the target's, under the
+        same block tables)."""
         self.stages, self.max_len, self.block_size = stages, max_len, block_size
         from cake.cluster.topology import TensorTable  # the table, not the whole checkpoint
 
@@ -128,8 +131,8 @@ class LocalPipeline:
         layers = sum(len(args.kv_layers(s.start, s.end)) for s in stages)
         block_bytes = kv_row_bytes(args.num_key_value_heads, args.head_dim, kv_dtype) \
             * max(1, layers) * block_size
-        self.num_blocks = pool_blocks(block_bytes, block_size, max_len, max_batch, kv_memory,
-                                      self.device)
+        self.num_blocks = num_blocks or pool_blocks(block_bytes, block_size, max_len,
+                                                    max_batch, kv_memory, self.device)
         self.block_window = all_sliding_window(args, range(args.num_hidden_layers))
         self.caches = [KVCache.pool(args.kv_layers(s.start, s.end), self.num_blocks,
                                     block_size, args.num_key_value_heads, args.head_dim,

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from cake.device import best_device, default_dtype
+from cake.text.draft_model import DraftModel, UnfitDraft, check_vocabulary, weight_bytes
 from cake.text.engine import Engine
 from cake.text.loader import load_stage, resolve_quant
 from cake.text.models.llama import ModelArgs
@@ -33,6 +34,34 @@ def load_tokenizer(checkpoint) -> Tokenizer:
                      special.get("bos_token"), special.get("eos_token"),
                      add_bos=special.get("add_bos", False),
                      extra_stop_ids=[eos] if isinstance(eos, int) else (eos or []))
+
+
+def load_draft_model(path, name: str, target, tokenizer: Tokenizer, vocab_size: int, dtype,
+                     device, quant: str) -> DraftModel:
+    """A draft model for the target pipeline: its vocabulary checked, its KV pool as many
+    blocks of the same size as the target's (the engine's block tables name both)."""
+    if not target.state_is_kv:
+        raise UnfitDraft("--draft-model: this model keeps a recurrent state beside its KV "
+                         "cache, so it cannot verify drafts")
+    if target.block_window is not None:
+        raise UnfitDraft("--draft-model: every layer of this model slides its window and gives "
+                         "old blocks back, which a draft model would still read")
+    checkpoint = open_checkpoint(path)
+    args = ModelArgs.from_config(checkpoint.config)
+    check_vocabulary(name, tokenizer, vocab_size, load_tokenizer(checkpoint), args.vocab_size)
+    stage = load_stage(checkpoint, dtype=dtype, device=device, quant_mode=quant)
+    if not stage.prefix_reusable:
+        raise UnfitDraft(f"draft model {name} keeps a recurrent state: it cannot roll back a "
+                         "rejected guess")
+    pipeline = LocalPipeline([stage], max_len=min(args.max_position_embeddings, target.max_len),
+                             block_size=target.block_size, num_blocks=target.num_blocks)
+    if pipeline.block_window is not None:
+        raise UnfitDraft(f"draft model {name} slides every layer's window: use one that reads "
+                         "the whole context")
+    cost = weight_bytes(stage) / sum(weight_bytes(s) for s in target.stages)
+    log.info("draft model %s: %d layers, a step ~%.2f of the model's", name,
+             args.num_hidden_layers, cost)
+    return DraftModel(name, pipeline, cost)
 
 
 @dataclass
@@ -64,14 +93,18 @@ def load_text_model(path: str | Path, model_id: str, device: Optional[str] = Non
                     max_batch: int = 64, context_length: Optional[int] = None,
                     cluster=None, quant: str = "auto", kv_memory: Optional[int] = None,
                     max_queue: int = 1024, draft_tokens: int = 4, expert_offload: bool = False,
-                    expert_memory: Optional[int] = None) -> TextModel:
+                    expert_memory: Optional[int] = None, draft_model: Optional[tuple] = None,
+                    draft_min: int = 0) -> TextModel:
     """cluster: ClusterOptions to spread the layers over workers (None: this machine alone).
     quant: weight format (cake.text.loader.resolve_quant); "auto" keeps a GGUF's blocks.
     kv_memory: bytes of the KV block pool (None: a share of the free memory); max_queue:
     requests that may wait for a place before new ones are turned away; draft_tokens: how far
     greedy decoding guesses ahead (0: no speculation). expert_offload, expert_memory: MoE
     experts read from the checkpoint as they are routed, expert_memory bytes of them resident
-    (cake.text.expert_offload.budget_for)."""
+    (cake.text.expert_offload.budget_for). draft_model: (path, name) of a small model of the
+    same vocabulary that guesses ahead too, on this machine only; draft_min: tokens it guesses
+    each step at least (0: as many as its record says pay). Raises UnfitDraft (one line) for
+    a draft model that cannot serve this one."""
     device = device or best_device()
     dtype = dtype or default_dtype(device)
     checkpoint = open_checkpoint(path)
@@ -80,6 +113,11 @@ def load_text_model(path: str | Path, model_id: str, device: Optional[str] = Non
     ctx = args.max_position_embeddings
     if context_length:
         ctx = min(ctx, context_length)
+    if draft_model is not None and draft_tokens <= 0:
+        raise UnfitDraft("--draft-model guesses up to --draft-tokens tokens: it cannot be 0")
+    if draft_model is not None and cluster is not None:
+        raise UnfitDraft("--draft-model runs on one machine: it cannot be used with a cluster "
+                         "(--cluster-key)")
     if cluster is not None:
         from cake.cluster.pipeline import start_cluster_pipeline
         pipeline = start_cluster_pipeline(checkpoint, dtype, device, max_batch, ctx, cluster,
@@ -93,8 +131,13 @@ def load_text_model(path: str | Path, model_id: str, device: Optional[str] = Non
                                  quant=resolve_quant(quant, device), kv_memory=kv_memory,
                                  max_batch=max_batch)
     del checkpoint  # the stages and the pipeline hold what they need; loading's memory can go
+    drafter = None
+    if draft_model is not None:
+        drafter = load_draft_model(*draft_model, pipeline, tokenizer, args.vocab_size, dtype,
+                                   device, quant)
     engine = Engine(pipeline, tokenizer, vocab_size=args.vocab_size, max_batch=max_batch,
-                    max_queue=max_queue, draft_tokens=draft_tokens)
+                    max_queue=max_queue, draft_tokens=draft_tokens, drafter=drafter,
+                    draft_min=draft_min)
     engine.start()
     log.info("loaded %s: %d layers, %s on %s, context %d", model_id,
              args.num_hidden_layers, dtype, device, ctx)

@@ -13,13 +13,23 @@ Free text, whose short matches rarely hold, stops guessing; copied text guesses 
 context that keeps guessing wrong stops while the rest of the copy goes on. Only the
 sequence's own history decides, so a seeded request samples the same text alone or in a batch.
 
+A small draft model of the same vocabulary (cake/text/draft_model.py) guesses too: where it
+runs, each sequence keeps a DraftRecord of how its tokens held, and the draft length is chosen
+the same way, each guess costing its verification row plus a step of the draft model
+(its size over the target's). A step takes whichever guess, prompt lookup's or the model's,
+promises more tokens for its cost.
+
 Verification keeps the output's distribution: greedy rows accept while the argmax agrees;
 sampled rows accept draft token d with probability p(d) and otherwise draw from p with d
 removed, renormalised (speculative sampling, Leviathan et al. 2023 / Chen et al. 2023, with
-the draft distribution a point mass on d), where p is the sampler's own distribution after
+the draft distribution a point mass on d); a draft model's token d, drawn from its
+distribution q, holds with probability min(1, p(d) / q(d)), else the token comes from
+max(0, p - q) renormalised; where p is the sampler's own distribution after
 penalties, temperature, top-k, top-p and min-p, given the tokens accepted before.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -35,6 +45,13 @@ PRIOR_HOLDS = (0.0, 0.25, 0.4, 0.5, 0.6)
 CONTEXT_WEIGHT = 2.0  # trials of the broader record a narrower one starts from
 MEMORY = 64  # trials per order remembered: past that the counts halve, so the bet follows
 # the text as it changes between free and copied
+# A draft model's first guess, worth PRIOR_TRIALS trials: hopeful, so that a draft that is
+# cheap enough gets tried and its measured record decides from then on
+MODEL_PRIOR_HOLDS = 0.8
+# Per step a sequence's draft model does not guess: its record's pull back to the prior. Slow:
+# a bad draft is tried again every few hundred steps (each try first catches the draft up on
+# the tokens it missed), a stretch it failed at does not stop it for good.
+IDLE_DECAY = 0.995
 
 
 class PromptLookup:
@@ -91,15 +108,44 @@ class PromptLookup:
             self.trials[n] /= 2
 
 
+class DraftRecord:
+    """How often one sequence's draft-model tokens held: the chance that the next one holds.
+    Counted as PromptLookup counts an order; while the record keeps the model from guessing
+    it drifts back to the prior (IDLE_DECAY a step)."""
+
+    def __init__(self, start: float = MODEL_PRIOR_HOLDS, prior: float = MODEL_PRIOR_HOLDS):
+        """start: the first guess of the chance (worth PRIOR_TRIALS trials); prior: the
+        chance an idle record drifts back to."""
+        self.prior = prior
+        self.held, self.trials = PRIOR_TRIALS * start, PRIOR_TRIALS
+
+    def holds(self) -> float:
+        return self.held / self.trials
+
+    def observe(self, proposed: int, held: int) -> None:
+        self.held += held
+        self.trials += held + (held < proposed)
+        if self.trials > MEMORY:
+            self.held /= 2
+            self.trials /= 2
+
+    def idle(self) -> None:
+        self.held = self.held * IDLE_DECAY + (1 - IDLE_DECAY) * PRIOR_TRIALS * self.prior
+        self.trials = self.trials * IDLE_DECAY + (1 - IDLE_DECAY) * PRIOR_TRIALS
+
+
+def expected_rate(alpha: float, k: int, row_cost: float = ROW_COST) -> float:
+    """Tokens per unit of cost of a step guessing k tokens that each hold with probability
+    alpha given the ones before held: (1 - alpha^(k+1)) / (1 - alpha) tokens for
+    1 + row_cost * k (a plain step: 1 token for 1)."""
+    return sum(alpha ** i for i in range(k + 1)) / (1 + row_cost * k)
+
+
 def draft_length(alpha: float, most: int, row_cost: float = ROW_COST) -> int:
-    """The k in 0..most that maximises expected tokens per step over its cost, when each
-    draft token holds with probability alpha given the ones before held: a step of k guesses
-    yields (1 - alpha^(k+1)) / (1 - alpha) tokens and costs 1 + row_cost * k."""
-    best, best_rate, expected, p = 0, 1.0, 1.0, 1.0
+    """The k in 0..most that maximises expected tokens per step over its cost (expected_rate)."""
+    best, best_rate = 0, 1.0
     for k in range(1, most + 1):
-        p *= alpha
-        expected += p
-        rate = expected / (1 + row_cost * k)
+        rate = expected_rate(alpha, k, row_cost)
         if rate > best_rate:
             best, best_rate = k, rate
     return best
@@ -114,18 +160,27 @@ def verify_greedy(choices: list[int], draft: list[int]) -> list[int]:
     return choices[:held + 1]
 
 
-def verify_sampled(sampler, draft: list[int], logits: torch.Tensor) -> list[int]:
+def verify_sampled(sampler, draft: list[int], logits: torch.Tensor,
+                   q: Optional[list[torch.Tensor]] = None) -> list[int]:
     """Speculative sampling of len(draft) + 1 rows of logits with the sequence's sampler (its
-    RNG): the accepted draft tokens and one more. Each is recorded in the sampler as it is
-    chosen, so that penalties follow them row by row as when sampling one at a time; their
-    logprobs are the caller's to note, as it sends them."""
+    RNG): the accepted draft tokens and one more. q: the distribution each draft token was
+    drawn from (a draft model's), None for point masses (prompt lookup). Draft token d
+    holds with probability min(1, p(d) / q(d)); else the token is drawn from
+    max(0, p - q), renormalised. Each is recorded in the sampler as it is chosen, so that
+    penalties follow them row by row as when sampling one at a time; their logprobs are the
+    caller's to note, as it sends them."""
     out: list[int] = []
     for j, d in enumerate(draft):
         probs = sampler.distribution(logits[j])
         u = float(torch.rand((), generator=sampler.generator, device=probs.device))
-        if u >= float(probs[d]):
-            probs[d] = 0  # the residual: p without the draft token
-            if float(probs.sum()) > 0:  # else p(d) fell short of 1 by rounding alone: d holds
+        q_d = 1.0 if q is None else float(q[j][d])
+        if u * q_d >= float(probs[d]):
+            if q is None:
+                probs[d] = 0  # the residual of a point mass: p without the draft token
+            else:
+                probs = (probs - q[j].to(probs.device)).clamp_(min=0)
+            # an empty residual: p <= q everywhere, so p = q but for rounding: d holds
+            if float(probs.sum()) > 0:
                 out.append(sampler.draw(probs))
                 sampler.record(out[-1])
                 return out
