@@ -549,7 +549,7 @@ class Engine:
         rows = 0
         for s, d in zip(seqs, guesses):
             if d:
-                self._verify(s, d, logits[rows:rows + 1 + len(d)], qs.get(s.id, False))
+                self._verify(s, d, logits[rows:rows + 1 + len(d)], s.id in qs, qs.get(s.id))
             else:
                 self._decoded([s], logits[rows:rows + 1])
             rows += 1 + len(d)
@@ -603,24 +603,25 @@ class Engine:
         return draft, k
 
     def _verify(self, seq: Sequence, draft: list[int], logits: torch.Tensor,
-                q=False) -> None:
+                by_model: bool = False, q: Optional[list[torch.Tensor]] = None) -> None:
         """Row j's logits follow draft[:j]. Greedy: the draft holds while the argmax agrees,
         exactly what decoding one token at a time gives; sampled: speculative sampling, the
-        same distribution as sampling one at a time. q: the draft model's distributions
-        (None: its greedy point masses), False: the draft came from prompt lookup."""
+        same distribution as sampling one at a time. by_model: the draft model made the draft
+        (else prompt lookup); q: the distributions its tokens were drawn from (None: point
+        masses, prompt lookup's or a greedy draft model's)."""
         if seq.sampler.plain_greedy:
             tokens = verify_greedy(logits.argmax(-1).tolist(), draft)
             for token in tokens:
                 seq.sampler.record(token)
         else:
             try:
-                tokens = verify_sampled(seq.sampler, draft, logits, q or None)
+                tokens = verify_sampled(seq.sampler, draft, logits, q)
             except Exception:
                 log.exception("sampling failed for sequence %d", seq.id)
                 self._finish(seq, "error", error="sampling failed")
                 return
         held = len(tokens) - 1
-        if q is False:
+        if not by_model:
             seq.lookup.observe(seq.draft_context, len(draft), held)
         else:
             seq.record.observe(len(draft), held)

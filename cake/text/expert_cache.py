@@ -7,8 +7,8 @@ expert of the stage once into a file beside the kernels' cache (gate/up already 
 expert starting on a page of its own), and loading an expert is then a view of its bytes in
 that file's memory map: no copy (a copy cost more than the product itself, ~0.3 ms an expert
 here), the kernels read the page cache directly and its pages join this process's resident
-memory as they are touched. Evicting the expert gives its pages back (MADV_DONTNEED): they
-stay in the page cache for the next read, outside the budget.
+memory as they are touched. Each expert is a mapping of its own, unmapped when it is evicted:
+its pages leave this process but stay in the page cache for the next read, outside the budget.
 
 Key: the GGUF's path, size and mtime, the stage's layers, the file's layout (FORMAT) and the
 kernels' source (where the packed layout is defined). CAKE_NO_REPACK_CACHE=1 turns it off, as
