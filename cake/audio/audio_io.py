@@ -46,7 +46,8 @@ def to_int16(samples: np.ndarray) -> bytes:
 
 
 def to_f32le(samples: np.ndarray) -> bytes:
-    return np.asarray(samples, dtype="<f4").tobytes()
+    # clipped like the WAV path: resampling a voice normalised to full scale overshoots 1.0
+    return np.clip(np.asarray(samples, dtype="<f4"), -1.0, 1.0).tobytes()
 
 
 def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
