@@ -237,6 +237,9 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path.home() / ".cache" / "cake" / "bench")
     ap.add_argument("--llama-no-extra-bufts", action="store_true",
                     help="llama.cpp without its AMX/repacked weight layouts (SIGILL on some VMs)")
+    ap.add_argument("--llama-python", default=sys.executable,
+                    help="the interpreter whose llama_cpp serves (e.g. a venv with a wheel built "
+                         "without AMX, so that its CPU_REPACK layouts run on an AMX VM)")
     ap.add_argument("--no-llama-streams", action="store_true",
                     help="skip llama.cpp's own 8 streams (its RSS then peaks over 1 stream)")
     ap.add_argument("--ttft-only", action="store_true",
@@ -251,7 +254,7 @@ def main() -> None:
         cake_cmd = [sys.executable, "-m", "cake", "serve", str(model), "--max-batch",
                     str(STREAMS), "--api"]
         launch = ["-c", LLAMA_NO_EXTRA_BUFTS] if args.llama_no_extra_bufts else ["-m", "llama_cpp.server"]
-        llama_cmd = [sys.executable, *launch, "--model", str(model),
+        llama_cmd = [args.llama_python, *launch, "--model", str(model),
                      "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
                      "--interrupt_requests", "False", "--n_ctx", "4096", "--host",
                      "127.0.0.1", "--port"]

@@ -31,7 +31,7 @@ def servers(tmp_path_factory):
     other = write_tiny_model(tmp / "other", seed=1)
     common = [str(model), "--temperature", "0", "--max-batch", "8"]
     flags = {"plain": ["--draft-tokens", "0"],
-             "same": ["--draft-model", str(model), "--draft-min", "2"],
+             "same": ["--draft-model", str(model), "--draft-min", "2", "--kv-memory", "1MiB"],
              "other": ["--draft-model", str(other), "--draft-min", "2"]}
     started = {name: Server(common + f, tmp / f"{name}.log") for name, f in flags.items()}
     try:
@@ -92,6 +92,16 @@ def test_greedy_text_equals_decoding_without_guesses(servers):
             assert held >= 0.95 * drafted
         else:  # a different random model's: mostly rejected, the draft's cache rolled back
             assert held < 0.3 * drafted
+
+
+def test_the_draft_models_cache_shares_kv_memory(servers):
+    """--kv-memory bounds the model's and the draft's pools together (as many blocks each),
+    and /health counts both."""
+    shown = engine(servers["same"])
+    block = 2 * 2 * (2 * 2 * 16 * 2) * 16  # two models x 2 layers x K+V of 2 fp16 heads of 16
+    assert shown["kv_blocks_total"] == (1 << 20) // block
+    assert shown["kv_cache_capacity_bytes"] == shown["kv_blocks_total"] * block
+    assert shown["draft_model_kv_cache_capacity_bytes"] * 2 == shown["kv_cache_capacity_bytes"]
 
 
 def test_seeded_sampling_with_draft_distributions_repeats(servers):

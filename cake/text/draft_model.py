@@ -77,6 +77,9 @@ class DraftModel:
                 "weight_bytes": weight_bytes(stage), "relative_cost": round(self.cost, 3),
                 **self.pipeline.kv_cache_stats()}
 
+    def kv_capacity_bytes(self) -> int:
+        return self.pipeline.kv_cache_stats()["kv_cache_capacity_bytes"]
+
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         self.pipeline.copy_blocks(pairs)
 

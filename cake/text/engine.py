@@ -251,6 +251,8 @@ class Engine:
 
     def stats(self) -> dict:
         kv = self.pipeline.kv_cache_stats()
+        if self.drafter is not None:  # its pool: as many blocks, named by the same tables
+            kv["kv_cache_capacity_bytes"] += self.drafter.kv_capacity_bytes()
         if "kv_cache_bytes" not in kv:  # what the live sequences' blocks take
             block = kv["kv_cache_capacity_bytes"] // max(1, self.pool.num_blocks)
             kv["kv_cache_bytes"] = self.pool.used() * block
@@ -266,6 +268,7 @@ class Engine:
             return {}
         return {"draft_model": self.drafter.name, "draft_model_tokens": self.model_drafted,
                 "draft_model_tokens_accepted": self.model_accepted,
+                "draft_model_kv_cache_capacity_bytes": self.drafter.kv_capacity_bytes(),
                 "draft_model_acceptance": round(self.model_accepted / self.model_drafted, 4)
                 if self.model_drafted else 0.0}
 

@@ -108,6 +108,17 @@ def kv_row_bytes(n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
     return 2 * n_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+def kv_block_bytes(args, layers: int, dtype: torch.dtype, block_size: int) -> int:
+    """One block of a pool over `layers` attention layers (at least one)."""
+    return kv_row_bytes(args.num_key_value_heads, args.head_dim, dtype) * max(1, layers) \
+        * block_size
+
+
+def kv_position_bytes(args, dtype: torch.dtype) -> int:
+    """One position's keys and values in every attention layer of a whole model."""
+    return kv_block_bytes(args, len(args.kv_layers(0, args.num_hidden_layers)), dtype, 1)
+
+
 def sequence_kv_bytes(windows, row_bytes: int, length: int) -> int:
     """Keys and values of one sequence of `length` positions over layers with these sliding
     windows (None: global): a sliding layer holds at most its window of positions.

@@ -11,7 +11,7 @@ from typing import Optional, Protocol
 
 import torch
 
-from cake.text.kv_cache import KVCache, StepBatch, kv_row_bytes, serving_dtype
+from cake.text.kv_cache import KVCache, StepBatch, kv_block_bytes, serving_dtype
 
 
 class Pipeline(Protocol):
@@ -110,11 +110,12 @@ class LocalPipeline:
 
     def __init__(self, stages: list, max_len: int, checkpoint=None, quant: Optional[str] = None,
                  kv_memory: Optional[int] = None, block_size: int = 16, max_batch: int = 64,
-                 num_blocks: Optional[int] = None):
+                 num_blocks: Optional[int] = None, companion_position_bytes: int = 0):
         """checkpoint, quant: what the stages were loaded from, for the topology document.
         kv_memory: bytes for the KV block pool (default: see pool_blocks); num_blocks: the
         pool's size instead (a draft model's: as many blocks as the target's, under the
-        same block tables)."""
+        same block tables); companion_position_bytes: what each position of a block costs in
+        such a companion pool too, so that both pools fit in kv_memory."""
         self.stages, self.max_len, self.block_size = stages, max_len, block_size
         from cake.cluster.topology import TensorTable  # the table, not the whole checkpoint
 
@@ -129,8 +130,8 @@ class LocalPipeline:
         # Only attention layers take room in a block (DeltaNet layers keep no KV): a hybrid
         # model's pool holds as many more blocks, so admission lets in as many more sequences.
         layers = sum(len(args.kv_layers(s.start, s.end)) for s in stages)
-        block_bytes = kv_row_bytes(args.num_key_value_heads, args.head_dim, kv_dtype) \
-            * max(1, layers) * block_size
+        block_bytes = kv_block_bytes(args, layers, kv_dtype, block_size) \
+            + companion_position_bytes * block_size
         self.num_blocks = num_blocks or pool_blocks(block_bytes, block_size, max_len,
                                                     max_batch, kv_memory, self.device)
         self.block_window = all_sliding_window(args, range(args.num_hidden_layers))

@@ -12,6 +12,7 @@ import torch
 from cake.device import best_device, default_dtype
 from cake.text.draft_model import DraftModel, UnfitDraft, check_vocabulary, weight_bytes
 from cake.text.engine import Engine
+from cake.text.kv_cache import kv_position_bytes, serving_dtype
 from cake.text.loader import load_stage, resolve_quant
 from cake.text.models.llama import ModelArgs
 from cake.text.pipeline import LocalPipeline
@@ -36,8 +37,8 @@ def load_tokenizer(checkpoint) -> Tokenizer:
                      extra_stop_ids=[eos] if isinstance(eos, int) else (eos or []))
 
 
-def load_draft_model(path, name: str, target, tokenizer: Tokenizer, vocab_size: int, dtype,
-                     device, quant: str) -> DraftModel:
+def load_draft_model(checkpoint, name: str, target, tokenizer: Tokenizer, vocab_size: int,
+                     dtype, device, quant: str) -> DraftModel:
     """A draft model for the target pipeline: its vocabulary checked, its KV pool as many
     blocks of the same size as the target's (the engine's block tables name both)."""
     if not target.state_is_kv:
@@ -46,7 +47,6 @@ def load_draft_model(path, name: str, target, tokenizer: Tokenizer, vocab_size: 
     if target.block_window is not None:
         raise UnfitDraft("--draft-model: every layer of this model slides its window and gives "
                          "old blocks back, which a draft model would still read")
-    checkpoint = open_checkpoint(path)
     args = ModelArgs.from_config(checkpoint.config)
     check_vocabulary(name, tokenizer, vocab_size, load_tokenizer(checkpoint), args.vocab_size)
     stage = load_stage(checkpoint, dtype=dtype, device=device, quant_mode=quant)
@@ -118,6 +118,11 @@ def load_text_model(path: str | Path, model_id: str, device: Optional[str] = Non
     if draft_model is not None and cluster is not None:
         raise UnfitDraft("--draft-model runs on one machine: it cannot be used with a cluster "
                          "(--cluster-key)")
+    draft_checkpoint, draft_kv = None, 0
+    if draft_model is not None:  # its KV pool shares --kv-memory with the model's
+        draft_checkpoint = open_checkpoint(draft_model[0])
+        draft_kv = kv_position_bytes(ModelArgs.from_config(draft_checkpoint.config),
+                                     serving_dtype(dtype, device))
     if cluster is not None:
         from cake.cluster.pipeline import start_cluster_pipeline
         pipeline = start_cluster_pipeline(checkpoint, dtype, device, max_batch, ctx, cluster,
@@ -129,12 +134,12 @@ def load_text_model(path: str | Path, model_id: str, device: Optional[str] = Non
                                              quant_mode=quant, expert_budget=budget)],
                                  max_len=ctx, checkpoint=checkpoint,
                                  quant=resolve_quant(quant, device), kv_memory=kv_memory,
-                                 max_batch=max_batch)
+                                 max_batch=max_batch, companion_position_bytes=draft_kv)
     del checkpoint  # the stages and the pipeline hold what they need; loading's memory can go
     drafter = None
     if draft_model is not None:
-        drafter = load_draft_model(*draft_model, pipeline, tokenizer, args.vocab_size, dtype,
-                                   device, quant)
+        drafter = load_draft_model(draft_checkpoint, draft_model[1], pipeline, tokenizer,
+                                   args.vocab_size, dtype, device, quant)
     engine = Engine(pipeline, tokenizer, vocab_size=args.vocab_size, max_batch=max_batch,
                     max_queue=max_queue, draft_tokens=draft_tokens, drafter=drafter,
                     draft_min=draft_min)
