@@ -83,6 +83,9 @@ class BundleCheckpoint:
     def files(self) -> list[Path]:
         return [self.path]
 
+    def read_sparsely(self) -> None:
+        pass  # safetensors reads each tensor's own bytes
+
     def raw(self, name: str):
         if name not in self._packed:
             return None

@@ -118,7 +118,7 @@ def _quantize_matrices(model, checkpoint, mode: str, cache: bool = True) -> None
     cache = repack_cache.path_for(checkpoint, model) \
         if mode == "auto" and fast and cache else None
     cached = repack_cache.load(cache)
-    if cached is not None and hasattr(checkpoint, "read_sparsely"):
+    if cached is not None:
         checkpoint.read_sparsely()
     entries, tensors = {}, {}
     for path, module in list(model.named_modules()):

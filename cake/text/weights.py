@@ -50,6 +50,10 @@ class Checkpoint(TensorIndex, Protocol):
     def files(self) -> list[Path]:
         """The files holding the weights (what identifies them)."""
 
+    def read_sparsely(self) -> None:
+        """A hint: from now on only small tensors are read (the matrices come from
+        repack_cache), so reading ahead around them is wasted."""
+
 
 def layer_tensor_names(checkpoint: Checkpoint, start: int, end: int) -> list[str]:
     """The tensors of decoder layers [start, end)."""
@@ -106,6 +110,9 @@ class SafetensorsCheckpoint:
 
     def raw(self, name: str) -> None:
         return None
+
+    def read_sparsely(self) -> None:
+        pass  # safetensors reads each tensor's own bytes
 
     def _file(self, name: str):
         f = self._file_of[name]

@@ -55,6 +55,9 @@ class LanguageModelCheckpoint:
     def raw(self, name: str) -> None:
         return None
 
+    def read_sparsely(self) -> None:
+        pass  # safetensors reads each tensor's own bytes
+
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 

@@ -128,6 +128,48 @@ struct alignas(32) ActBlock { int16_t q[QK]; float d; float sum; int32_t qsum, q
 inline float f16(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
 
 void quantize_row(const float* x, int64_t nb, ActBlock* out) {
+#ifdef CAKE_AVX2
+  // The same rounding as the scalar code below (to nearest, ties to even); the sum's order
+  // differs (a tree, not a chain), deterministically.
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  auto hmax = [](__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  };
+  auto hsum_ps = [](__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  };
+  auto hsum_epi32 = [](__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
+  };
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* v = x + b * QK;
+    __m256 f[4];
+    for (int i = 0; i < 4; ++i) f[i] = _mm256_loadu_ps(v + 8 * i);
+    const float amax = hmax(_mm256_max_ps(
+        _mm256_max_ps(_mm256_and_ps(f[0], abs_mask), _mm256_and_ps(f[1], abs_mask)),
+        _mm256_max_ps(_mm256_and_ps(f[2], abs_mask), _mm256_and_ps(f[3], abs_mask))));
+    const float d = amax / 32767.f, id = amax > 0.f ? 1.f / d : 0.f;
+    const __m256 scale = _mm256_set1_ps(id);
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(f[i], scale));
+    // packs interleaves 128-bit lanes: permute them back into order
+    _mm256_store_si256((__m256i*)out[b].q,
+                       _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8));
+    _mm256_store_si256((__m256i*)(out[b].q + 16),
+                       _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8));
+    out[b].d = d;
+    out[b].sum = hsum_ps(_mm256_add_ps(_mm256_add_ps(f[0], f[1]), _mm256_add_ps(f[2], f[3])));
+    out[b].qsum_lo = hsum_epi32(_mm256_add_epi32(q[0], q[1]));
+    out[b].qsum = out[b].qsum_lo + hsum_epi32(_mm256_add_epi32(q[2], q[3]));
+  }
+  return;
+#endif
   for (int64_t b = 0; b < nb; ++b) {
     const float* v = x + b * QK;
     float amax = 0.f, sum = 0.f;
@@ -644,29 +686,41 @@ void check_bias(const std::optional<at::Tensor>& bias, int64_t N) {
                                     bias->numel() == N), "bias must be float32 [", N, "]");
 }
 
-// out[0..n) = RMS-normalized in times w (out may be in).
-void rms_norm(const float* in, float* out, int64_t n, const float* w, float eps) {
+// 1 / RMS of in[0..n)
+float rms_scale(const float* in, int64_t n, float eps) {
   float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
   for (int64_t i = 0; i < n; ++i) ss += in[i] * in[i];
-  const float r = 1.f / std::sqrt(ss / n + eps);
+  return 1.f / std::sqrt(ss / n + eps);
+}
+
+// out[0..n) = RMS-normalized in times w (out may be in).
+void rms_norm(const float* in, float* out, int64_t n, const float* w, float eps) {
+  const float r = rms_scale(in, n, eps);
   for (int64_t i = 0; i < n; ++i) out[i] = in[i] * r * w[i];
 }
 
-// Quantize M rows of K values; with `norm`, RMS-normalize each row (times norm) first.
+// Quantize M rows of K values; with `norm`, RMS-normalize each row (times norm) first. Rows
+// are cut into pieces of up to PIECE blocks, so that a few rows (a batch of decode steps)
+// spread over the threads too; one row of a decode step stays on the calling thread.
 void quantize_rows(const float* x, int64_t M, int64_t K, std::vector<ActBlock>& out,
                    const float* norm = nullptr, float eps = 0.f) {
-  const int64_t nb = K / QK;
+  constexpr int64_t PIECE = 256;  // blocks (8192 values: a few microseconds)
+  const int64_t nb = K / QK, pieces = (nb + PIECE - 1) / PIECE;
   out.resize(M * nb);
-  parallel(M, 16, [&](int64_t m0, int64_t m1) {
-    std::vector<float> tmp(norm ? K : 0);
-    for (int64_t m = m0; m < m1; ++m) {
-      const float* row = x + m * K;
-      if (norm) {
-        rms_norm(row, tmp.data(), K, norm, eps);
-        row = tmp.data();
+  std::vector<float> r(norm ? M : 0);
+  for (int64_t m = 0; m < (norm ? M : 0); ++m) r[m] = rms_scale(x + m * K, K, eps);
+  parallel(M * pieces, 1, [&](int64_t i0, int64_t i1) {
+    float tmp[PIECE * QK];
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t m = i / pieces, b0 = i % pieces * PIECE, b1 = std::min(nb, b0 + PIECE);
+      const float* piece = x + m * K + b0 * QK;
+      if (norm) {  // as rms_norm computes it
+        const float* w = norm + b0 * QK;
+        for (int64_t k = 0; k < (b1 - b0) * QK; ++k) tmp[k] = piece[k] * r[m] * w[k];
+        piece = tmp;
       }
-      quantize_row(row, nb, &out[m * nb]);
+      quantize_row(piece, b1 - b0, &out[m * nb + b0]);
     }
   });
 }
@@ -1295,8 +1349,10 @@ at::Tensor decode_layer(const at::Tensor& x_in, const std::optional<at::Tensor>&
   quantize_rows(xp, B, dim, xq, norm[2], eps);
   linear_parts(xq.data(), B, dim / QK, gate_up_w, gate_up_types, {hidden, hidden},
                gate_up_bias, gu.data());
-  for (int64_t b = 0; b < B; ++b)
-    (gelu ? gelu_mul_row : silu_mul_row)(&gu[b * 2 * hidden], hidden, &act[b * hidden]);
+  parallel(B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      (gelu ? gelu_mul_row : silu_mul_row)(&gu[b * 2 * hidden], hidden, &act[b * hidden]);
+  });
   quantize_rows(act.data(), B, hidden, xq);
   linear(xq.data(), B, hidden / QK, down_w, down_type, dim, down_bias, y.data());
   add_residual(norm[3]);
