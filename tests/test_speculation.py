@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from cake.text.sampling import Sampler, SamplingParams
-from cake.text.speculation import PromptLookup, draft_length, verify_greedy, verify_sampled
+from cake.text.speculation import (ROW_COST, PromptLookup, batch_row_cost, draft_length,
+                                   verify_greedy, verify_sampled)
 
 
 def chi2_limit(df: int, z: float = 3.09) -> float:
@@ -65,6 +66,23 @@ def test_draft_length_pays_only_where_guesses_hold():
     assert lookup.holds((5,)) < 0.1 and lookup.holds((6,)) == 9 / 20
     assert lookup.propose([5, 6, 5], 4) == ([], (5,))
     assert PromptLookup().propose([6, 8, 6], 4)[0] == [8]  # a fresh order-1 bet: one token
+
+
+def test_in_a_busy_batch_only_a_copy_is_worth_guessing():
+    """Beside other sequences an extra row costs a sequence more than its share of the step:
+    half-right guesses (random weights' loops) stop beside one other, a copy goes on beside
+    one other and stops beside seven."""
+    assert batch_row_cost(1) == pytest.approx(ROW_COST)
+    costs = [batch_row_cost(rows) for rows in (1, 2, 4, 8)]
+    assert costs == sorted(costs) and costs[2] > 1
+    assert draft_length(0.4, 4, batch_row_cost(1)) >= 1
+    assert draft_length(0.4, 4, batch_row_cost(2)) == 0
+    assert draft_length(0.95, 4, batch_row_cost(2)) == 4
+    assert draft_length(0.95, 4, batch_row_cost(8)) == 0
+    lookup = PromptLookup()
+    lookup.held[1], lookup.trials[1] = 4.0, 10.0
+    assert lookup.propose([5, 6, 5], 4)[0] == [6]
+    assert lookup.propose([5, 6, 5], 4, batch_row_cost(2))[0] == []
 
 
 def test_greedy_verification_is_one_token_at_a_time():

@@ -33,7 +33,7 @@ from cake.text.kv_cache import BlockPool, StepBatch, block_hashes
 from cake.text.pipeline import Pipeline
 from cake.text.grammar import Constraint, guidance_tokenizer
 from cake.text.sampling import Sampler, SamplingParams, sample_batch, token_logprobs
-from cake.text.speculation import (MODEL_PRIOR_HOLDS, ROW_COST, DraftRecord, PromptLookup,
+from cake.text.speculation import (MODEL_PRIOR_HOLDS, DraftRecord, PromptLookup, batch_row_cost,
                                    draft_length, expected_rate, verify_greedy, verify_sampled)
 from cake.text.tokenizer import IncrementalDetokenizer, StopMatcher, Tokenizer
 
@@ -542,7 +542,8 @@ class Engine:
             return self._decode_in_flight()
         seqs = self._room_for([s for s in self.running if not s.done])
         few = len(seqs) <= SPECULATE_UPTO
-        drafts, qs = self._drafts([s for s in seqs if few or s.params.seed is not None])
+        drafts, qs = self._drafts([s for s in seqs if few or s.params.seed is not None],
+                                  len(seqs))
         if not drafts:
             if seqs:
                 self._decoded(seqs, self.pipeline.forward(*self._decode_inputs(seqs)))
@@ -557,13 +558,14 @@ class Engine:
                 self._decoded([s], logits[rows:rows + 1])
             rows += 1 + len(d)
 
-    def _drafts(self, seqs: list[Sequence]) -> tuple[dict, dict]:
+    def _drafts(self, seqs: list[Sequence], rows: int) -> tuple[dict, dict]:
         """{sequence id: its draft} of those that guess this step, and {id: q} of those
         whose draft the draft model made (q: the distributions its tokens were drawn from,
-        None for greedy's point masses)."""
+        None for greedy's point masses); rows: the sequences the step decodes."""
         drafts, by_model = {}, []
         for s in seqs:
-            draft, k = self._draft(s)
+            # a seeded sampled text must not depend on its company: it bets as if alone
+            draft, k = self._draft(s, batch_row_cost(1 if s.params.seed is not None else rows))
             if draft:
                 drafts[s.id] = draft
             if k:
@@ -578,25 +580,25 @@ class Engine:
                 drafts[s.id] = draft
         return drafts, {s.id: q for (s, _), q, d in zip(by_model, qs, guessed) if d}
 
-    def _draft(self, seq: Sequence) -> tuple[list[int], int]:
+    def _draft(self, seq: Sequence, row_cost: float) -> tuple[list[int], int]:
         """A draft from prompt lookup (cake.text.speculation): the tokens that followed the
         longest suffix of the sequence seen before, as many as its record says pay; or the
         number of tokens the draft model is to guess, where its record promises more for the
-        cost. ([], 0): no guess. Only as far as the pool has blocks for. A seeded sampled
-        sequence guesses whatever the batch (the seed's text then does not depend on the
-        company it runs in); a grammar's state is not for guessing ahead."""
+        cost (row_cost a verified row). ([], 0): no guess. Only as far as the pool has blocks
+        for. A seeded sampled sequence guesses whatever the batch (the seed's text then does
+        not depend on the company it runs in); a grammar's state is not for guessing ahead."""
         most = min(self.draft_tokens, seq.max_new - len(seq.generated) - 1,
                    self.max_len - seq.length - 1)
         if most <= 0 or seq.params.grammar is not None:
             return [], 0
-        draft, seq.draft_context = seq.lookup.propose(seq.tokens, most)
+        draft, seq.draft_context = seq.lookup.propose(seq.tokens, most, row_cost)
         k = 0
         if self.drafter is not None:
-            alpha, cost = seq.record.holds(), ROW_COST + self.drafter.cost
+            alpha, cost = seq.record.holds(), row_cost + self.drafter.cost
             room = min(most, self.drafter.max_len - seq.length)
             k = max(min(self.draft_min, room), draft_length(alpha, room, cost))
             if k and draft and expected_rate(alpha, k, cost) < expected_rate(
-                    seq.lookup.holds(seq.draft_context), len(draft)):
+                    seq.lookup.holds(seq.draft_context), len(draft), row_cost):
                 k = 0  # the copy promises more
             if k:
                 draft = []
