@@ -504,6 +504,8 @@ inline __m256 exp256(__m256 x) {
 }
 
 
+constexpr int64_t PREFETCH = 32768;  // bytes ahead (16-64 KiB measured alike)
+
 // y[r][0..R * V::groups) = group rows . activation rows x[r], for MR activation rows; with
 // Zmm the group at group + next too.
 template <typename V, int64_t QT, int MR>
@@ -526,6 +528,16 @@ inline void group_dot(const uint8_t* group, int64_t next, int64_t nb, const ActB
     Fv m = d;  // Q4_1/Q5_1's m, the K-quants' dmin
     if constexpr (kmin || offset) m = V::halves(gb + 2 * R, next);
     for (int s = 0; s < SUBS; ++s) {
+      // Ask for the bytes PREFETCH ahead of this slice (of each group): the hardware
+      // prefetchers alone keep too few lines in flight per core to stream memory at its rate
+      // (16 layers of a 1B Q4_K, 2 threads, one row: 17.5 -> 22.7 GB/s; eight rows 14.0 vs
+      // 10.5 GB/s).
+      const uint8_t* ahead = gb + PREFETCH + s * (F.bytes() / SUBS);
+      for (int l = 0; l < (F.bytes() / SUBS + 63) / 64; ++l) {
+        _mm_prefetch((const char*)ahead + 64 * l, _MM_HINT_T0);
+        if constexpr (V::groups == 2)
+          _mm_prefetch((const char*)ahead + next + 64 * l, _MM_HINT_T0);
+      }
       const ActBlock* a[MR];
       for (int r = 0; r < MR; ++r) a[r] = &x[r][b * SUBS + s];
       I part[MR][NA];
