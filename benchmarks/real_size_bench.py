@@ -240,6 +240,9 @@ def main() -> None:
     ap.add_argument("--llama-python", default=sys.executable,
                     help="the interpreter whose llama_cpp serves (e.g. a venv with a wheel built "
                          "without AMX, so that its CPU_REPACK layouts run on an AMX VM)")
+    ap.add_argument("--no-lookup", action="store_true",
+                    help="cake without prompt-lookup guessing (--draft-tokens 0): a random "
+                         "model's greedy text loops, which lookup copies, unlike real text")
     ap.add_argument("--no-llama-streams", action="store_true",
                     help="skip llama.cpp's own 8 streams (its RSS then peaks over 1 stream)")
     ap.add_argument("--ttft-only", action="store_true",
@@ -252,7 +255,7 @@ def main() -> None:
     for qtype in args.types.split(","):
         model = quantized(args.dir, args.shape, qtype)
         cake_cmd = [sys.executable, "-m", "cake", "serve", str(model), "--max-batch",
-                    str(STREAMS), "--api"]
+                    str(STREAMS), *(["--draft-tokens", "0"] if args.no_lookup else []), "--api"]
         launch = ["-c", LLAMA_NO_EXTRA_BUFTS] if args.llama_no_extra_bufts else ["-m", "llama_cpp.server"]
         llama_cmd = [args.llama_python, *launch, "--model", str(model),
                      "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),

@@ -71,10 +71,10 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
 class Worker:
     """A text_workers.py process: one system, loaded once, asked for one measurement a time."""
 
-    def __init__(self, system: str, model: Path, threads: int):
+    def __init__(self, system: str, model: Path, threads: int, python: str = sys.executable):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         self.proc = subprocess.Popen(
-            [sys.executable, str(WORKERS), system, str(model), "--threads", str(threads)],
+            [python, str(WORKERS), system, str(model), "--threads", str(threads)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
         self.ask(None)
 
@@ -183,6 +183,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 5, quick 2)")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (under 3 minutes)")
+    ap.add_argument("--llama-python", default=sys.executable,
+                    help="the interpreter whose llama_cpp runs (e.g. a venv with a wheel built "
+                         "without AMX: on the Xeon VMs here its AMX path dies of a general "
+                         "protection fault)")
     args = ap.parse_args()
     if importlib.util.find_spec("llama_cpp") is None:
         sys.exit("text_bench: llama-cpp-python is missing; `make bench` installs the bench extra")
@@ -194,7 +198,8 @@ def main() -> None:
 
     # 1 and 2: alternate the two systems within each repetition.
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
-    ours, theirs = Worker("cake", model, args.threads), Worker("llamacpp", model, args.threads)
+    ours, theirs = Worker("cake", model, args.threads), Worker("llamacpp", model, args.threads,
+                                                                  args.llama_python)
     runs = {k: [] for k in ("decode_cake", "decode_llamacpp", "prefill_cake", "prefill_llamacpp")}
     try:
         for rep in range(reps):
@@ -202,7 +207,9 @@ def main() -> None:
                     (("cake", ours), ("llamacpp", theirs)):
                 runs[f"decode_{name}"].append(w.ask({"op": "decode", "prompt": chat,
                                                      "tokens": new_tokens}))
-                runs[f"prefill_{name}"].append(w.ask({"op": "prefill", "prompt": long}))
+                # a new first token each time: cake's prefix cache must not serve it
+                fresh = [long[0] + 1 + rep, *long[1:]]
+                runs[f"prefill_{name}"].append(w.ask({"op": "prefill", "prompt": fresh}))
             log(f"rep {rep + 1}/{reps}: " + ", ".join(
                 f"{k} {v[-1]['tok_s']:.1f}" for k, v in runs.items()))
     finally:
@@ -221,7 +228,7 @@ def main() -> None:
         cake.stop()
     identical = all(s["texts"] == alone for s in served)
     log("cake serve:", [f"{s['tok_s']:.1f} tok/s, {s['rss_mib']:.0f} MiB" for s in served])
-    llama = ServerProcess([sys.executable, "-m", "llama_cpp.server", "--model", str(model),
+    llama = ServerProcess([args.llama_python, "-m", "llama_cpp.server", "--model", str(model),
                            "--n_threads", str(args.threads), "--n_threads_batch",
                            str(args.threads), "--host", "127.0.0.1", "--port",
                            str(p := free_port())], p, args.threads)
