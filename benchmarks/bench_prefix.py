@@ -39,9 +39,11 @@ from text_bench import ServerProcess, free_port, default_gguf
 
 FACTS = " ".join(f"Fact {i}: the lighthouse on island {i} was built in {1800 + i} and its "
                  f"keeper feeds {i % 7 + 2} cats." for i in range(1, 70))
-LIST = ", ".join(f"item {i}: {c}" for i, c in enumerate(
-    ["red apple", "green pear", "blue plum", "yellow lemon", "black cherry", "white grape",
-     "orange mango", "purple fig"] * 2))
+# Written as the default model writes a list back ("Item 1: Red Apple"): given "item 0: red
+# apple" it capitalises and renumbers, and the output is no longer a copy of the prompt.
+LIST = ", ".join(f"Item {i}: {c}" for i, c in enumerate(
+    ["Red Apple", "Green Pear", "Blue Plum", "Yellow Lemon", "Black Cherry", "White Grape",
+     "Orange Mango", "Purple Fig"] * 2, start=1))
 
 
 def serve(threads: int, *flags: str) -> ServerProcess:
