@@ -188,7 +188,7 @@ def test_the_drafts_cache_follows_the_tokens_that_held(tmp_path, monkeypatch):
     from cake.text.serving import load_text_model
     from cake.text.speculation import PromptLookup
 
-    monkeypatch.setattr(PromptLookup, "propose", lambda self, tokens, most, cost: ([], ()))
+    monkeypatch.setattr(PromptLookup, "propose", lambda self, tokens, most, rows: ([], ()))
 
     model = write_tiny_model(tmp_path / "model", seed=0)
     other = write_tiny_model(tmp_path / "other", seed=1)

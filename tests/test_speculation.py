@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cake.text.sampling import Sampler, SamplingParams
-from cake.text.speculation import (ROW_COST, PromptLookup, batch_row_cost, draft_length,
+from cake.text.speculation import (PromptLookup, draft_length, guess_cost, step_cost,
                                    verify_greedy, verify_sampled)
 
 
@@ -70,19 +70,27 @@ def test_draft_length_pays_only_where_guesses_hold():
 
 def test_in_a_busy_batch_only_a_copy_is_worth_guessing():
     """Beside other sequences an extra row costs a sequence more than its share of the step:
-    half-right guesses (random weights' loops) stop beside one other, a copy goes on beside
-    one other and stops beside seven."""
-    assert batch_row_cost(1) == pytest.approx(ROW_COST)
-    costs = [batch_row_cost(rows) for rows in (1, 2, 4, 8)]
+    weak guesses stop beside one other, a copy goes on beside one other and stops beside
+    seven."""
+    costs = [guess_cost(1, rows) for rows in (1, 2, 4, 8)]
+    assert costs[0] == pytest.approx(step_cost(2) - 1)
     assert costs == sorted(costs) and costs[2] > 1
-    assert draft_length(0.4, 4, batch_row_cost(1)) >= 1
-    assert draft_length(0.4, 4, batch_row_cost(2)) == 0
-    assert draft_length(0.95, 4, batch_row_cost(2)) == 4
-    assert draft_length(0.95, 4, batch_row_cost(8)) == 0
+    assert draft_length(0.35, 4) >= 1
+    assert draft_length(0.35, 4, rows=2) == 0
+    assert draft_length(0.95, 4, rows=2) >= 2
+    assert draft_length(0.95, 4, rows=8) == 0
     lookup = PromptLookup()
-    lookup.held[1], lookup.trials[1] = 4.0, 10.0
+    lookup.held[1], lookup.trials[1] = 3.5, 10.0
     assert lookup.propose([5, 6, 5], 4)[0] == [6]
-    assert lookup.propose([5, 6, 5], 4, batch_row_cost(2))[0] == []
+    assert lookup.propose([5, 6, 5], 4, rows=2)[0] == []
+
+
+def test_a_copy_guesses_a_whole_tile_rather_than_one_row_past_one():
+    """8 rows are one tile of the kernels and cost less than 5 (a tile of 4 and one of 1): a
+    copy guesses 7 or 3 tokens, not 4."""
+    assert step_cost(8) < step_cost(7) and step_cost(5) - step_cost(4) > 0.3
+    assert draft_length(0.9, 7) == 7
+    assert draft_length(0.9, 4) == 3
 
 
 def test_greedy_verification_is_one_token_at_a_time():

@@ -33,8 +33,8 @@ from cake.text.kv_cache import BlockPool, StepBatch, block_hashes
 from cake.text.pipeline import Pipeline
 from cake.text.grammar import Constraint, guidance_tokenizer
 from cake.text.sampling import Sampler, SamplingParams, sample_batch, token_logprobs
-from cake.text.speculation import (MODEL_PRIOR_HOLDS, DraftRecord, PromptLookup, batch_row_cost,
-                                   draft_length, expected_rate, verify_greedy, verify_sampled)
+from cake.text.speculation import (MODEL_PRIOR_HOLDS, DraftRecord, PromptLookup, draft_length,
+                                   expected_rate, verify_greedy, verify_sampled)
 from cake.text.tokenizer import IncrementalDetokenizer, StopMatcher, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class Sequence(Job):
 class Engine:
     def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer, vocab_size: int,
                  token_budget: int = 512, max_batch: int = 64, max_queue: int = 1024,
-                 draft_tokens: int = 4, drafter=None, draft_min: int = 0):
+                 draft_tokens: int = 7, drafter=None, draft_min: int = 0):
         """token_budget: tokens one step computes at most (decode rows plus prefill chunks);
         max_batch: sequences running at most (the KV pool bounds them too); max_queue:
         requests waiting at most, beyond which submit raises QueueFull; draft_tokens: most
@@ -565,7 +565,7 @@ class Engine:
         drafts, by_model = {}, []
         for s in seqs:
             # a seeded sampled text must not depend on its company: it bets as if alone
-            draft, k = self._draft(s, batch_row_cost(1 if s.params.seed is not None else rows))
+            draft, k = self._draft(s, 1 if s.params.seed is not None else rows)
             if draft:
                 drafts[s.id] = draft
             if k:
@@ -580,25 +580,25 @@ class Engine:
                 drafts[s.id] = draft
         return drafts, {s.id: q for (s, _), q, d in zip(by_model, qs, guessed) if d}
 
-    def _draft(self, seq: Sequence, row_cost: float) -> tuple[list[int], int]:
+    def _draft(self, seq: Sequence, rows: int) -> tuple[list[int], int]:
         """A draft from prompt lookup (cake.text.speculation): the tokens that followed the
         longest suffix of the sequence seen before, as many as its record says pay; or the
         number of tokens the draft model is to guess, where its record promises more for the
-        cost (row_cost a verified row). ([], 0): no guess. Only as far as the pool has blocks
+        cost (in a step of `rows` sequences). ([], 0): no guess. Only as far as the pool has blocks
         for. A seeded sampled sequence guesses whatever the batch (the seed's text then does
         not depend on the company it runs in); a grammar's state is not for guessing ahead."""
         most = min(self.draft_tokens, seq.max_new - len(seq.generated) - 1,
                    self.max_len - seq.length - 1)
         if most <= 0 or seq.params.grammar is not None:
             return [], 0
-        draft, seq.draft_context = seq.lookup.propose(seq.tokens, most, row_cost)
+        draft, seq.draft_context = seq.lookup.propose(seq.tokens, most, rows)
         k = 0
         if self.drafter is not None:
-            alpha, cost = seq.record.holds(), row_cost + self.drafter.cost
+            alpha, cost = seq.record.holds(), self.drafter.cost
             room = min(most, self.drafter.max_len - seq.length)
-            k = max(min(self.draft_min, room), draft_length(alpha, room, cost))
-            if k and draft and expected_rate(alpha, k, cost) < expected_rate(
-                    seq.lookup.holds(seq.draft_context), len(draft), row_cost):
+            k = max(min(self.draft_min, room), draft_length(alpha, room, rows, cost))
+            if k and draft and expected_rate(alpha, k, rows, cost) < expected_rate(
+                    seq.lookup.holds(seq.draft_context), len(draft), rows):
                 k = 0  # the copy promises more
             if k:
                 draft = []

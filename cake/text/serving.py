@@ -92,7 +92,7 @@ def load_text_model(path: str | Path, model_id: str, device: Optional[str] = Non
                     dtype: Optional[torch.dtype] = None, defaults: Optional[SamplingParams] = None,
                     max_batch: int = 64, context_length: Optional[int] = None,
                     cluster=None, quant: str = "auto", kv_memory: Optional[int] = None,
-                    max_queue: int = 1024, draft_tokens: int = 4, expert_offload: bool = False,
+                    max_queue: int = 1024, draft_tokens: int = 7, expert_offload: bool = False,
                     expert_memory: Optional[int] = None, draft_model: Optional[tuple] = None,
                     draft_min: int = 0) -> TextModel:
     """cluster: ClusterOptions to spread the layers over workers (None: this machine alone).

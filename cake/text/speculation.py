@@ -34,10 +34,13 @@ from typing import Optional
 import torch
 
 MAX_ORDER = 4  # longest suffix looked up; longer matches are counted as this order
-# Cost of one extra row of a decode step relative to the step (CPU, the default model, one
-# thread: 2, 3 and 5 rows measured ~1.1x, 1.2x and 1.5x one row): the weights are unpacked
-# once for all rows, each row adds its products, attention and logits.
-ROW_COST = 0.15
+# Cost of a decode step of n = 1..8 rows (a sequence's token and n - 1 guesses) relative to
+# one row (CPU kernels, the default model's products and head, 2 threads, 2026-12-02). The
+# kernels take rows in tiles of 8, 4 and the last 1-3, the weights unpacked once per tile: up
+# to 4 rows each adds its products (~0.17), a 5th starts a tile of its own, and 8 rows, one
+# tile, cost less than 7. Past 8 rows: linear at the 8-row tile's rate.
+STEP_COST = (1.0, 1.13, 1.31, 1.50, 1.93, 2.11, 2.32, 2.08)
+ROW_COST = STEP_COST[1] - 1  # one guess, alone
 # A first guess per order (longer matches predict better), worth two trials; free text's
 # short matches then cost a few rows before their record stops them
 PRIOR_TRIALS = 2.0
@@ -72,11 +75,10 @@ class PromptLookup:
                 self.index[n][tuple(tokens[end - n:end])] = end
         self.indexed = max(self.indexed, len(tokens))
 
-    def propose(self, tokens: list[int], most: int, row_cost: float = ROW_COST
-                ) -> tuple[list[int], tuple]:
+    def propose(self, tokens: list[int], most: int, rows: int = 1) -> tuple[list[int], tuple]:
         """(draft, matched n-gram) for the sequence `tokens`: at most `most` tokens, as many
-        as the records say pay at row_cost a row (see batch_row_cost); ([], ()) when nothing
-        matches."""
+        as the records say pay in a step of `rows` sequences (see guess_cost); ([], ()) when
+        nothing matches."""
         if most <= 0 or len(tokens) < 2:
             return [], ()
         self._extend(tokens)
@@ -84,8 +86,7 @@ class PromptLookup:
             context = tuple(tokens[len(tokens) - n:])
             at = self.index[n].get(context)
             if at is not None:
-                return tokens[at:at + draft_length(self.holds(context), most, row_cost)], \
-                    context
+                return tokens[at:at + draft_length(self.holds(context), most, rows)], context
         return [], ()
 
     def holds(self, context: tuple) -> float:
@@ -137,28 +138,35 @@ class DraftRecord:
         self.trials = self.trials * IDLE_DECAY + (1 - IDLE_DECAY) * PRIOR_TRIALS
 
 
-def expected_rate(alpha: float, k: int, row_cost: float = ROW_COST) -> float:
+def step_cost(rows: int) -> float:
+    """A decode step of this many rows, relative to one row (STEP_COST)."""
+    if rows <= len(STEP_COST):
+        return STEP_COST[rows - 1]
+    return STEP_COST[-1] * rows / len(STEP_COST)
+
+
+def guess_cost(k: int, rows: int = 1) -> float:
+    """What k guessed rows cost a sequence decoded beside rows - 1 others, relative to its
+    share of a plain step (1 / rows of it). Alone: step_cost(1 + k) - 1. In a batch a guess
+    costs far more than its share: on a 1B-class layer (Q4_K, 2 threads) a 2nd, 5th and 9th
+    row add 19%, 37% and 22% to the step, 0.4, 1.5 and 1.8 shares; scaling by rows^1.5 follows
+    that up to 4 rows and errs high past them: a busy batch does not guess."""
+    return (step_cost(1 + k) - 1) * rows ** 1.5
+
+
+def expected_rate(alpha: float, k: int, rows: int = 1, per_guess: float = 0.0) -> float:
     """Tokens per unit of cost of a step guessing k tokens that each hold with probability
     alpha given the ones before held: (1 - alpha^(k+1)) / (1 - alpha) tokens for
-    1 + row_cost * k (a plain step: 1 token for 1)."""
-    return sum(alpha ** i for i in range(k + 1)) / (1 + row_cost * k)
+    1 + guess_cost(k, rows) + per_guess * k (a plain step: 1 token for 1; per_guess: what
+    making a guess costs, a draft model's step)."""
+    return sum(alpha ** i for i in range(k + 1)) / (1 + guess_cost(k, rows) + per_guess * k)
 
 
-def batch_row_cost(rows: int, row_cost: float = ROW_COST) -> float:
-    """The cost of one more row for a sequence decoded beside rows - 1 others, relative to its
-    share of the step (1 / rows of it). The matrix kernels take rows in tiles of 8, 4 and the
-    last 1-3, each tile unpacking the weights again, so a row past a full tile costs far more
-    than its products: on a 1B-class layer (Q4_K, 2 threads) a 2nd, 5th and 9th row add 19%,
-    37% and 22% to the step, 0.4, 1.5 and 1.8 shares. row_cost * rows^1.5 follows that up to
-    4 rows and errs high past them: a busy batch does not guess."""
-    return row_cost * rows ** 1.5
-
-
-def draft_length(alpha: float, most: int, row_cost: float = ROW_COST) -> int:
+def draft_length(alpha: float, most: int, rows: int = 1, per_guess: float = 0.0) -> int:
     """The k in 0..most that maximises expected tokens per step over its cost (expected_rate)."""
     best, best_rate = 0, 1.0
     for k in range(1, most + 1):
-        rate = expected_rate(alpha, k, row_cost)
+        rate = expected_rate(alpha, k, rows, per_guess)
         if rate > best_rate:
             best, best_rate = k, rate
     return best
