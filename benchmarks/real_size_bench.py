@@ -39,6 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from text_bench import (QUESTIONS, ROOT, ServerProcess, default_gguf, free_port,  # noqa: E402
                         rss_kib)
+from text_workers import LLAMA_NO_EXTRA_BUFTS  # noqa: E402
 
 SHAPES = {
     "1b": dict(hidden=2048, layers=16, heads=32, kv_heads=8, ffn=8192),
@@ -48,24 +49,6 @@ SHAPES = {
 FTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K_M": 15, "Q5_K_M": 17,
           "Q6_K": 18}
 NEW_TOKENS, STREAMS = 128, 8
-# llama_cpp.server without llama.cpp's extra buffer types (its AMX / repacked weight layouts).
-# Where the CPU has AMX, ggml puts Q4_0/Q4_K/Q6_K/Q8_0 weights in its AMX buffer; on the VMs
-# measured (2026-12-01: SIGILL; 2026-12-02, Xeon with amx_int8, which a plain AMX tile program
-# runs fine: a general protection fault in libggml-cpu at the first token) that path dies, and
-# llama-cpp-python can switch off only all extra buffer types (its CPU_REPACK too), not AMX
-# alone. Without AMX (AMD EPYC, the issue's 46-50 tok/s) CPU_REPACK is the default: run as shipped.
-LLAMA_NO_EXTRA_BUFTS = """
-import runpy, sys
-import llama_cpp.llama_cpp as api
-default = api.llama_model_default_params
-def params():
-    p = default()
-    p.use_extra_bufts = False
-    return p
-api.llama_model_default_params = params
-sys.argv[0] = "llama_cpp.server"
-runpy.run_module("llama_cpp.server", run_name="__main__")
-"""
 
 
 def random_gguf_writer(path: Path, arch: str, shape: dict, ffn: int):

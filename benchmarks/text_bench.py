@@ -71,10 +71,11 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
 class Worker:
     """A text_workers.py process: one system, loaded once, asked for one measurement a time."""
 
-    def __init__(self, system: str, model: Path, threads: int, python: str = sys.executable):
+    def __init__(self, system: str, model: Path, threads: int, python: str = sys.executable,
+                 flags: tuple = ()):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         self.proc = subprocess.Popen(
-            [python, str(WORKERS), system, str(model), "--threads", str(threads)],
+            [python, str(WORKERS), system, str(model), "--threads", str(threads), *flags],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
         self.ask(None)
 
@@ -191,6 +192,15 @@ def main() -> None:
     if importlib.util.find_spec("llama_cpp") is None:
         sys.exit("text_bench: llama-cpp-python is missing; `make bench` installs the bench extra")
     model = args.model or default_gguf()
+    # A llama-cpp-python built here for a CPU with AMX puts the weights in its AMX buffer and,
+    # on the Xeon VMs measured, dies at the first token: run it without extra buffer types
+    # there, unless --llama-python names another build.
+    amx = "amx_int8" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() \
+        else False
+    plain = ("--no-extra-bufts",) if amx and args.llama_python == sys.executable else ()
+    if plain:
+        print("text_bench: AMX CPU: llama.cpp runs without its extra buffer types",
+              file=sys.stderr)
     reps = args.reps or (2 if args.quick else 5)
     new_tokens, streams = 128, 8
     began = time.monotonic()
@@ -199,7 +209,7 @@ def main() -> None:
     # 1 and 2: alternate the two systems within each repetition.
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     ours, theirs = Worker("cake", model, args.threads), Worker("llamacpp", model, args.threads,
-                                                                  args.llama_python)
+                                                                  args.llama_python, plain)
     runs = {k: [] for k in ("decode_cake", "decode_llamacpp", "prefill_cake", "prefill_llamacpp")}
     try:
         for rep in range(reps):
@@ -228,7 +238,10 @@ def main() -> None:
         cake.stop()
     identical = all(s["texts"] == alone for s in served)
     log("cake serve:", [f"{s['tok_s']:.1f} tok/s, {s['rss_mib']:.0f} MiB" for s in served])
-    llama = ServerProcess([args.llama_python, "-m", "llama_cpp.server", "--model", str(model),
+    from text_workers import LLAMA_NO_EXTRA_BUFTS
+
+    launch = ["-c", LLAMA_NO_EXTRA_BUFTS] if plain else ["-m", "llama_cpp.server"]
+    llama = ServerProcess([args.llama_python, *launch, "--model", str(model),
                            "--n_threads", str(args.threads), "--n_threads_batch",
                            str(args.threads), "--host", "127.0.0.1", "--port",
                            str(p := free_port())], p, args.threads)

@@ -14,10 +14,42 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
+
+# llama_cpp.server without llama.cpp's extra buffer types (its AMX / repacked weight layouts).
+# Where the CPU has AMX, ggml puts Q4_0/Q4_K/Q6_K/Q8_0 weights in its AMX buffer; on the VMs
+# measured (2026-12-01: SIGILL; 2026-12-02, Xeon with amx_int8, which a plain AMX tile program
+# runs fine: a general protection fault in libggml-cpu at the first token) that path dies, and
+# llama-cpp-python can switch off only all extra buffer types (its CPU_REPACK too), not AMX
+# alone. Without AMX (AMD EPYC, the issue's 46-50 tok/s) CPU_REPACK is the default: run as shipped.
+LLAMA_NO_EXTRA_BUFTS = f"""
+import runpy, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from text_workers import without_extra_bufts
+without_extra_bufts()
+sys.argv[0] = "llama_cpp.server"
+runpy.run_module("llama_cpp.server", run_name="__main__")
+"""
+
+
+def without_extra_bufts() -> None:
+    """What LLAMA_NO_EXTRA_BUFTS does, for a Llama made in this process."""
+    import llama_cpp.llama_cpp as api
+
+    default = api.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    api.llama_model_default_params = params
 
 
 class LlamaCpp:
-    def __init__(self, model: str, threads: int):
+    def __init__(self, model: str, threads: int, extra_bufts: bool = True):
+        if not extra_bufts:
+            without_extra_bufts()
         from llama_cpp import Llama
 
         self.llm = Llama(model, n_threads=threads, n_threads_batch=threads, n_ctx=2048,
@@ -84,8 +116,10 @@ def main() -> None:
     ap.add_argument("system", choices=["cake", "llamacpp"])
     ap.add_argument("model")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-extra-bufts", action="store_true", help="llama.cpp: see LlamaCpp")
     args = ap.parse_args()
-    worker = (Cake if args.system == "cake" else LlamaCpp)(args.model, args.threads)
+    worker = Cake(args.model, args.threads) if args.system == "cake" else \
+        LlamaCpp(args.model, args.threads, extra_bufts=not args.no_extra_bufts)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
