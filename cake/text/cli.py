@@ -23,7 +23,8 @@ def add_args(p) -> None:
                    help="requests that may wait for a place; more get 429 Too Many Requests")
     g.add_argument("--draft-tokens", type=int, default=7,
                    help="tokens greedy decoding guesses ahead by prompt lookup and verifies "
-                        "in the same forward (0: off; default 7: a step of 8 rows, one tile of the kernels)")
+                        "in the same forward (0: off; default 7: a step of 8 rows, one tile "
+                        "of the kernels)")
     g.add_argument("--draft-model", default=None, metavar="MODEL",
                    help="a small model of the same vocabulary (folder, .gguf or repo id) that "
                         "guesses tokens ahead for the model to verify; one machine only")

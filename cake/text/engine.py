@@ -584,9 +584,10 @@ class Engine:
         """A draft from prompt lookup (cake.text.speculation): the tokens that followed the
         longest suffix of the sequence seen before, as many as its record says pay; or the
         number of tokens the draft model is to guess, where its record promises more for the
-        cost (in a step of `rows` sequences). ([], 0): no guess. Only as far as the pool has blocks
-        for. A seeded sampled sequence guesses whatever the batch (the seed's text then does
-        not depend on the company it runs in); a grammar's state is not for guessing ahead."""
+        cost (in a step of `rows` sequences). ([], 0): no guess. Only as far as the pool has
+        blocks for. A seeded sampled sequence guesses whatever the batch (the seed's text then
+        does not depend on the company it runs in); a grammar's state is not for guessing
+        ahead."""
         most = min(self.draft_tokens, seq.max_new - len(seq.generated) - 1,
                    self.max_len - seq.length - 1)
         if most <= 0 or seq.params.grammar is not None:
