@@ -46,8 +46,7 @@ def to_int16(samples: np.ndarray) -> bytes:
 
 
 def to_f32le(samples: np.ndarray) -> bytes:
-    # clipped like the WAV path: resampling a voice normalised to full scale overshoots 1.0
-    return np.clip(np.asarray(samples, dtype="<f4"), -1.0, 1.0).tobytes()
+    return np.asarray(samples, dtype="<f4").tobytes()
 
 
 def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
@@ -72,7 +71,8 @@ def streaming_wav_header(rate: int) -> bytes:
 
 def resampled(chunks, rate: int, target: int = API_RATE):
     """A stream of float32 chunks at rate, as chunks at target: one resampler over the whole
-    stream, so chunk edges leave no seams."""
+    stream, so chunk edges leave no seams. Clipped to [-1, 1]: a sentence normalised to full
+    scale (as Piper makes them) overshoots it once resampled."""
     if rate == target:
         yield from chunks
         return
@@ -82,7 +82,7 @@ def resampled(chunks, rate: int, target: int = API_RATE):
     for chunk in chunks:
         out = stream.resample_chunk(np.asarray(chunk, dtype=np.float32))
         if len(out):
-            yield out
+            yield np.clip(out, -1.0, 1.0)
     tail = stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
     if len(tail):
-        yield tail
+        yield np.clip(tail, -1.0, 1.0)
