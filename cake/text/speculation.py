@@ -149,8 +149,9 @@ def guess_cost(k: int, rows: int = 1) -> float:
     """What k guessed rows cost a sequence decoded beside rows - 1 others, relative to its
     share of a plain step (1 / rows of it). Alone: step_cost(1 + k) - 1. In a batch a guess
     costs far more than its share: on a 1B-class layer (Q4_K, 2 threads) a 2nd, 5th and 9th
-    row add 19%, 37% and 22% to the step, 0.4, 1.5 and 1.8 shares; scaling by rows^1.5 follows
-    that up to 4 rows and errs high past them: a busy batch does not guess."""
+    row add 19%, 37% and 22% to a step of 1, 4 and 8 rows, 0.19, 1.5 and 1.8 of a sequence's
+    share; scaling by rows^1.5 gives 0.13, 1.0 and 2.9: near up to 4 rows, high past them (a
+    busy batch does not guess)."""
     return (step_cost(1 + k) - 1) * rows ** 1.5
 
 
