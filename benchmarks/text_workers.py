@@ -33,7 +33,7 @@ runpy.run_module("llama_cpp.server", run_name="__main__")
 
 
 def without_extra_bufts() -> None:
-    """What LLAMA_NO_EXTRA_BUFTS does, for a Llama made in this process."""
+    """Models loaded by llama_cpp in this process from now on get no extra buffer types."""
     import llama_cpp.llama_cpp as api
 
     default = api.llama_model_default_params
