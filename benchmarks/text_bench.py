@@ -195,9 +195,9 @@ def main() -> None:
     # A llama-cpp-python built here for a CPU with AMX puts the weights in its AMX buffer and,
     # on the Xeon VMs measured, dies at the first token: run it without extra buffer types
     # there, unless --llama-python names another build.
-    amx = "amx_int8" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() \
-        else False
-    plain = ("--no-extra-bufts",) if amx and args.llama_python == sys.executable else ()
+    from cake.text.kernels import has_amx
+
+    plain = ("--no-extra-bufts",) if has_amx() and args.llama_python == sys.executable else ()
     if plain:
         print("text_bench: AMX CPU: llama.cpp runs without its extra buffer types",
               file=sys.stderr)

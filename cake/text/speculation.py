@@ -40,7 +40,6 @@ MAX_ORDER = 4  # longest suffix looked up; longer matches are counted as this or
 # to 4 rows each adds its products (~0.17), a 5th starts a tile of its own, and 8 rows, one
 # tile, cost less than 7. Past 8 rows: linear at the 8-row tile's rate.
 STEP_COST = (1.0, 1.13, 1.31, 1.50, 1.93, 2.11, 2.32, 2.08)
-ROW_COST = STEP_COST[1] - 1  # one guess, alone
 # A first guess per order (longer matches predict better), worth two trials; free text's
 # short matches then cost a few rows before their record stops them
 PRIOR_TRIALS = 2.0

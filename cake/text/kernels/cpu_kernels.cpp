@@ -129,7 +129,7 @@ inline float f16(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
 
 void quantize_row(const float* x, int64_t nb, ActBlock* out) {
 #ifdef CAKE_AVX2
-  // The same rounding as the scalar code below (to nearest, ties to even); the sum's order
+  // The same rounding as the portable code (to nearest, ties to even); the sum's order
   // differs (a tree, not a chain), deterministically.
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   auto hmax = [](__m256 v) {
@@ -168,8 +168,7 @@ void quantize_row(const float* x, int64_t nb, ActBlock* out) {
     out[b].qsum_lo = hsum_epi32(_mm256_add_epi32(q[0], q[1]));
     out[b].qsum = out[b].qsum_lo + hsum_epi32(_mm256_add_epi32(q[2], q[3]));
   }
-  return;
-#endif
+#else
   for (int64_t b = 0; b < nb; ++b) {
     const float* v = x + b * QK;
     float amax = 0.f, sum = 0.f;
@@ -185,6 +184,7 @@ void quantize_row(const float* x, int64_t nb, ActBlock* out) {
     out[b].sum = sum;
     out[b].qsum = qsum;
   }
+#endif
 }
 
 // One GGUF block of one row, decoded: its integers as stored (unsigned, before any zero
