@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from real_size_bench import (LLAMA_NO_EXTRA_BUFTS, Server, quantized,  # noqa: E402
                              random_gguf_writer, write_random)
-from text_bench import QUESTIONS  # noqa: E402
+from text_bench import QUESTIONS, cpu_seconds  # noqa: E402
 
 A3B = dict(hidden=2048, heads=32, kv_heads=4, head_dim=128, experts=128, used=8, expert_ffn=768)
 NEW_TOKENS = 64
@@ -55,12 +55,6 @@ def build_qwen3moe(path: Path, shape: str) -> None:
                     (f"blk.{i}.ffn_down_exps.weight", (e, h, f))]
     tensors.append(("output_norm.weight", (h,)))
     write_random(w, tensors, types)
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:

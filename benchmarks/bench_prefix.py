@@ -35,7 +35,7 @@ import time
 
 import httpx
 
-from text_bench import ServerProcess, free_port, default_gguf
+from text_bench import ServerProcess, cpu_seconds, default_gguf, free_port
 
 FACTS = " ".join(f"Fact {i}: the lighthouse on island {i} was built in {1800 + i} and its "
                  f"keeper feeds {i % 7 + 2} cats." for i in range(1, 70))
@@ -50,12 +50,6 @@ def serve(threads: int, *flags: str) -> ServerProcess:
     port = free_port()
     return ServerProcess([sys.executable, "-m", "cake", "serve", "--api", f"127.0.0.1:{port}",
                           "--temperature", "0", *flags], port, threads)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def stream(server, messages, max_tokens: int) -> dict:

@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from text_bench import (QUESTIONS, ROOT, ServerProcess, default_gguf, free_port,  # noqa: E402
-                        rss_kib)
+from text_bench import (QUESTIONS, ROOT, ServerProcess, cpu_seconds, default_gguf,  # noqa: E402
+                        free_port, rss_kib)
 from text_workers import LLAMA_NO_EXTRA_BUFTS  # noqa: E402
 
 SHAPES = {
@@ -170,12 +170,6 @@ class Server(ServerProcess):
         t = time.perf_counter()
         text, n = self.chat(question, max_tokens)
         return time.perf_counter() - t, text, n
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process's threads have used (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure_starts(cake_cmd: list[str], llama_cmd: list[str], threads: int, reps: int) -> dict:
