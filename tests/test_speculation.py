@@ -22,14 +22,20 @@ def chi2_limit(df: int, z: float = 3.09) -> float:
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
 
 
+def chi2_stat(counts: Counter, probs: torch.Tensor) -> float:
+    """The chi-square statistic of token counts against probs, over its support."""
+    n = sum(counts.values())
+    return sum((counts[t] - n * float(probs[t])) ** 2 / (n * float(probs[t]))
+               for t in range(len(probs)) if probs[t] > 0)
+
+
 def assert_fits(counts: Counter, probs: torch.Tensor) -> None:
     """Observed token counts fit the distribution probs: nothing outside its support, and a
     chi-square goodness of fit below the 1e-3 tail."""
-    n = sum(counts.values())
     support = [t for t in range(len(probs)) if probs[t] > 0]
     assert set(counts) <= set(support), (counts, probs)
-    stat = sum((counts[t] - n * float(probs[t])) ** 2 / (n * float(probs[t])) for t in support)
-    assert stat < chi2_limit(len(support) - 1), (stat, counts, probs * n)
+    stat = chi2_stat(counts, probs)
+    assert stat < chi2_limit(len(support) - 1), (stat, counts, probs * sum(counts.values()))
 
 
 def reference(logits: torch.Tensor, seen: list[int], p: SamplingParams) -> torch.Tensor:
@@ -127,12 +133,6 @@ def test_speculative_sampling_keeps_the_samplers_distribution():
     assert_fits(second, probs1)
     assert_fits(third, probs2)
     assert 0 < second[d1] < sum(second.values()) / 2  # both branches were taken
-
-
-def chi2_stat(counts: Counter, probs: torch.Tensor) -> float:
-    n = sum(counts.values())
-    return sum((counts[t] - n * float(probs[t])) ** 2 / (n * float(probs[t]))
-               for t in range(len(probs)) if probs[t] > 0)
 
 
 def draft_model_rounds(params: SamplingParams, logits, draft_logits, seeds: int, rule):
