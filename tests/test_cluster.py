@@ -21,7 +21,7 @@ import pytest
 
 from cluster_procs import FRANCE, KEY, STORY, chat, start_cluster, topology
 from conftest import ROOT, free_port, hf_cache_with, write_tiny_model
-from test_paged_kv import SYSTEM, health
+from test_paged_kv import LIST, SYSTEM, health
 
 pytest.importorskip("ray")
 
@@ -142,6 +142,21 @@ def test_prefix_cache_and_blocks_on_the_cluster(default_cluster, single_node):
     engine = httpx.get(master.url + "/health", timeout=10).json()["engine"]
     assert engine["kv_block_size"] == 16 and engine["kv_blocks_total"] >= 64
     assert engine["prefix_cache_hit_tokens"] >= cached and engine["kv_blocks_cached"] > 0
+
+
+def test_the_cluster_guesses_ahead_and_writes_what_one_machine_writes(default_cluster,
+                                                                      single_node):
+    """Prompt lookup on the ring: a copy's drafts are verified in one round trip, with
+    the greedy text of one machine, alone and with company in flight."""
+    master, _, _ = default_cluster
+    prompts = [[{"role": "user", "content": f"Repeat this list exactly, once: {LIST}"}],
+               [{"role": "user", "content": "Tell me about the sea."}]]
+    want = [chat(single_node, m, 60) for m in prompts]
+    before = health(master)["draft_tokens_accepted"]
+    assert [chat(master, m, 60) for m in prompts] == want
+    assert health(master)["draft_tokens_accepted"] > before
+    with cf.ThreadPoolExecutor(len(prompts)) as pool:
+        assert list(pool.map(lambda m: chat(master, m, 60, stream=True), prompts)) == want
 
 
 def test_worker_killed_mid_stream_the_stream_completes(default_cluster, single_node):

@@ -541,22 +541,35 @@ class Engine:
         if self._in_flight or self.pipeline.depth > 1:
             return self._decode_in_flight()
         seqs = self._room_for([s for s in self.running if not s.done])
+        if seqs:
+            guesses, qs = self._guesses(seqs)
+            self._take(seqs, guesses, qs,
+                       self.pipeline.forward(*self._decode_inputs(seqs, guesses)))
+
+    def _guesses(self, seqs: list[Sequence]) -> tuple[list[list[int]], dict]:
+        """Each sequence's draft for a step of `seqs` ([]: none), and {id: q} of those the
+        draft model made (see _drafts). Past SPECULATE_UPTO sequences only seeded ones guess."""
         few = len(seqs) <= SPECULATE_UPTO
         drafts, qs = self._drafts([s for s in seqs if few or s.params.seed is not None],
                                   len(seqs))
-        if not drafts:
-            if seqs:
-                self._decoded(seqs, self.pipeline.forward(*self._decode_inputs(seqs)))
-            return
-        guesses = [drafts.get(s.id, []) for s in seqs]
-        logits = self.pipeline.forward(*self._decode_inputs(seqs, guesses))
-        rows = 0
+        return [drafts.get(s.id, []) for s in seqs], qs
+
+    def _take(self, seqs: list[Sequence], guesses: list[list[int]], qs: dict,
+              logits: torch.Tensor) -> None:
+        """A step's logits: 1 + len(guess) rows per sequence, in order. Sequences that
+        finished while their step was in flight are skipped."""
+        rows, plain, at = 0, [], []
         for s, d in zip(seqs, guesses):
-            if d:
+            if s.done:
+                pass
+            elif d:
                 self._verify(s, d, logits[rows:rows + 1 + len(d)], s.id in qs, qs.get(s.id))
             else:
-                self._decoded([s], logits[rows:rows + 1])
+                plain.append(s)
+                at.append(rows)
             rows += 1 + len(d)
+        if plain:  # the rest sample together
+            self._decoded(plain, logits if len(at) == rows else logits[at])
 
     def _drafts(self, seqs: list[Sequence], rows: int) -> tuple[dict, dict]:
         """{sequence id: its draft} of those that guess this step, and {id: q} of those
@@ -651,21 +664,21 @@ class Engine:
     def _decode_in_flight(self) -> None:
         """Stages on several machines: split the running sequences into pipeline.depth groups
         and keep each group's next step in flight while the others compute, so that no stage
-        waits idle; each call takes back one group's logits."""
+        waits idle; each call takes back one group's logits. A group guesses ahead as a local
+        step does, its draft verified in the same round trip."""
         depth = self.pipeline.depth
         live = [s for s in self.running if not s.done]
-        busy = {s.id for group, _ in self._in_flight for s in group}
+        busy = {s.id for group, *_ in self._in_flight for s in group}
         idle = self._room_for([s for s in live if s.id not in busy])
         size = -(-len(live) // max(1, depth))
         while idle and depth > 1 and len(self._in_flight) < depth:
             group, idle = idle[:size], idle[size:]
-            self._in_flight.append((group, self.pipeline.submit(*self._decode_inputs(group))))
+            guesses, qs = self._guesses(group)
+            handle = self.pipeline.submit(*self._decode_inputs(group, guesses))
+            self._in_flight.append((group, guesses, qs, handle))
         if self._in_flight:
-            group, handle = self._in_flight.popleft()
-            logits = self.pipeline.collect(handle)
-            rows = [i for i, s in enumerate(group) if not s.done]  # some finished meanwhile
-            if rows:
-                self._decoded([group[i] for i in rows], logits[rows])
+            group, guesses, qs, handle = self._in_flight.popleft()
+            self._take(group, guesses, qs, self.pipeline.collect(handle))
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         samplers = [s.sampler for s in seqs]
