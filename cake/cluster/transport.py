@@ -7,7 +7,8 @@ master -> W1 -> ... -> Wk -> master, results included.
 One message per hop. gloo's TCP transport sends a message only once the receiver has posted
 its receive, so a receive posted after the previous message arrived costs a round trip per
 message. Here each step travels as one frame (header, batch index, payload in one buffer) of
-a size both ends agreed on in the previous frame, and the receiver posts the next frame's
+a size both ends agreed on in the previous frame (the biggest of the recent decode steps,
+which grow and shrink with the batch and its drafts), and the receiver posts the next frame's
 receive as soon as a frame arrives, before it computes: the sender then never waits for it.
 A step bigger than the agreed frame (a prefill chunk) sends its rest as a second message.
 
@@ -25,6 +26,7 @@ Waiter), abandoning the group when a stage is lost.
 """
 from __future__ import annotations
 
+import collections
 import datetime
 import os
 import queue
@@ -53,6 +55,11 @@ MAX_MESSAGE = 1 << 31
 OP_FORWARD, OP_STOP, OP_RELEASE = 1, 2, 3
 FRAME_TAG, REST_TAG = 0, 1
 MAX_FRAME = 1 << 18  # steps up to 256 KiB (decode batches) travel in one message
+# Decode steps vary in size (rows come and go, drafts add rows): a frame is sized for the
+# biggest of the last FRAME_MEMORY decode steps to its peer, so that a step with a draft after
+# one without still travels as one message (a second one costs a round trip; padding a few
+# rows costs only their bytes).
+FRAME_MEMORY = 32
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.long]
 FOREVER = datetime.timedelta(days=365)
 
@@ -233,6 +240,7 @@ class Link:
         self.first_frame = PREFIX_BYTES + HEADER_BYTES + hidden_size * dtype.itemsize + \
             (TAG_BYTES if group.secret else 0)
         self.frame_out: dict[int, int] = {}
+        self.decode_sizes: dict[int, collections.deque] = {}  # dst -> recent decode steps' sizes
         self.pending: dict[int, Received] = {}
 
     def _sealer(self, src: int, dst: int) -> Sealer:
@@ -278,8 +286,13 @@ class Link:
         sealed_len = message.numel() + sealer.tag
         size = PREFIX_BYTES + sealed_len
         frame = self.frame_out.get(dst, self.first_frame)
-        # the next frame is sized like this step (a release leaves the steps' size as it is)
+        # the next frame is sized like this step, or for the biggest recent decode step (a
+        # release leaves the steps' size as it is)
         following = size if size <= MAX_FRAME and op == OP_FORWARD else frame
+        if op == OP_FORWARD and x.shape[1] == 1 and size <= MAX_FRAME:
+            recent = self.decode_sizes.setdefault(dst, collections.deque(maxlen=FRAME_MEMORY))
+            recent.append(size)
+            following = max(recent)
         prefix = torch.tensor([sealed_len, following], dtype=torch.long).view(torch.uint8)
         parts = [prefix, sealer.seal(message, prefix.numpy().tobytes())]
         if size < frame:

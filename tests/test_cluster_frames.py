@@ -1,0 +1,63 @@
+"""Frames on the ring: decode steps whose rows come and go (a draft adds rows to a step, the
+next has none) travel as one message each once the link has seen the bigger size, so a
+guessed step costs no extra round trip; over a real sealed gloo link between two processes."""
+from __future__ import annotations
+
+import datetime
+
+import torch
+import torch.multiprocessing as mp
+
+from conftest import free_port
+
+ROWS = [1, 4, 1, 4, 2, 1, 4, 1]  # rows of each decode step: a plain step, one with a draft...
+
+
+def _peer(rank: int, port: int, out) -> None:
+    import torch.distributed as dist
+
+    from cake.cluster import transport
+    from cake.text.kv_cache import StepBatch
+
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0,
+                          timeout=datetime.timedelta(seconds=60))
+    group = transport.Group(rank, 2, "ef" * 16, "127.0.0.1", 60, secret=b"f" * 32,
+                            store=store)
+    link = transport.Link(group, 64, torch.float32, "cpu")
+    if rank == 0:
+        messages = []  # per step
+        for i, rows in enumerate(ROWS):
+            hidden = torch.full((rows, 1, 64), float(i))
+            batch = StepBatch.make([[10 + i + j] for j in range(rows)], [[3, 7]] * rows, "cpu")
+            works = link.send(1, hidden, batch)
+            messages.append(len(works))
+            for w, _ in works:
+                w.wait()
+        out.put(messages)
+        return
+    got = []
+    for _ in ROWS:
+        _, x, batch = link.recv(0)
+        got.append((x.shape[0], float(x[0, 0, 0]), batch.positions[:, 0].tolist()))
+    out.put(got)
+
+
+def test_a_step_with_a_draft_after_one_without_is_one_message():
+    ctx = mp.get_context("spawn")
+    port, q = free_port(), ctx.Queue()
+    procs = [ctx.Process(target=_peer, args=(r, port, q)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        first, second = q.get(timeout=120), q.get(timeout=120)
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    messages, got = (first, second) if isinstance(first[0], int) else (second, first)
+    assert got == [(rows, float(i), list(range(10 + i, 10 + i + rows)))
+                   for i, rows in enumerate(ROWS)]
+    # Two steps outgrow the frame agreed before them, their rest a second message: the first
+    # (the link opens with a frame for one row without a block table) and the first 4-row one.
+    assert messages == [2, 2] + [1] * (len(ROWS) - 2)
