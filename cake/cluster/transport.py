@@ -30,10 +30,12 @@ import collections
 import datetime
 import os
 import queue
+import struct
 import threading
 import time
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -50,6 +52,8 @@ from cake.text.kv_cache import StepBatch
 PREFIX_BYTES = 16
 HEADER = 10
 HEADER_BYTES = HEADER * 8
+HEAD = struct.Struct(f"<{HEADER}q")
+PREFIX = struct.Struct("<2q")
 TAG_BYTES = 16  # AES-GCM's authentication tag
 MAX_MESSAGE = 1 << 31
 OP_FORWARD, OP_STOP, OP_RELEASE = 1, 2, 3
@@ -96,23 +100,22 @@ class Sealer:
         self.count += 1
         return self.count.to_bytes(12, "little")
 
-    def seal(self, data: torch.Tensor, ad: bytes) -> torch.Tensor:
+    def seal(self, data: bytes, ad: bytes) -> bytes:
         if self.aead is None:
             return data
-        out = self.aead.encrypt(self._nonce(), data.numpy(), ad)
-        return torch.frombuffer(bytearray(out), dtype=torch.uint8)
+        return self.aead.encrypt(self._nonce(), data, ad)
 
-    def open(self, data: torch.Tensor, ad: bytes) -> torch.Tensor:
+    def open(self, data, ad: bytes):
+        """data: the sealed bytes (any buffer); the message, a writable buffer."""
         if self.aead is None:
             return data
         from cryptography.exceptions import InvalidTag
 
         try:
-            out = self.aead.decrypt(self._nonce(), data.numpy(), ad)
+            return bytearray(self.aead.decrypt(self._nonce(), data, ad))
         except InvalidTag as e:
             raise FrameRejected("a message failed authentication (altered, replayed, or not "
                                 "from this cluster)") from e
-        return torch.frombuffer(bytearray(out), dtype=torch.uint8)
 
 
 class RayStore(dist.Store):
@@ -251,29 +254,31 @@ class Link:
     # sending
 
     def _message(self, op: int, x: Optional[torch.Tensor], batch: Optional[StepBatch]
-                 ) -> torch.Tensor:
-        """The message in plain bytes: header, index, payload."""
+                 ) -> bytes:
+        """The message in plain bytes: header, index, payload. Built with struct and numpy,
+        not torch ops: right after a forward the caches are cold, and each torch op's
+        dispatch then costs tens of microseconds."""
         if x is None:
-            return torch.tensor([op] + [0] * (HEADER - 1), dtype=torch.long).view(torch.uint8)
+            return HEAD.pack(op, *[0] * (HEADER - 1))
         if op == OP_RELEASE:  # x: the slots
-            head = torch.tensor([op, x.numel()] + [0] * (HEADER - 2), dtype=torch.long)
-            return torch.cat([head, x.to(torch.long).cpu()]).view(torch.uint8)
+            slots = _host(x.to(torch.long))
+            return HEAD.pack(op, slots.size, *[0] * (HEADER - 2)) + slots.tobytes()
         B, T = batch.positions.shape
         span = batch.span or (-1, 0)
         width = batch.slots.shape[1] if batch.slots.dim() == 2 else 0
-        head = [op, B, T, batch.kv_len, span[0], span[1], DTYPES.index(x.dtype), self.step,
-                width, len(batch.copies)]
-        parts = [torch.tensor(head, dtype=torch.long)]
-        if batch.span is None and width:  # tables as int32, padded to keep 8-byte alignment
-            parts.append(batch.positions.flatten().cpu())
-            table = batch.slots.flatten().to(torch.int32).cpu()
-            parts.append(torch.cat([table, table.new_zeros(table.numel() % 2)]))
-        elif batch.span is None:
-            parts.append(torch.cat([batch.positions.flatten(), batch.slots]).cpu())
+        parts = [HEAD.pack(op, B, T, batch.kv_len, span[0], span[1], DTYPES.index(x.dtype),
+                           self.step, width, len(batch.copies))]
+        if batch.span is None:
+            parts.append(_host(batch.positions))
+            if width:  # tables as int32, padded to keep 8-byte alignment
+                table = _host(batch.slots).astype(np.int32)
+                parts += [table, bytes(4 * (table.size % 2))]
+            else:
+                parts.append(_host(batch.slots))
         if batch.copies:
-            parts.append(torch.tensor(batch.copies, dtype=torch.long))
-        parts.append(x.detach().cpu().contiguous())
-        return torch.cat([p.reshape(-1).view(torch.uint8) for p in parts])
+            parts.append(np.array(batch.copies, dtype=np.int64))
+        parts.append(_host(x.detach()))
+        return b"".join(parts)
 
     def send(self, dst: int, x: Optional[torch.Tensor], batch: Optional[StepBatch],
              op: int = OP_FORWARD) -> list:
@@ -283,7 +288,7 @@ class Link:
             self.step += 1
         message = self._message(op, x, batch)
         sealer = self._sealer(self.group.rank, dst)
-        sealed_len = message.numel() + sealer.tag
+        sealed_len = len(message) + sealer.tag
         size = PREFIX_BYTES + sealed_len
         frame = self.frame_out.get(dst, self.first_frame)
         # the next frame is sized like this step, or for the biggest recent decode step (a
@@ -293,15 +298,18 @@ class Link:
             recent = self.decode_sizes.setdefault(dst, collections.deque(maxlen=FRAME_MEMORY))
             recent.append(size)
             following = max(recent)
-        prefix = torch.tensor([sealed_len, following], dtype=torch.long).view(torch.uint8)
-        parts = [prefix, sealer.seal(message, prefix.numpy().tobytes())]
+        prefix = PREFIX.pack(sealed_len, following)
+        data = bytearray(prefix)
+        data += sealer.seal(message, prefix)
         if size < frame:
-            parts.append(torch.zeros(frame - size, dtype=torch.uint8))
-        data = torch.cat(parts).to(self.wire)
+            data += bytes(frame - size)
+        wire = torch.frombuffer(data, dtype=torch.uint8)
+        if self.wire.type != "cpu":
+            wire = wire.to(self.wire)
         self.frame_out[dst] = following
-        works = [(self.group.isend(data[:frame], dst, FRAME_TAG), data)]
+        works = [(self.group.isend(wire[:frame], dst, FRAME_TAG), wire)]
         if size > frame:
-            works.append((self.group.isend(data[frame:], dst, REST_TAG), data))
+            works.append((self.group.isend(wire[frame:], dst, REST_TAG), wire))
         return works
 
     def send_stop(self, dst: int) -> list:
@@ -331,36 +339,48 @@ class Link:
         of a big step (default: block). Raises FrameRejected for a message that fails to
         open or makes no sense."""
         r = self.pending.pop(src)
-        buf = r.buf.cpu()
-        prefix = buf[:PREFIX_BYTES]
-        sealed_len, following = prefix.view(torch.long).tolist()
+        buf = r.buf.cpu().numpy()
+        sealed_len, following = PREFIX.unpack_from(buf)
         size = PREFIX_BYTES + sealed_len
         if not (0 < sealed_len < MAX_MESSAGE and PREFIX_BYTES < following <= MAX_FRAME + 64):
             raise FrameRejected(f"a frame from rank {src} has an impossible size")
         self.post(src, following)  # unverified until the message opens, which is harmless
-        data = buf
-        if size > buf.numel():  # the rest of a big step follows as a second message
-            rest = torch.empty(size - buf.numel(), dtype=torch.uint8, device=self.wire)
+        if size > buf.size:  # the rest of a big step follows as a second message
+            rest = torch.empty(size - buf.size, dtype=torch.uint8, device=self.wire)
             work = self.group.irecv(rest, src, REST_TAG)
             (wait or _block)([work])
-            data = torch.cat([buf, rest.cpu()])
-        message = self._sealer(src, self.group.rank).open(data[PREFIX_BYTES:size],
-                                                         prefix.numpy().tobytes())
-        return self._parse(message, src)
+            buf = np.concatenate([buf, rest.cpu().numpy()])
+        message = self._sealer(src, self.group.rank).open(buf[PREFIX_BYTES:size],
+                                                         buf[:PREFIX_BYTES].tobytes())
+        try:
+            return self._parse(message, src)
+        except (ValueError, RuntimeError, struct.error) as e:  # sizes beyond the message
+            raise FrameRejected(f"a message from rank {src} does not match its header") from e
 
-    def _parse(self, message: torch.Tensor, src: int):
-        if message.numel() < HEADER_BYTES:
+    def _parse(self, message, src: int):
+        """message: a writable buffer (tensors are made over it, not copied)."""
+        length = memoryview(message).nbytes
+        if length < HEADER_BYTES:
             raise FrameRejected(f"a message from rank {src} is too short")
-        h = message[:HEADER_BYTES].view(torch.long).tolist()
-        op, B, T, kv_len, span_slot, span_p0, kind, step, width, n_copies = h
+
+        def array(dtype: torch.dtype, at: int, count: int) -> torch.Tensor:
+            if count == 0:
+                return torch.empty(0, dtype=dtype)
+            return torch.frombuffer(message, dtype=dtype, count=count, offset=at)
+
+        def here(t: torch.Tensor) -> torch.Tensor:  # no op to dispatch on a CPU stage
+            return t if self.device.type == "cpu" else t.to(self.device)
+
+        op, B, T, kv_len, span_slot, span_p0, kind, step, width, n_copies = \
+            HEAD.unpack_from(message)
         if op == OP_RELEASE:
-            if not 0 <= B <= (message.numel() - HEADER_BYTES) // 8:
+            if not 0 <= B <= (length - HEADER_BYTES) // 8:
                 raise FrameRejected(f"a release from rank {src} names more slots than it holds")
-            slots = message[HEADER_BYTES:HEADER_BYTES + 8 * B].view(torch.long).clone()
-            return op, slots, None
+            return op, array(torch.long, HEADER_BYTES, B).clone(), None
         if op != OP_FORWARD:
             return op, None, None
-        if not (0 <= width < MAX_MESSAGE and 0 <= n_copies < MAX_MESSAGE):
+        if not (0 <= width < MAX_MESSAGE and 0 <= n_copies < MAX_MESSAGE and B > 0 and T > 0
+                and 0 <= kind < len(DTYPES)):
             raise FrameRejected(f"a message from rank {src} does not match its header")
         self.step = step
         at = HEADER_BYTES
@@ -370,30 +390,36 @@ class Link:
             batch = StepBatch(positions, slots, kv_len, (span_slot, span_p0))
         else:
             n = B * T if width else B * T + B
-            index = message[at:at + n * 8].view(torch.long).to(self.device)
+            index = here(array(torch.long, at, n))
             at += n * 8
             slots = index[B * T:]
             if width:
-                tables = message[at:at + B * width * 4].view(torch.int32)
-                slots = tables.to(device=self.device, dtype=torch.long).view(B, width)
+                tables = array(torch.int32, at, B * width)
+                slots = here(tables.long()).view(B, width)
                 at += (B * width + B * width % 2) * 4
             batch = StepBatch(index[:B * T].view(B, T), slots, kv_len, None)
         if n_copies:
-            pairs = message[at:at + n_copies * 16].view(torch.long).view(-1, 2).tolist()
-            batch.copies = [tuple(p) for p in pairs]
+            pairs = np.frombuffer(message, dtype=np.int64, count=2 * n_copies, offset=at)
+            batch.copies = [tuple(p) for p in pairs.reshape(-1, 2).tolist()]
             at += n_copies * 16
         dtype = DTYPES[kind]
         shape = (B, T) if dtype == torch.long else (B, T, self.hidden_size)
-        n = B * T * (1 if dtype == torch.long else self.hidden_size) * dtype.itemsize
-        if message.numel() != at + n:
+        count = B * T * (1 if dtype == torch.long else self.hidden_size)
+        if length != at + count * dtype.itemsize:
             raise FrameRejected(f"a message from rank {src} does not match its header")
-        x = message[at:at + n].view(dtype).view(shape).to(self.device)
+        x = here(array(dtype, at, count).view(shape))
         return op, x, batch
 
     def recv(self, src: int) -> tuple[int, Optional[torch.Tensor], Optional[StepBatch]]:
         """Block until src's next frame is here (stages: as long as it takes)."""
         self.frame_work(src).wait()
         return self.take(src)
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """A tensor's bytes as a numpy array (numpy has no bfloat16: its bits as int16)."""
+    t = t.cpu().contiguous()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def _block(works: list) -> None:
