@@ -64,6 +64,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--dir", type=Path, default=Path.home() / ".cache" / "cake" / "bench")
+    ap.add_argument("--llama-python", default=sys.executable,
+                    help="the interpreter whose llama_cpp serves with its extra buffer types (e.g. "
+                         "a venv with a wheel built without AMX, so that its CPU_REPACK layouts run "
+                         "on an AMX VM); default: this one's, without them (its AMX path crashes "
+                         "on this VM)")
+    ap.add_argument("--no-lookup", action="store_true",
+                    help="cake without prompt-lookup guessing (--draft-tokens 0): a random "
+                         "model's greedy text loops, which lookup copies, unlike real text")
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     model = quantized(args.dir, f"a3b-{args.layers}", args.type, build_qwen3moe)
@@ -72,9 +80,11 @@ def main() -> None:
     experts = sum(int(t.n_bytes) for t in GGUFReader(model).tensors if "_exps" in t.name)
     half_mib = experts / 2 / 2**20
     cake = [sys.executable, "-m", "cake", "serve", str(model), "--max-batch", "1",
-            "--ctx-size", "1024"]
+            "--ctx-size", "1024", *(["--draft-tokens", "0"] if args.no_lookup else [])]
+    launch = ["-c", LLAMA_NO_EXTRA_BUFTS] if args.llama_python == sys.executable \
+        else ["-m", "llama_cpp.server"]
     servers = {
-        "llama.cpp": Server([sys.executable, "-c", LLAMA_NO_EXTRA_BUFTS, "--model", str(model),
+        "llama.cpp": Server([args.llama_python, *launch, "--model", str(model),
                              "--n_threads", str(args.threads), "--n_threads_batch",
                              str(args.threads), "--interrupt_requests", "False", "--n_ctx",
                              "1024", "--host", "127.0.0.1", "--port"], args.threads),
@@ -106,7 +116,8 @@ def main() -> None:
             server.stop()
     best = {name: max(r) for name, r in runs.items()}
     least_cpu = {name: min(r) for name, r in cpu_ms.items()}
-    result = {"model": model.name, "threads": args.threads, "experts_mib": round(experts / 2**20),
+    result = {"model": model.name, "threads": args.threads, "lookup": not args.no_lookup,
+              "experts_mib": round(experts / 2**20),
               "offload_budget_mib": round(half_mib),
               "decode_tok_s": {k: round(v, 1) for k, v in best.items()},
               "decode_ratio": round(best["cake"] / best["llama.cpp"], 2),
