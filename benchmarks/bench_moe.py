@@ -65,10 +65,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--dir", type=Path, default=Path.home() / ".cache" / "cake" / "bench")
     ap.add_argument("--llama-python", default=sys.executable,
-                    help="the interpreter whose llama_cpp serves with its extra buffer types (e.g. "
-                         "a venv with a wheel built without AMX, so that its CPU_REPACK layouts run "
-                         "on an AMX VM); default: this one's, without them (its AMX path crashes "
-                         "on this VM)")
+                    help="the interpreter whose llama_cpp serves with its extra buffer types "
+                         "(e.g. a venv with a wheel built without AMX, so that its CPU_REPACK "
+                         "layouts run on an AMX VM); default: this one's, without them (its AMX "
+                         "path crashes on this VM)")
     ap.add_argument("--no-lookup", action="store_true",
                     help="cake without prompt-lookup guessing (--draft-tokens 0): a random "
                          "model's greedy text loops, which lookup copies, unlike real text")

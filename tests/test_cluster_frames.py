@@ -1,10 +1,12 @@
 """Frames on the ring: decode steps whose rows come and go (a draft adds rows to a step, the
 next has none) travel as one message each once the link has seen the bigger size, so a
-guessed step costs no extra round trip; over a real sealed gloo link between two processes."""
+guessed step costs no extra round trip; over a real sealed gloo link between two processes.
+And every payload type and batch form reads back as it was sent."""
 from __future__ import annotations
 
 import datetime
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -61,3 +63,44 @@ def test_a_step_with_a_draft_after_one_without_is_one_message():
     # Two steps outgrow the frame agreed before them, their rest a second message: the first
     # (the link opens with a frame for one row without a block table) and the first 4-row one.
     assert messages == [2, 2] + [1] * (len(ROWS) - 2)
+
+
+class _Plain:
+    """What a Link asks of its group to build and read messages (no network: the framing
+    alone, in plaintext; the sealed path runs over gloo above and in test_cluster_security)."""
+    rank, backend, secret = 0, "gloo", None
+
+    def sealer(self, src, dst):
+        from cake.cluster import transport
+
+        return transport.Sealer(None)
+
+
+def test_every_payload_and_batch_form_reads_back_as_sent():
+    from cake.cluster import transport
+    from cake.text.kv_cache import StepBatch
+
+    link = transport.Link(_Plain(), 8, torch.float32, "cpu")
+    batches = [lambda: StepBatch.make([[5, 6, 7]], [3], "cpu"),  # one span
+               lambda: StepBatch.make([[5], [9]], [1, 4], "cpu"),  # a slot per row
+               lambda: StepBatch.make([[5], [9]], [[1, 2], [3, 4, 6]], "cpu")]  # block tables
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.long):
+        for make in batches:
+            batch = make()
+            batch.copies = [(1, 2), (3, 4)]
+            B, T = batch.positions.shape
+            x = torch.arange(B * T).view(B, T) if dtype == torch.long \
+                else torch.randn(B, T, 8).to(dtype)
+            message = bytearray(link._message(transport.OP_FORWARD, x, batch))
+            op, got, back = link._parse(message, 0)
+            assert op == transport.OP_FORWARD and got.dtype == dtype and torch.equal(got, x)
+            assert torch.equal(back.positions, batch.positions)
+            assert torch.equal(back.slots, batch.slots)
+            assert (back.kv_len, back.span, back.copies) == (batch.kv_len, batch.span,
+                                                            batch.copies)
+    message = bytearray(link._message(transport.OP_RELEASE, torch.tensor([3, 5]), None))
+    op, slots, _ = link._parse(message, 0)
+    assert op == transport.OP_RELEASE and slots.tolist() == [3, 5]
+    with pytest.raises(transport.FrameRejected):  # a payload shorter than its header says
+        link._parse(bytearray(link._message(transport.OP_FORWARD, torch.randn(1, 1, 8),
+                                            batches[0]()))[:-4], 0)
