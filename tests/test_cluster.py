@@ -1,7 +1,8 @@
 """A model's layers spread over a master and two workers, each its own process, all on
 127.0.0.1: the same greedy text as one machine, the topology document, concurrent requests,
-prompt-lookup drafts verified on the ring, a worker SIGKILLed mid-stream, a wrong cluster key, a manual topology with `cake split`, and a
-KV pool too small for two streams (one is preempted and recomputed on the ring).
+prompt-lookup drafts verified on the ring, a worker SIGKILLed mid-stream, a wrong cluster
+key, a manual topology with `cake split`, and a KV pool too small for two streams (one is
+preempted and recomputed on the ring).
 
 Two clusters share the module (each ~15 s to start on a small machine): the embedded default
 model with automatic placement, and a tiny random model with a topology file.
