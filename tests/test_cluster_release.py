@@ -6,9 +6,8 @@ from __future__ import annotations
 import datetime
 
 import torch
-import torch.multiprocessing as mp
 
-from conftest import free_port
+from conftest import two_ranks
 
 SECRET = b"r" * 32
 
@@ -50,18 +49,7 @@ def _peer(rank: int, port: int, out) -> None:
 def test_release_reaches_the_stage_between_steps():
     from cake.cluster import transport
 
-    ctx = mp.get_context("spawn")
-    port, q = free_port(), ctx.Queue()
-    procs = [ctx.Process(target=_peer, args=(r, port, q)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    try:
-        first, second = q.get(timeout=120), q.get(timeout=120)
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
+    first, second = two_ranks(_peer, answers=2)
     got = first if isinstance(first, list) else second
     hidden = torch.arange(16, dtype=torch.float32).view(1, 2, 8)
     assert got == [(transport.OP_FORWARD, hidden.tolist(), [[0, 1]]),

@@ -11,9 +11,8 @@ import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from conftest import free_port
+from conftest import two_ranks
 
 pytest.importorskip("cryptography")
 
@@ -68,18 +67,7 @@ def _peer(rank: int, port: int, secret, tamper: str, out) -> None:
 
 
 def exchange(secret, tamper: str = "") -> list:
-    ctx = mp.get_context("spawn")
-    port, q = free_port(), ctx.Queue()
-    procs = [ctx.Process(target=_peer, args=(r, port, secret, tamper, q)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    try:
-        return q.get(timeout=120)
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
+    return two_ranks(_peer, secret, tamper)[0]
 
 
 def test_sealed_steps_arrive_intact():
