@@ -5,7 +5,8 @@
     python benchmarks/bench_cluster.py --one-core --delay-ms 0.5 --delay-ms 2   # (root)
 
 1. Per-hop cost of a decode step: the step message (header + a 1 x hidden fp32 tensor)
-   bounced between two processes over gloo, exactly as stages send it; per hop = round trip/2.
+   bounced between two processes over the CPU links stages use (TCP streams; gloo with
+   CAKE_CPU_LINKS=gloo, which the servers below follow too); per hop = round trip/2.
 2. Single-stream decode tok/s of the embedded default model: one `cake serve` alone, and a
    2-stage cluster (a master and one `cake worker`, layers split in two) on 127.0.0.1, or
    with the worker in another network namespace behind a delayed link (--delay-ms),
@@ -54,7 +55,7 @@ def _bouncer(rank: int, port: int, hidden: int, steps: int, secure: bool, out) -
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0,
                           timeout=datetime.timedelta(seconds=60))
-    group = transport.Group(rank, 2, "00" * 16, "127.0.0.1", 60,
+    group = transport.Group(rank, 2, "00" * 16, "127.0.0.1", 60, transport.cpu_links(),
                             secret=b"k" * 32 if secure else None, store=store)
     link = transport.Link(group, hidden, torch.float32, "cpu")
     waiter = transport.Waiter()

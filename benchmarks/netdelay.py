@@ -59,17 +59,21 @@ def open_tun_in(ns: str, name: str) -> int:
 def tamper(packet: bytes) -> Optional[bytes]:
     """The packet with two bytes of a cake frame's sealed part changed, +1 and -1 two bytes
     apart so that the TCP checksum still holds (the kernel delivers it, as an attacker on the
-    path would make it); None unless it is an IPv4 TCP segment that starts a frame (after
-    gloo's preamble of six 8-byte words)."""
+    path would make it); None unless it is an IPv4 TCP segment that starts a message: on a
+    TCP stream, its prefix (sealed bytes, 0) first; over gloo, a frame after gloo's preamble of
+    six 8-byte words."""
     if len(packet) < 20 or packet[0] >> 4 != 4 or packet[9] != 6:
         return None
     ihl = (packet[0] & 15) * 4
     start = ihl + (packet[ihl + 12] >> 4) * 4
-    at = start + 48
-    if len(packet) < at + 64:
-        return None
-    sealed_len, following = struct.unpack_from("<qq", packet, at)
-    if not (64 < sealed_len < 1 << 31 and 64 < following <= (1 << 18) + 64):
+    for at, stream in ((start, True), (start + 48, False)):
+        if len(packet) < at + 64:
+            continue
+        sealed_len, following = struct.unpack_from("<qq", packet, at)
+        if 64 < sealed_len < 1 << 31 and (following == 0 if stream
+                                          else 64 < following <= (1 << 18) + 64):
+            break
+    else:
         return None
     out = bytearray(packet)
     i = at + 40  # inside the sealed bytes

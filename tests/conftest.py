@@ -56,7 +56,7 @@ def free_port() -> int:
 
 
 def two_ranks(target, *args, answers: int = 1) -> list:
-    """target(rank, port, *args, queue) in two spawned processes, ranks 0 and 1 of a gloo
+    """target(rank, port, *args, queue) in two spawned processes, ranks 0 and 1 of a ring
     group on 127.0.0.1:port; the first `answers` things they put on the queue. Both are
     joined, or killed if they hang."""
     import torch.multiprocessing as mp

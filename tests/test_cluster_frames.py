@@ -1,6 +1,7 @@
 """Frames on the ring: decode steps whose rows come and go (a draft adds rows to a step, the
 next has none) travel as one message each once the link has seen the bigger size, so a
-guessed step costs no extra round trip; over a real sealed gloo link between two processes.
+guessed step costs no extra round trip; over a real sealed gloo link between two processes
+(gloo's and NCCL's links want frames; CPU stages use TCP streams, which need none).
 And every payload type and batch form reads back as it was sent."""
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ def _peer(rank: int, port: int, out) -> None:
 
     store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0,
                           timeout=datetime.timedelta(seconds=60))
-    group = transport.Group(rank, 2, "ef" * 16, "127.0.0.1", 60, secret=b"f" * 32,
-                            store=store)
+    group = transport.Group(rank, 2, "ef" * 16, "127.0.0.1", 60, backend="gloo",
+                            secret=b"f" * 32, store=store)
     link = transport.Link(group, 64, torch.float32, "cpu")
     if rank == 0:
         messages = []  # per step

@@ -1,6 +1,6 @@
 """Release messages on the ring: a finished sequence's slots reach the worker stages (which
 free what they keep beside the KV cache, Qwen3.5's DeltaNet state) between steps, over a
-real sealed gloo link between two processes, without upsetting the frames that follow."""
+real sealed TCP link between two processes, without upsetting the steps that follow."""
 from __future__ import annotations
 
 import datetime

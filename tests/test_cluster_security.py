@@ -1,5 +1,5 @@
 """The data plane's seal: what crosses the wire between stages is unreadable and unforgeable
-without the cluster key (transport.Sealer), on real gloo links between two processes."""
+without the cluster key (transport.Sealer), on real TCP links between two processes."""
 from __future__ import annotations
 
 import datetime

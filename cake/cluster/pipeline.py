@@ -119,7 +119,7 @@ class ClusterPipeline:
             checkpoint, self.args.num_hidden_layers, dtype, quant)
         self.topology_nodes = {n.name: n for n in load_topology(opts.topology)} \
             if opts.topology else {}
-        self.backend = "gloo"
+        self.backend = "tcp"
         self.link: Optional[transport.Link] = None
         self.waiter: Optional[transport.Waiter] = None
         self.workers: dict[str, rc.WorkerRecord] = {}
@@ -284,12 +284,13 @@ class ClusterPipeline:
         import ray
 
         ranks = {w.name: w.rank for w in self.workers.values() if w.status == "ready"}
-        # NCCL when every stage is on a CUDA device, else gloo through host memory.
+        # NCCL when every stage is on a CUDA device, else TCP streams through host memory.
         devices = [str(self.device)] + [w.info.get("device", "cpu") for w in self.workers.values()
                                         if w.status == "ready"]
-        self.backend = "nccl" if all(d.startswith("cuda") for d in devices) else "gloo"
+        self.backend = "nccl" if all(d.startswith("cuda") for d in devices) \
+            else transport.cpu_links()
         world = 1 + len(ranks)
-        self.link = None  # any old group is dropped, with waits still stuck on a lost peer
+        self._drop_link()
         self.steps_sent: dict[int, int] = {}  # rank -> steps sent its way on this ring
         if world == 1:
             return
@@ -363,7 +364,7 @@ class ClusterPipeline:
             self.link.frame_work(last)
             works = [w for w, _ in self.link.send(first, x, batch)]
         except Exception as e:  # a peer's connection is gone already
-            raise StageLost(f"{type(e).__name__}: {e}") from e
+            raise self._broken(e) from e
         for rank in range(first, last + 1):  # a chain's ranks are consecutive
             self.steps_sent[rank] = self.steps_sent.get(rank, 0) + 1
         return works
@@ -376,7 +377,7 @@ class ClusterPipeline:
         except StageLost:
             raise
         except Exception as e:  # a peer's connection broke
-            raise StageLost(f"{type(e).__name__}: {e}") from e
+            raise self._broken(e) from e
 
     def _take(self, src: int) -> torch.Tensor:
         try:
@@ -387,7 +388,16 @@ class ClusterPipeline:
             log.error("rejected the result from rank %d: %s; rebuilding the ring", src, e)
             raise StageLost(f"rejected a frame from rank {src}: {e}") from e
         except Exception as e:
-            raise StageLost(f"{type(e).__name__}: {e}") from e
+            raise self._broken(e) from e
+
+    def _broken(self, e: Exception) -> StageLost:
+        """A link broke: the loss, with the cause a stage gives when it has one (a stage that
+        rejected a frame, or lost its own peer, ends its loop and closes its streams)."""
+        try:
+            self._watch(0.0)
+        except StageLost as lost:
+            return lost
+        return StageLost(f"{type(e).__name__}: {e}")
 
     def _watch(self, waited: float) -> None:
         """Called every second a step is out: a stage that does not answer its heartbeat
@@ -397,7 +407,8 @@ class ClusterPipeline:
         if silent:
             raise StageLost(f"{', '.join(w.name for w in silent)} stopped answering", silent)
         ready = [w for w in self.workers.values() if w.name in beats]
-        ended = [w for w in ready if not beats[w.name]["running"]]
+        # a loop that has an error is ending (it set the error before closing its streams)
+        ended = [w for w in ready if not beats[w.name]["running"] or beats[w.name]["error"]]
         for w in ended:  # its loop gave up: a peer's connection broke or a frame was rejected
             w.detail = beats[w.name]["error"] or "stage loop ended"
         if ended:
@@ -556,7 +567,7 @@ class ClusterPipeline:
             for w in lost:
                 w.status = "lost"
                 self.lost[w.node_id] = w
-            self.link = None
+            self._drop_link()
             try:
                 keep = False
                 if attempt == 0 and lost:
@@ -692,8 +703,15 @@ class ClusterPipeline:
                         self.waiter.wait([w for w, _ in works], self._give_up)
                     except Exception as e:
                         log.info("stage %d did not take the stop: %s", part[1], e)
-            self.link = None
+            self._drop_link()
             rc.stop_master(self.head_node, [w.actor for w in self.workers.values()])
+
+    def _drop_link(self) -> None:
+        """Drop the ring's links (a wait still stuck on a lost peer's gloo or NCCL link stays
+        stuck; streams are closed, which ends the old ring's stage loops)."""
+        if self.link is not None:
+            self.link.group.close()
+        self.link = None
 
 
 def start_cluster_pipeline(checkpoint, dtype, device: str, num_slots: int, max_len: int,

@@ -231,7 +231,7 @@ class StageWorker(NodeWorker):
     def _loop(self, link, prev: int, next_: int) -> None:
         """Waits for the next step as long as the master lives (a lost master resets the
         connection); the master watches for a stage that hangs. Its own link: a loop of an
-        abandoned ring that wakes up later touches nothing of the new one."""
+        abandoned ring (the master closed its streams) touches nothing of the new one."""
         from cake.cluster import transport
 
         try:
@@ -270,3 +270,5 @@ class StageWorker(NodeWorker):
                 return
             self.error = f"{type(e).__name__}: {e}"
             log.warning("stage loop ended: %s", self.error)
+        finally:  # the next stage's loop on this ring ends too
+            link.group.close()

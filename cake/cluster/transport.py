@@ -1,16 +1,18 @@
-"""The data plane: one step's activations from stage to stage over torch.distributed.
+"""The data plane: one step's activations from stage to stage.
 
-Ray is too slow per token (~3 ms a call); point-to-point send/recv over gloo (CPU) or NCCL
-(between CUDA devices) is ~0.1 ms a hop. The master is rank 0; stages form chains
-master -> W1 -> ... -> Wk -> master, results included.
+Ray is too slow per token (~3 ms a call). The master is rank 0; stages form chains
+master -> W1 -> ... -> Wk -> master, results included. Between CPU stages (and a CPU stage
+and a CUDA one) a step travels over a TCP stream per pair of ranks (cake.cluster.streams):
+one write, one read in the caller's thread, no round trip of its own. Between CUDA stages it
+goes over NCCL point-to-point; gloo is kept as the CPU alternative (CAKE_CPU_LINKS=gloo).
 
-One message per hop. gloo's TCP transport sends a message only once the receiver has posted
-its receive, so a receive posted after the previous message arrived costs a round trip per
-message. Here each step travels as one frame (header, batch index, payload in one buffer) of
-a size both ends agreed on in the previous frame (the biggest of the recent decode steps,
-which grow and shrink with the batch and its drafts), and the receiver posts the next frame's
-receive as soon as a frame arrives, before it computes: the sender then never waits for it.
-A step bigger than the agreed frame (a prefill chunk) sends its rest as a second message.
+NCCL and gloo send a message only once the receiver has posted its receive, so a receive
+posted after the previous message arrived costs a round trip per message. Over them each step
+travels as one frame (header, batch index, payload in one buffer) of a size both ends agreed
+on in the previous frame (the biggest of the recent decode steps, which grow and shrink with
+the batch and its drafts), and the receiver posts the next frame's receive as soon as a frame
+arrives, before it computes: the sender then never waits for it. A step bigger than the
+agreed frame (a prefill chunk) sends its rest as a second message.
 
 Every message is sealed with AES-256-GCM under a key per direction of each link, derived
 from the cluster key and a fresh salt per group (see Sealer): nobody without the key can read
@@ -19,10 +21,10 @@ rendezvous goes through Ray's key-value store, which the cluster token guards, s
 unauthenticated store listens either. NCCL (CUDA stages) is not sealed: use it between GPUs
 of one machine or over links you trust.
 
-A wait on a peer that hangs cannot be cancelled (gloo's only timeout closes every pair), so
-the group's timeout is effectively infinite: stages wait for work as long as the master
-lives, and the master waits in a helper thread while it checks the stages' heartbeats (see
-Waiter), abandoning the group when a stage is lost.
+Stages wait for work as long as the master lives; the master waits while it checks the
+stages' heartbeats (see Waiter), abandoning the group when a stage is lost. A stream's wait
+is polled in the caller's thread; a gloo or NCCL wait on a peer that hangs cannot be
+cancelled (gloo's only timeout closes every pair), so those are waited on in a helper thread.
 """
 from __future__ import annotations
 
@@ -39,11 +41,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cake.cluster import keys
+from cake.cluster import keys, streams
 from cake.text.kv_cache import StepBatch
 
-# On the wire: a prefix (int64: sealed bytes, the next frame's bytes; authenticated as the
-# seal's associated data), then the sealed message: a header (int64: op, rows, tokens per row,
+# On the wire: a prefix (int64: sealed bytes, the next frame's bytes (0 on a stream);
+# authenticated as the seal's associated data), then the sealed message: a header (int64: op, rows, tokens per row,
 # kv_len, span slot (-1: none), span first position, payload dtype, step number, block table
 # width (0: one slot per row), blocks to copy), the batch's positions and slots (or block
 # tables) unless it is one span, the (src, dst) blocks to copy first, and the payload.
@@ -65,6 +67,14 @@ MAX_FRAME = 1 << 18  # steps up to 256 KiB (decode batches) travel in one messag
 # rows costs only their bytes).
 FRAME_MEMORY = 32
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.long]
+CPU_LINKS_ENV = "CAKE_CPU_LINKS"  # "tcp" (default) or "gloo"
+
+
+def cpu_links() -> str:
+    links = os.environ.get(CPU_LINKS_ENV, "tcp")
+    if links not in ("tcp", "gloo"):
+        raise ValueError(f"{CPU_LINKS_ENV} must be tcp or gloo, not {links!r}")
+    return links
 FOREVER = datetime.timedelta(days=365)
 
 
@@ -181,21 +191,26 @@ class RayStore(dist.Store):
 
 
 class Group:
-    """The ring's process group, an object of its own rather than torch's global default
-    group: when a stage is lost the master drops it (with any wait still stuck on the lost
-    peer) and builds a new one. name: 32 hex digits unique per group (the rendezvous'
-    namespace, the keys' salt); secret: the cluster's link secret, None to send plaintext;
-    store: the rendezvous (default: Ray's key-value store)."""
+    """The ring's links, an object of their own rather than torch's global default group:
+    when a stage is lost the master drops them (with any wait still stuck on the lost peer)
+    and builds new ones. name: 32 hex digits unique per group (the rendezvous' namespace, the
+    keys' salt); backend: "tcp" (streams), "gloo" or "nccl"; secret: the cluster's link
+    secret, None to send plaintext; store: the rendezvous (default: Ray's key-value store)."""
 
     def __init__(self, rank: int, world_size: int, name: str, local_ip: str,
-                 join_timeout_s: float, backend: str = "gloo", secret: Optional[bytes] = None,
+                 join_timeout_s: float, backend: str = "tcp", secret: Optional[bytes] = None,
                  store: Optional[dist.Store] = None):
         self.rank, self.world_size, self.backend = rank, world_size, backend
         self.secret = secret if backend != "nccl" else None  # see the module doc
         self.salt = bytes.fromhex(name)
-        iface = interface_of(local_ip)
         # Joining may take a while on a busy machine.
         self.store = store or RayStore(f"cake-ring-{name}", max(join_timeout_s, 120))
+        self.pg, self.streams = None, {}
+        if backend == "tcp":
+            self.streams = streams.connect_all(rank, world_size, local_ip, self.store,
+                                               self._key, max(join_timeout_s, 120))
+            return
+        iface = interface_of(local_ip)
         if backend == "nccl":
             if iface:
                 os.environ["NCCL_SOCKET_IFNAME"] = iface
@@ -209,14 +224,28 @@ class Group:
                              else dist.ProcessGroupGloo.create_default_device()]
             self.pg = dist.ProcessGroupGloo(self.store, rank, world_size, opts)
 
+    def _key(self, src: int, dst: int) -> bytes:
+        return keys.link_key(self.secret, self.salt, src, dst) if self.secret else b""
+
     def sealer(self, src: int, dst: int) -> Sealer:
-        return Sealer(keys.link_key(self.secret, self.salt, src, dst) if self.secret else None)
+        return Sealer(self._key(src, dst) or None)
 
     def isend(self, t: torch.Tensor, dst: int, tag: int):
+        if self.streams:  # in order on the stream: no tags
+            return self.streams[dst].send(t.numpy())
         return self.pg.send([t], dst, tag)
 
     def irecv(self, t: torch.Tensor, src: int, tag: int):
         return self.pg.recv([t], src, tag)
+
+    def message(self, src: int) -> streams.Message:
+        """The receive of src's next message on its stream."""
+        return streams.Message(self.streams[src], MAX_MESSAGE)
+
+    def close(self) -> None:
+        """Let go of the peers: a stage's loop waiting on this group's streams ends."""
+        for s in self.streams.values():
+            s.close()
 
 
 class Received:
@@ -236,6 +265,7 @@ class Link:
         self.group, self.hidden_size, self.dtype = group, hidden_size, dtype
         self.device = torch.device(device)
         self.wire = self.device if group.backend == "nccl" else torch.device("cpu")
+        self.stream = group.backend == "tcp"  # else frames (see the module doc)
         self.step = 0
         self.sealers: dict[tuple[int, int], Sealer] = {}
         # Both ends start from the size of a one-token step and follow each frame's
@@ -289,6 +319,11 @@ class Link:
         message = self._message(op, x, batch)
         sealer = self._sealer(self.group.rank, dst)
         sealed_len = len(message) + sealer.tag
+        if self.stream:  # one write of prefix and message
+            prefix = PREFIX.pack(sealed_len, 0)
+            wire = torch.frombuffer(bytearray(prefix) + sealer.seal(message, prefix),
+                                    dtype=torch.uint8)
+            return [(self.group.isend(wire, dst, FRAME_TAG), wire)]
         size = PREFIX_BYTES + sealed_len
         frame = self.frame_out.get(dst, self.first_frame)
         # the next frame is sized like this step, or for the biggest recent decode step (a
@@ -325,12 +360,14 @@ class Link:
     def post(self, src: int, nbytes: Optional[int] = None) -> None:
         """Post the receive of src's next frame (before it is sent: see the module doc)."""
         if src not in self.pending:
-            self.pending[src] = Received(self.group, src, nbytes or self.first_frame, self.wire)
+            self.pending[src] = self.group.message(src) if self.stream else \
+                Received(self.group, src, nbytes or self.first_frame, self.wire)
 
     def frame_work(self, src: int):
         """The posted receive of src's next frame: wait on it, then call take()."""
         self.post(src)
-        return self.pending[src].work
+        r = self.pending[src]
+        return r if self.stream else r.work
 
     def take(self, src: int, wait: Callable[[list], None] = None
              ) -> tuple[int, Optional[torch.Tensor], Optional[StepBatch]]:
@@ -339,6 +376,20 @@ class Link:
         of a big step (default: block). Raises FrameRejected for a message that fails to
         open or makes no sense."""
         r = self.pending.pop(src)
+        if self.stream:  # the whole message is in (the stream checked its size)
+            buf = memoryview(r.buf)
+            size = len(buf)
+        else:
+            buf, size = self._frame(r, src, wait)
+        message = self._sealer(src, self.group.rank).open(buf[PREFIX_BYTES:size],
+                                                         bytes(buf[:PREFIX_BYTES]))
+        try:
+            return self._parse(message, src)
+        except (ValueError, RuntimeError, struct.error) as e:  # sizes beyond the message
+            raise FrameRejected(f"a message from rank {src} does not match its header") from e
+
+    def _frame(self, r: Received, src: int, wait) -> tuple[np.ndarray, int]:
+        """A frame's bytes, with the rest of a big step, and the message's size in them."""
         buf = r.buf.cpu().numpy()
         sealed_len, following = PREFIX.unpack_from(buf)
         size = PREFIX_BYTES + sealed_len
@@ -350,12 +401,7 @@ class Link:
             work = self.group.irecv(rest, src, REST_TAG)
             (wait or _block)([work])
             buf = np.concatenate([buf, rest.cpu().numpy()])
-        message = self._sealer(src, self.group.rank).open(buf[PREFIX_BYTES:size],
-                                                         buf[:PREFIX_BYTES].tobytes())
-        try:
-            return self._parse(message, src)
-        except (ValueError, RuntimeError, struct.error) as e:  # sizes beyond the message
-            raise FrameRejected(f"a message from rank {src} does not match its header") from e
+        return buf, size
 
     def _parse(self, message, src: int):
         """message: a writable buffer (tensors are made over it, not copied)."""
@@ -428,14 +474,16 @@ def _block(works: list) -> None:
 
 
 class Waiter:
-    """Waits on works in a helper thread, so that the caller can look after the peers every
-    `interval` seconds meanwhile and walk away from a wait that will never end. Once
-    abandoned (on_slow raised), it serves no more waits: its thread may be stuck for good."""
+    """Waits on works so that the caller can look after the peers every `interval` seconds
+    meanwhile and walk away from a wait that will never end: a stream's works are polled in
+    the caller's thread; gloo's and NCCL's are waited on in a helper thread. Once abandoned
+    (on_slow raised during a helper's wait), it serves no more of those: its thread may be
+    stuck for good."""
 
     def __init__(self):
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.abandoned = False
-        threading.Thread(target=self._loop, name="cake-link-wait", daemon=True).start()
+        self.thread: Optional[threading.Thread] = None
 
     def _loop(self) -> None:
         while True:
@@ -450,8 +498,18 @@ class Waiter:
     def wait(self, works: list, on_slow: Callable[[float], None], interval: float = 1.0) -> None:
         """Wait for works; every `interval` seconds call on_slow(seconds waited), which raises
         to give up. Raises what a work raised."""
+        if all(hasattr(w, "poll") for w in works):  # streams' works: polled right here
+            waited = 0.0
+            for w in works:
+                while not w.poll(interval):
+                    waited += interval
+                    on_slow(waited)
+            return
         if self.abandoned:
             raise RuntimeError("link waiter abandoned")
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._loop, name="cake-link-wait", daemon=True)
+            self.thread.start()
         done, errors = threading.Event(), []
         self.jobs.put((works, done, errors))
         waited = 0.0
