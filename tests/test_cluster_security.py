@@ -33,18 +33,18 @@ def _peer(rank: int, port: int, secret, tamper: str, out) -> None:
     link = transport.Link(group, 8, torch.float32, "cpu")
     if rank == 0:
         sent = []
-        real = group.isend
+        real = group.write
 
-        def isend(t, dst, tag):  # what a forwarding attacker could do to the bytes
+        def write(dst, data):  # what a forwarding attacker could do to the bytes
             if tamper == "flip" and len(sent) == 1:
-                t = t.clone()
-                t[40] ^= 1
+                data = bytearray(data)
+                data[40] ^= 1
             if tamper == "replay" and len(sent) == 2:
-                t = sent[0]
-            sent.append(t)
-            return real(t, dst, tag)
+                data = sent[0]
+            sent.append(data)
+            return real(dst, data)
 
-        group.isend = isend
+        group.write = write
         tokens = torch.full((1, 4), MARK, dtype=torch.long)
         for i in range(3):
             # the last step reads through a block table, with blocks to copy first

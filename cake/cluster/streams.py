@@ -130,23 +130,22 @@ class Stream:
         self.closed = False
 
     def send(self, data) -> object:
-        """Write data (bytes-like) after what was sent before; returns what to wait on."""
-        view = memoryview(data).cast("B")
+        """Write data (bytes) after what was sent before; returns what to wait on."""
         with self.lock:
             if self.error is not None:
                 raise self.error
             if not self.backlog:
                 try:
-                    n = self.sock.send(view, socket.MSG_DONTWAIT)
+                    n = self.sock.send(data, socket.MSG_DONTWAIT)
                 except (BlockingIOError, InterruptedError):
                     n = 0
                 except OSError as e:
                     raise ConnectionError(f"the link to rank {self.peer} broke: {e}") from e
-                if n == len(view):
+                if n == len(data):
                     return WRITTEN
-                view = view[n:]
+                data = memoryview(data)[n:]
             sent = Sent()
-            self.backlog.append((bytes(view), sent))  # the caller may reuse its buffer
+            self.backlog.append((data, sent))
             if self.helper is None:
                 self.helper = threading.Thread(target=self._drain, daemon=True,
                                                name=f"cake-stream-{self.peer}")

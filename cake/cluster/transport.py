@@ -230,9 +230,11 @@ class Group:
     def sealer(self, src: int, dst: int) -> Sealer:
         return Sealer(self._key(src, dst) or None)
 
+    def write(self, dst: int, data: bytes):
+        """Start writing data on dst's stream; returns what to wait on."""
+        return self.streams[dst].send(data)
+
     def isend(self, t: torch.Tensor, dst: int, tag: int):
-        if self.streams:  # in order on the stream: no tags
-            return self.streams[dst].send(t.numpy())
         return self.pg.send([t], dst, tag)
 
     def irecv(self, t: torch.Tensor, src: int, tag: int):
@@ -300,14 +302,10 @@ class Link:
                            self.step, width, len(batch.copies))]
         if batch.span is None:
             parts.append(_host(batch.positions))
-            if width:  # tables as int32, padded to keep 8-byte alignment
-                table = _host(batch.slots).astype(np.int32)
-                parts += [table, bytes(4 * (table.size % 2))]
-            else:
-                parts.append(_host(batch.slots))
+            parts.append(_host(batch.slots))  # a slot per row, or block tables
         if batch.copies:
             parts.append(np.array(batch.copies, dtype=np.int64))
-        parts.append(_host(x.detach()))
+        parts.append(_host(x))
         return b"".join(parts)
 
     def send(self, dst: int, x: Optional[torch.Tensor], batch: Optional[StepBatch],
@@ -321,9 +319,8 @@ class Link:
         sealed_len = len(message) + sealer.tag
         if self.stream:  # one write of prefix and message
             prefix = PREFIX.pack(sealed_len, 0)
-            wire = torch.frombuffer(bytearray(prefix) + sealer.seal(message, prefix),
-                                    dtype=torch.uint8)
-            return [(self.group.isend(wire, dst, FRAME_TAG), wire)]
+            data = prefix + sealer.seal(message, prefix)
+            return [(self.group.write(dst, data), data)]
         size = PREFIX_BYTES + sealed_len
         frame = self.frame_out.get(dst, self.first_frame)
         # the next frame is sized like this step, or for the biggest recent decode step (a
@@ -435,14 +432,10 @@ class Link:
             slots = torch.tensor([span_slot], device=self.device)
             batch = StepBatch(positions, slots, kv_len, (span_slot, span_p0))
         else:
-            n = B * T if width else B * T + B
-            index = here(array(torch.long, at, n))
-            at += n * 8
-            slots = index[B * T:]
-            if width:
-                tables = array(torch.int32, at, B * width)
-                slots = here(tables.long()).view(B, width)
-                at += (B * width + B * width % 2) * 4
+            n = B * width if width else B
+            index = here(array(torch.long, at, B * T + n))
+            at += (B * T + n) * 8
+            slots = index[B * T:].view(B, width) if width else index[B * T:]
             batch = StepBatch(index[:B * T].view(B, T), slots, kv_len, None)
         if n_copies:
             pairs = np.frombuffer(message, dtype=np.int64, count=2 * n_copies, offset=at)
@@ -464,7 +457,10 @@ class Link:
 
 def _host(t: torch.Tensor) -> np.ndarray:
     """A tensor's bytes as a numpy array (numpy has no bfloat16: its bits as int16)."""
-    t = t.cpu().contiguous()
+    if t.requires_grad:
+        t = t.detach()
+    if not (t.is_cpu and t.is_contiguous()):  # each torch op costs, cold: only if needed
+        t = t.cpu().contiguous()
     return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
