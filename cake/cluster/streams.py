@@ -26,6 +26,7 @@ from typing import Callable, Optional
 
 PREFIX = struct.Struct("<2q")  # a message's prefix: (bytes that follow, 0)
 HELLO = struct.Struct("<q32s")  # the connecting rank and its proof of the link key
+HELLO_TIMEOUT_S = 5.0
 
 
 def hello_mac(key: bytes, src: int, dst: int) -> bytes:
@@ -123,6 +124,12 @@ class Stream:
         self.sock, self.peer = sock, peer
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # an idle ring is fine for ever; a peer machine that vanished without a reset is
+        # noticed in about 90 s (a master's stage loop then ends instead of waiting for good)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, option):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
         self.lock = threading.Condition()
         self.backlog: collections.deque = collections.deque()  # (bytes left, Sent)
         self.helper: Optional[threading.Thread] = None
@@ -216,7 +223,7 @@ def connect_all(rank: int, world: int, local_ip: str, store, key_of: Callable[[i
         while len(streams) < world - 1:
             listener.settimeout(max(0.1, deadline - time.monotonic()))
             sock, _ = listener.accept()
-            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            sock.settimeout(HELLO_TIMEOUT_S)  # one that says nothing holds up no one for long
             try:
                 peer, mac = HELLO.unpack(_read_exactly(sock, HELLO.size))
                 ok = rank < peer < world and peer not in streams and hmac.compare_digest(
