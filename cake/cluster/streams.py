@@ -125,7 +125,7 @@ class Stream:
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # an idle ring is fine for ever; a peer machine that vanished without a reset is
-        # noticed in about 90 s (a master's stage loop then ends instead of waiting for good)
+        # noticed in about 90 s (a stage loop then ends instead of waiting for good)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
             if hasattr(socket, option):
