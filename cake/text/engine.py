@@ -443,17 +443,24 @@ class Engine:
         with self._wake:
             self.waiting.appendleft(seq)
 
-    def _room_for(self, seqs: list[Sequence]) -> list[Sequence]:
+    def _room_for(self, seqs: list[Sequence], busy: frozenset = frozenset()
+                  ) -> list[Sequence]:
         """The sequences (oldest first) whose next position has a block; the newest
-        sequences give theirs up when the pool runs dry."""
+        sequences give theirs up when the pool runs dry. busy: ids of sequences whose step is
+        out on the ring; such a step still writes its blocks, so when the newest is one of
+        them the sequence that needs room sits this step out instead."""
         ready = []
         for seq in sorted(seqs, key=lambda s: s.id):
             while not seq.done and seq in self.running and not self._writable(seq, seq.length - 1):
                 victims = [s for s in self.running + list(self.prefilling)
                            if s.blocks and not s.done and s not in ready]
-                self._preempt(max(victims, key=lambda s: s.id))
-            if seq in self.running and not seq.done:
-                ready.append(seq)
+                victim = max(victims, key=lambda s: s.id)
+                if victim.id in busy:
+                    break
+                self._preempt(victim)
+            else:  # (no break) it has its block, or it was the one preempted
+                if seq in self.running and not seq.done:
+                    ready.append(seq)
         return ready
 
     # -- forwards ----------------------------------------------------------------------
@@ -669,7 +676,7 @@ class Engine:
         depth = self.pipeline.depth
         live = [s for s in self.running if not s.done]
         busy = {s.id for group, *_ in self._in_flight for s in group}
-        idle = self._room_for([s for s in live if s.id not in busy])
+        idle = self._room_for([s for s in live if s.id not in busy], frozenset(busy))
         size = -(-len(live) // max(1, depth))
         while idle and depth > 1 and len(self._in_flight) < depth:
             group, idle = idle[:size], idle[size:]
