@@ -45,10 +45,11 @@ from cake.cluster import keys, streams
 from cake.text.kv_cache import StepBatch
 
 # On the wire: a prefix (int64: sealed bytes, the next frame's bytes (0 on a stream);
-# authenticated as the seal's associated data), then the sealed message: a header (int64: op, rows, tokens per row,
-# kv_len, span slot (-1: none), span first position, payload dtype, step number, block table
-# width (0: one slot per row), blocks to copy), the batch's positions and slots (or block
-# tables) unless it is one span, the (src, dst) blocks to copy first, and the payload.
+# authenticated as the seal's associated data), then the sealed message: a header (int64: op,
+# rows, tokens per row, kv_len, span slot (-1: none), span first position, payload dtype, step
+# number, block table width (0: one slot per row), blocks to copy), the batch's positions and
+# slots (or block tables) unless it is one span, the (src, dst) blocks to copy first, and the
+# payload.
 # A release (OP_RELEASE) is the header with the count of its slots in the rows field, then
 # those slots.
 PREFIX_BYTES = 16
@@ -67,6 +68,7 @@ MAX_FRAME = 1 << 18  # steps up to 256 KiB (decode batches) travel in one messag
 # rows costs only their bytes).
 FRAME_MEMORY = 32
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.long]
+FOREVER = datetime.timedelta(days=365)
 CPU_LINKS_ENV = "CAKE_CPU_LINKS"  # "tcp" (default) or "gloo"
 
 
@@ -75,7 +77,6 @@ def cpu_links() -> str:
     if links not in ("tcp", "gloo"):
         raise ValueError(f"{CPU_LINKS_ENV} must be tcp or gloo, not {links!r}")
     return links
-FOREVER = datetime.timedelta(days=365)
 
 
 def interface_of(ip: str) -> Optional[str]:
