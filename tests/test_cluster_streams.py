@@ -4,6 +4,7 @@ other); closing a ring wakes a receive blocked on it; a connection without the l
 cannot take a rank's place; a receive polled with a timeout picks up where it left off."""
 from __future__ import annotations
 
+import datetime
 import socket
 import threading
 import time
@@ -15,26 +16,18 @@ from cake.cluster import streams
 KEY = b"k" * 32
 
 
-class Store:
-    """The rendezvous' set/get, in memory (get waits for the key)."""
+def memory_store():
+    """The rendezvous in memory (its get waits for the key), as separate processes share one."""
+    import torch.distributed as dist
 
-    def __init__(self):
-        self.values, self.cond = {}, threading.Condition()
-
-    def set(self, key, value):
-        with self.cond:
-            self.values[key] = value.encode()
-            self.cond.notify_all()
-
-    def get(self, key):
-        with self.cond:
-            self.cond.wait_for(lambda: key in self.values, timeout=30)
-            return self.values[key]
+    store = dist.HashStore()
+    store.set_timeout(datetime.timedelta(seconds=30))
+    return store
 
 
 def ring(world: int = 2, store=None, key=lambda src, dst: KEY) -> list[dict]:
     """Every rank's streams, joined in threads as separate processes would."""
-    store = store or Store()
+    store = store or memory_store()
     out: list = [None] * world
 
     def join(rank):
@@ -116,7 +109,7 @@ def test_a_message_claiming_too_many_bytes_is_refused():
 
 
 def test_a_connection_without_the_link_key_cannot_take_a_ranks_place():
-    store = Store()
+    store = memory_store()
     result: list = []
 
     def master():

@@ -96,7 +96,9 @@ class Message:
                     if not 0 < size <= self.max_bytes:
                         raise ValueError(f"a message from rank {self.stream.peer} claims "
                                          f"{size} bytes")
-                    self.buf = self.buf + bytes(size)  # a new buffer: views hold the old
+                    whole = bytearray(PREFIX.size + size)  # new: views hold the old
+                    whole[:PREFIX.size] = self.buf
+                    self.buf = whole
                 else:
                     self.complete = True
         return True

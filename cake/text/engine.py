@@ -675,8 +675,8 @@ class Engine:
         step does, its draft verified in the same round trip."""
         depth = self.pipeline.depth
         live = [s for s in self.running if not s.done]
-        busy = {s.id for group, *_ in self._in_flight for s in group}
-        idle = self._room_for([s for s in live if s.id not in busy], frozenset(busy))
+        busy = frozenset(s.id for group, *_ in self._in_flight for s in group)
+        idle = self._room_for([s for s in live if s.id not in busy], busy)
         size = -(-len(live) // max(1, depth))
         while idle and depth > 1 and len(self._in_flight) < depth:
             group, idle = idle[:size], idle[size:]
