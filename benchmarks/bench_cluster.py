@@ -222,10 +222,10 @@ def single_and_cluster(serve_args: list[str], depth: int = 0, delay_ms: Optional
 
 def bench_cluster(tokens: int, repeats: int, streams: int = 4, depth: int = 0,
                   delay_ms: Optional[float] = None, one_core: bool = False,
-                  insecure: bool = False) -> dict:
+                  insecure: bool = False, model: list[str] = ()) -> dict:
     """Decode tok/s, one stream and `streams` at once, alone and on a 2-node cluster (see
-    single_and_cluster for the rest)."""
-    with single_and_cluster(["--max-batch", str(streams)], depth, delay_ms, one_core,
+    single_and_cluster for the rest); model: serve arguments naming another model."""
+    with single_and_cluster([*model, "--max-batch", str(streams)], depth, delay_ms, one_core,
                             insecure) as (single_url, master_url, one_way):
         decode_rate(single_url, 8), decode_rate(master_url, 8)  # warm-up
         rates = {"single": [], "cluster": []}
@@ -239,7 +239,8 @@ def bench_cluster(tokens: int, repeats: int, streams: int = 4, depth: int = 0,
     s, c = (statistics.median(rates[k]) for k in ("single", "cluster"))
     ms, mc = (statistics.median(many[k]) for k in ("single", "cluster"))
     link = f"{delay_ms} ms one-way" if delay_ms is not None else "loopback"
-    return {"bench": f"2-stage, {link}", "measured_one_way_ms": one_way,
+    return {"bench": f"2-stage, {link}", "model": " ".join(model) or "default",
+            "measured_one_way_ms": one_way,
             "one_core_each": one_core, "sealed": not insecure,
             "tokens": tokens, "repeats": repeats, "pipeline_depth": depth or "auto",
             "single_tok_s": round(s, 2), "cluster_tok_s": round(c, 2),
@@ -319,6 +320,11 @@ def main() -> None:
                     help="each cluster run twice, sealed and --cluster-insecure: their ratio")
     ap.add_argument("--one-core", action="store_true",
                     help="each node on one core with one thread (master and single node: 0)")
+    ap.add_argument("--model", default=None,
+                    help="serve this model (path or repo) instead of the embedded default")
+    ap.add_argument("--no-lookup", action="store_true",
+                    help="--draft-tokens 0: a random model's greedy text loops, which "
+                         "prompt lookup copies, unlike real text")
     ap.add_argument("--idle", type=float, default=None, metavar="S",
                     help="only: time to first token warm and after S seconds idle")
     args = ap.parse_args()
@@ -328,6 +334,8 @@ def main() -> None:
     if args.stopped_worker:
         print(json.dumps(bench_stopped_worker()), flush=True)
         return
+    model = ([args.model] if args.model else []) + (["--draft-tokens", "0"] if args.no_lookup
+                                                     else [])
     for secure in (False, True):
         print(json.dumps(bench_hops(secure=secure)), flush=True)
     if not args.hops_only:
@@ -336,7 +344,8 @@ def main() -> None:
             for insecure in ((False, True) if args.seal_cost else (False,)):
                 runs[insecure] = bench_cluster(args.tokens, args.repeats, args.streams,
                                                depth=args.pipeline_depth, delay_ms=delay,
-                                               one_core=args.one_core, insecure=insecure)
+                                               one_core=args.one_core, insecure=insecure,
+                                               model=model)
                 print(json.dumps(runs[insecure]), flush=True)
             if args.seal_cost:
                 print(json.dumps({"bench": "seal cost", "delay_ms": delay,
