@@ -178,7 +178,8 @@ def concurrent_rate(url: str, tokens: int, streams: int) -> float:
 
 @contextlib.contextmanager
 def single_and_cluster(serve_args: list[str], depth: int = 0, delay_ms: Optional[float] = None,
-                       one_core: bool = False, insecure: bool = False):
+                       one_core: bool = False, insecure: bool = False,
+                       forwarder_core: Optional[int] = None):
     """One `cake serve` alone and a master with one `cake worker`, both ready; yields
     (single URL, master URL, the link's measured one-way delay in ms or None). delay_ms: the
     worker in another network namespace behind a link with this one-way delay, as measured
@@ -190,7 +191,8 @@ def single_and_cluster(serve_args: list[str], depth: int = 0, delay_ms: Optional
     tmp = Path(tempfile.mkdtemp(prefix="cake-bench-"))
     single_url = f"http://127.0.0.1:{free_port()}"
     master_url = f"http://127.0.0.1:{free_port()}"
-    remote = calibrated("cake-bench", delay_ms) if delay_ms is not None else None
+    remote = calibrated("cake-bench", delay_ms, forwarder_core) if delay_ms is not None \
+        else None
     address = f"{remote.here if remote else '127.0.0.1'}:{free_port()}"
     pin = (lambda core: ["taskset", "-c", str(core)]) if one_core else (lambda core: [])
     threads = {"OMP_NUM_THREADS": "1"} if one_core else {}
@@ -222,11 +224,12 @@ def single_and_cluster(serve_args: list[str], depth: int = 0, delay_ms: Optional
 
 def bench_cluster(tokens: int, repeats: int, streams: int = 4, depth: int = 0,
                   delay_ms: Optional[float] = None, one_core: bool = False,
-                  insecure: bool = False, model: list[str] = ()) -> dict:
+                  insecure: bool = False, model: list[str] = (),
+                  forwarder_core: Optional[int] = None) -> dict:
     """Decode tok/s, one stream and `streams` at once, alone and on a 2-node cluster (see
     single_and_cluster for the rest); model: serve arguments naming another model."""
     with single_and_cluster([*model, "--max-batch", str(streams)], depth, delay_ms, one_core,
-                            insecure) as (single_url, master_url, one_way):
+                            insecure, forwarder_core) as (single_url, master_url, one_way):
         decode_rate(single_url, 8), decode_rate(master_url, 8)  # warm-up
         rates = {"single": [], "cluster": []}
         for _ in range(repeats):
@@ -325,6 +328,8 @@ def main() -> None:
     ap.add_argument("--no-lookup", action="store_true",
                     help="--draft-tokens 0: a random model's greedy text loops, which "
                          "prompt lookup copies, unlike real text")
+    ap.add_argument("--forwarder-core", type=int, default=None,
+                    help="pin the delayed link's forwarder (--delay-ms) to this core")
     ap.add_argument("--idle", type=float, default=None, metavar="S",
                     help="only: time to first token warm and after S seconds idle")
     args = ap.parse_args()
@@ -345,7 +350,8 @@ def main() -> None:
                 runs[insecure] = bench_cluster(args.tokens, args.repeats, args.streams,
                                                depth=args.pipeline_depth, delay_ms=delay,
                                                one_core=args.one_core, insecure=insecure,
-                                               model=model)
+                                               model=model,
+                                               forwarder_core=args.forwarder_core)
                 print(json.dumps(runs[insecure]), flush=True)
             if args.seal_cost:
                 print(json.dumps({"bench": "seal cost", "delay_ms": delay,

@@ -119,17 +119,20 @@ def forward(a: int, b: int, delay_s: float, stop_at: float = float("inf"),
 
 class DelayedHost:
     """A namespace `name` reached at 10.214.0.2 through a delayed link; the forwarder runs
-    in a child process. wrap: the command prefix that runs a program there."""
+    in a child process (on core `core` if given). wrap: the command prefix that runs a
+    program there."""
 
-    def __init__(self, name: str, delay_ms: float, flip_file: Optional[str] = None):
-        self.name, self.delay_ms, self.flip_file = name, delay_ms, flip_file
+    def __init__(self, name: str, delay_ms: float, flip_file: Optional[str] = None,
+                 core: Optional[int] = None):
+        self.name, self.delay_ms, self.flip_file, self.core = name, delay_ms, flip_file, core
         self.ip, self.here = THERE, HERE
         self.wrap = ["ip", "netns", "exec", name]
         self.proc = None
 
     def __enter__(self) -> "DelayedHost":
         flip = ["--flip-file", self.flip_file] if self.flip_file else []
-        self.proc = subprocess.Popen([sys.executable, __file__, "--name", self.name,
+        pin = ["taskset", "-c", str(self.core)] if self.core is not None else []
+        self.proc = subprocess.Popen([*pin, sys.executable, __file__, "--name", self.name,
                                       "--delay-ms", str(self.delay_ms), *flip],
                                      stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
@@ -176,16 +179,16 @@ class DelayedHost:
             self.proc.kill()
 
 
-def calibrated(name: str, one_way_ms: float) -> DelayedHost:
+def calibrated(name: str, one_way_ms: float, core: Optional[int] = None) -> DelayedHost:
     """A DelayedHost (not yet entered) whose forwarder adds one_way_ms, as measured: its
     lateness in waking up (the one-way time at the set delay, less the time with none, less
     the delay) is taken off the set delay. The time with none (the stacks and the copy
     itself) stays, as a real wire's own latency would."""
-    with DelayedHost(name, 0.0) as probe:
+    with DelayedHost(name, 0.0, core=core) as probe:
         base = probe.one_way_ms()
-    with DelayedHost(name, one_way_ms) as probe:
+    with DelayedHost(name, one_way_ms, core=core) as probe:
         late = probe.one_way_ms() - base - one_way_ms
-    return DelayedHost(name, max(0.0, one_way_ms - late))
+    return DelayedHost(name, max(0.0, one_way_ms - late), core=core)
 
 
 def main() -> int:

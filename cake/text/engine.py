@@ -148,6 +148,8 @@ class Engine:
         self.running: list[Sequence] = []
         # (group, handle) of decode steps a multi-machine pipeline has not answered yet
         self._in_flight: deque = deque()
+        # (sequence, output) pairs kept back while the next step goes out (_decode_in_flight)
+        self._held: Optional[list] = None
         self._ids = itertools.count()
         self._wake = threading.Condition()
         self._stop = False
@@ -279,15 +281,18 @@ class Engine:
         while True:
             with self._wake:
                 while not self._stop and not (self.waiting or self.prefilling or self.running):
+                    self._release_held()
                     if not self._wake.wait(timeout=1.0) and worked:
                         return_free_memory()  # idle for a second: a good time to tidy up
                         worked = False
                 if self._stop:
+                    self._release_held()
                     return
             worked = True
             try:
                 self.step()
             except Exception:  # an engine failure ends every live request, not the server
+                self._release_held()
                 live = list(self.prefilling) + self.running
                 log.exception("engine step failed (sequences %s)", [s.id for s in live])
                 for seq in live:
@@ -296,6 +301,8 @@ class Engine:
     def step(self) -> None:
         self._drop_cancelled()
         self._admit()
+        if self.prefilling or not self.running:  # no decode step to send out ahead of them
+            self._release_held()
         # Decode rows come first in the budget; prefill always gets a block's worth.
         budget = max(self.token_budget - len(self.running), self.block_size)
         for seq in list(self.prefilling):
@@ -683,9 +690,15 @@ class Engine:
             guesses, qs = self._guesses(group)
             handle = self.pipeline.submit(*self._decode_inputs(group, guesses))
             self._in_flight.append((group, guesses, qs, handle))
+        # The last step's text goes to its clients only now, while the stages compute: waking
+        # the server's event loop costs the master's core ~0.4 ms a token (a context switch
+        # and the GIL's hand-over), which then no longer delays the step being sent.
+        self._release_held()
         if self._in_flight:
             group, guesses, qs, handle = self._in_flight.popleft()
-            self._take(group, guesses, qs, self.pipeline.collect(handle))
+            logits = self.pipeline.collect(handle)
+            self._held = []
+            self._take(group, guesses, qs, logits)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         samplers = [s.sampler for s in seqs]
@@ -731,6 +744,17 @@ class Engine:
     def _emit(self, seq: Sequence, out: Output) -> None:
         out.logprobs, seq.sampler.logprobs = seq.sampler.logprobs, []
         out.prompt_logprobs, seq.pending_prompt_logprobs = seq.pending_prompt_logprobs, None
+        if self._held is not None:
+            self._held.append((seq, out))
+        else:
+            self._deliver(seq, out)
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, None
+        for seq, out in held or ():
+            self._deliver(seq, out)
+
+    def _deliver(self, seq: Sequence, out: Output) -> None:
         try:
             seq.emit(out)
         except Exception:  # the receiver is gone (its event loop closed): stop generating
