@@ -691,8 +691,8 @@ class Engine:
             handle = self.pipeline.submit(*self._decode_inputs(group, guesses))
             self._in_flight.append((group, guesses, qs, handle))
         # The last step's text goes to its clients only now, while the stages compute: waking
-        # the server's event loop costs the master's core ~0.4 ms a token (a context switch
-        # and the GIL's hand-over), which then no longer delays the step being sent.
+        # the server's event loop (a context switch and the GIL's hand-over on the master's
+        # core) then no longer delays the step being sent.
         self._release_held()
         if self._in_flight:
             group, guesses, qs, handle = self._in_flight.popleft()
